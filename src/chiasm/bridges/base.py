@@ -1,0 +1,56 @@
+"""The bridge seam: encoder features on a grid -> what the language model reads.
+
+Two families share this one interface:
+
+* *prefix bridges* (linear, MLP, pixel shuffle, pooling, resamplers, Q-Former) emit
+  ``num_tokens(grid)`` vectors of the LM's width per image; the model splices them into
+  the embedded sequence where the image placeholder tokens stand.
+* *in-LM bridges* (gated cross-attention, visual experts) change the LM's layers. They
+  override ``attach`` to install their modules into the LM, and ``num_tokens`` says how
+  many placeholder positions (e.g. one marker per image) they still need in the sequence.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from chiasm.config import BridgeConfig
+from chiasm.registry import Registry
+
+
+class Bridge(nn.Module, ABC):
+    """Base class of every bridge; ``vision_dim`` -> ``lm_dim``."""
+
+    def __init__(self, vision_dim: int, lm_dim: int, **options: Any):
+        super().__init__()
+        self.vision_dim = vision_dim
+        self.lm_dim = lm_dim
+
+    @abstractmethod
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """How many sequence positions one image occupies for a feature grid ``(h, w)``."""
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``(B, h*w, vision_dim)`` -> ``(B, num_tokens(grid), lm_dim)``."""
+
+    def attach(self, lm: nn.Module) -> None:
+        """Install modules inside the LM's layers; prefix bridges need nothing."""
+
+
+BRIDGES: Registry[Bridge] = Registry("bridge")
+
+
+def build_bridge(cfg: BridgeConfig, vision_dim: int, lm_dim: int) -> Bridge:
+    """Instantiate the bridge named in ``cfg`` with its options."""
+    import chiasm.bridges  # noqa: F401  (registration)
+
+    cls = BRIDGES.get(cfg.name)
+    try:
+        return cls(vision_dim, lm_dim, **cfg.options)
+    except TypeError as exc:
+        raise ValueError(f"bridge {cfg.name!r}: bad options {cfg.options}: {exc}") from None

@@ -1,0 +1,47 @@
+"""Answer a question about an image with a saved model (``chiasm chat``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from chiasm.data.images import load_image
+from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from chiasm.model import VisionLanguageModel
+from chiasm.train.batches import collate, prepare
+
+
+@torch.no_grad()
+def ask(model: VisionLanguageModel, question: str, images: list[Path], *, history: list[Turn] | None = None,
+        max_new_tokens: int = 64) -> str:
+    """One greedy answer. Images go where ``<image>`` stands, or before the question if absent."""
+    for img in images:
+        load_image(Path(img))  # fail early, with the path, on a missing or corrupt file
+    text = question
+    if images and IMAGE_PLACEHOLDER not in question and not any(IMAGE_PLACEHOLDER in t.text for t in history or []):
+        text = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [question])
+    turns = [*(history or []), Turn("human", text)]
+    sample = Sample(id="chat", conversations=turns, images=[Path(p) for p in images], source="<chat>")
+    prepared, _ = prepare([sample], model, for_generation=True)
+    batch = collate(prepared, model.tokenizer.pad_token_id, left_pad=True, model=model).to(model.device)
+    rows = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, max_new_tokens=max_new_tokens)
+    return model.tokenizer.decode(rows[0], skip_special_tokens=True).strip()
+
+
+def interactive(model: VisionLanguageModel, images: list[Path]) -> None:
+    """A small REPL: the images stay in the conversation, each line is a new question."""
+    history: list[Turn] = []
+    print("chiasm chat: empty line or Ctrl-D to quit")
+    while True:
+        try:
+            q = input("you> ").strip()
+        except EOFError:
+            break
+        if not q:
+            break
+        a = ask(model, q, images, history=history)
+        if not history and images and IMAGE_PLACEHOLDER not in q:
+            q = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [q])
+        history += [Turn("human", q), Turn("gpt", a)]
+        print(f"model> {a}")

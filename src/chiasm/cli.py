@@ -1,0 +1,122 @@
+"""The ``chiasm`` command: demo, train, eval, chat."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from chiasm.data.sample import DataError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from chiasm.demo import DemoSize, run_demo
+
+    size = DemoSize(n_train=args.n_train, n_eval=args.n_eval)
+    results = run_demo(Path(args.out), size)
+    return 0 if "vqa" in results else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from chiasm.config import load_config
+    from chiasm.train.trainer import Trainer
+
+    cfg = load_config(args.config)
+    if args.out:
+        cfg.output_dir = args.out
+    trainer = Trainer(cfg)
+    model = trainer.run(resume=args.resume)
+    if trainer.dist.is_main:
+        folder = model.save(Path(cfg.output_dir) / "model")
+        print(f"model saved to {folder}")
+        if cfg.eval.data and not args.no_eval:
+            from chiasm.eval.evaluate import evaluate
+            from chiasm.eval.table import print_summary
+            from chiasm.report import write_report
+
+            results = evaluate(model, cfg.eval, out_dir=Path(cfg.output_dir))
+            print_summary(results)
+            print(f"report: {write_report(Path(cfg.output_dir))}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from chiasm.config import EvalConfig
+    from chiasm.eval.evaluate import evaluate
+    from chiasm.eval.table import print_summary
+    from chiasm.model import VisionLanguageModel
+
+    model = VisionLanguageModel.load(args.model)
+    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples)
+    out = Path(args.out) if args.out else None
+    results = evaluate(model, cfg, out_dir=out)
+    print_summary(results)
+    if out:
+        from chiasm.report import write_report
+
+        print(f"report: {write_report(out)}")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from chiasm.chat import ask, interactive
+    from chiasm.model import VisionLanguageModel
+
+    model = VisionLanguageModel.load(args.model)
+    images = [Path(p) for p in args.image]
+    if args.question:
+        print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
+    else:
+        interactive(model, images)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chiasm", description="Build, train and evaluate vision-language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="offline two-stage training of a real VLM on the CPU")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--n-train", type=int, default=1200, help="synthetic training images")
+    d.add_argument("--n-eval", type=int, default=60, help="held-out images (5 questions each)")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="run a recipe from a TOML/JSON config (works under torchrun)")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", help="override output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    t.add_argument("--no-eval", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="VQA accuracy, image reliance and language retention")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", help="LLaVA JSON/JSONL of questions (meta: answer, question_type)")
+    e.add_argument("--image-root")
+    e.add_argument("--max-samples", type=int)
+    e.add_argument("--out")
+    e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("chat", help="ask a saved model about an image")
+    c.add_argument("--model", required=True)
+    c.add_argument("--image", action="append", default=[], help="repeat for several images")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("question", nargs="?", help="omit for an interactive session")
+    c.set_defaults(func=_cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"chiasm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Typed configuration: the model, the training recipe (a list of stages) and evaluation.
+
+Configs are plain dataclasses read from TOML or JSON. Unknown keys are errors (a typo never
+silently falls back to a default), and every run folder keeps one fully resolved copy
+(``config.json``) so that a run can be understood and repeated from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PolicyMode = Literal["frozen", "full", "lora", "last_n"]
+
+
+@dataclass
+class EncoderConfig:
+    """Which vision encoder turns pixels into a grid of feature vectors."""
+
+    name: str = "efficientnet-lite0"
+    source: str | None = None  # hub id or folder, for encoders that load a checkpoint
+    feature_layer: int = -1  # hidden-state index for transformer towers (-2: LLaVA's choice)
+    image_size: int = 224
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BridgeConfig:
+    """Which bridge maps encoder features to something the LM reads."""
+
+    name: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LMConfig:
+    """The causal language model: hub id, folder, or ``packaged:NAME``."""
+
+    source: str = "packaged:smollm2-135m-instruct"
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # A short system prompt keeps sequences short; None uses the chat template's default.
+    system_prompt: str | None = None
+    max_length: int | None = None  # None: the LM's own context length
+
+
+@dataclass
+class PolicyConfig:
+    """How one component is treated in one stage."""
+
+    mode: PolicyMode = "frozen"
+    lr: float | None = None  # None: the stage's lr
+    last_n: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe: its data and a policy per component."""
+
+    name: str
+    data: str
+    image_root: str | None = None
+    encoder: PolicyConfig = field(default_factory=PolicyConfig)
+    bridge: PolicyConfig = field(default_factory=lambda: PolicyConfig(mode="full"))
+    lm: PolicyConfig = field(default_factory=PolicyConfig)
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    on_error: Literal["raise", "skip"] = "raise"
+    checkpoint_every: int = 0  # optimizer steps; 0: only at the end of the stage
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None
+    image_root: str | None = None
+    max_samples: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    retention_tokens: int = 4096
+    retention_prompts: int = 12
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+class ConfigError(ValueError):
+    """A config value that does not fit its field."""
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Recursively build dataclass ``cls`` from plain data, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):  # bool is an int subclass: `true` is no number
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass from a dict (e.g. parsed TOML/JSON)."""
+    return _build(cls, data, cls.__name__)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a run config from ``.toml`` or ``.json``; relative data paths stay relative to CWD."""
+    path = Path(path)
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    return from_dict(RunConfig, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

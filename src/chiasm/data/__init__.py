@@ -1,0 +1,5 @@
+"""Data sources (LLaVA JSON/JSONL, the synthetic world) that all yield :class:`Sample`."""
+
+from chiasm.data.sample import DataError, Sample, Turn
+
+__all__ = ["DataError", "Sample", "Turn"]

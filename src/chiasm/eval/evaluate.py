@@ -1,0 +1,104 @@
+"""``chiasm eval``: VQA accuracy, image reliance and language retention in one report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from chiasm.config import EvalConfig
+from chiasm.data.llava import load_llava
+from chiasm.eval import retention, vqa
+from chiasm.lm.loader import load_language_model
+from chiasm.model import VisionLanguageModel
+from chiasm.train.features import FeatureCache
+
+log = logging.getLogger(__name__)
+
+
+class BaseLM:
+    """The untrained LM to compare against: the LoRA-disabled view if possible, else a fresh load."""
+
+    def __init__(self, model: VisionLanguageModel):
+        self.model = model
+        self._loaded = None
+
+    def __enter__(self):
+        lm = self.model.lm
+        if hasattr(lm, "disable_adapter"):
+            self._ctx = lm.disable_adapter()
+            self._ctx.__enter__()
+            return lm
+        self._ctx = None
+        if self._loaded is None:
+            self._loaded, _ = load_language_model(self.model.config.lm.source)
+            self._loaded.to(self.model.device).eval()
+        return self._loaded
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def retention_report(model: VisionLanguageModel, cfg: EvalConfig, base: dict | None = None) -> dict:
+    """Perplexity and greedy-answer agreement of the model's LM vs. the base LM (text only)."""
+    text = retention.held_out_text()
+    prompts = retention.TEXT_PROMPTS[: cfg.retention_prompts]
+    tok = model.tokenizer
+    lm = model.lm.eval()
+    ppl, n_tok = retention.perplexity(lm, tok, text, max_tokens=cfg.retention_tokens)
+    answers = retention.greedy_answers(lm, tok, prompts)
+    if base is None:
+        with BaseLM(model) as base_lm:
+            base_ppl, _ = retention.perplexity(base_lm, tok, text, max_tokens=cfg.retention_tokens)
+            base_answers = retention.greedy_answers(base_lm, tok, prompts)
+        base = {"ppl": base_ppl, "answers": base_answers}
+    same = sum(a == b for a, b in zip(answers, base["answers"], strict=True))
+    return {"base_ppl": base["ppl"], "model_ppl": ppl, "ppl_ratio": ppl / base["ppl"],
+            "unchanged_share": same / len(prompts), "n_prompts": len(prompts), "n_tokens": n_tok,
+            "base": base, "answers": answers}
+
+
+def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None = None,
+             base: dict | None = None, n_examples: int = 24) -> dict:
+    """Run every evaluation; write ``eval.json`` into ``out_dir`` if given."""
+    timings = {}
+    results: dict = {"model": type(model.bridge).__name__}
+    if cfg.data:
+        t0 = time.perf_counter()
+        samples = load_llava(cfg.data, cfg.image_root).samples
+        if cfg.max_samples:
+            samples = samples[: cfg.max_samples]
+        work = Path(out_dir or Path(cfg.data).parent) / "cache"
+        blank = vqa.blank_image(work, model.encoder.image_size)
+        with torch.no_grad():
+            paths = [str(p) for s in samples for p in s.images] + [str(blank)]
+            feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False)
+        preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                           features=feats, desc="VQA")
+        blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                 features=feats, override_image=str(blank), desc="VQA blank image")
+        scored, blank_scored = vqa.score(samples, preds), vqa.score(samples, blank_preds)
+        results["chance"] = vqa.chance(samples)
+        results["vqa"] = {k: v for k, v in scored.items() if k != "hits"}
+        results["blank"] = {k: v for k, v in blank_scored.items() if k != "hits"}
+        results["reliance"] = vqa.reliance_verdict(scored["overall"], blank_scored["overall"],
+                                                   results["chance"]["overall"])
+        step = max(1, len(samples) // n_examples)
+        results["samples"] = [
+            {"image": str(s.images[0]) if s.images else "", "question": s.conversations[-2].text.replace(
+                "<image>", "").strip() if len(s.conversations) >= 2 else "", "answer": p,
+             "truth": vqa.truth_of(s), "correct": h, "question_type": s.meta.get("question_type", "")}
+            for s, p, h in list(zip(samples, preds, scored["hits"], strict=True))[::step][:n_examples]]
+        timings["vqa_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["retention"] = retention_report(model, cfg, base)
+    timings["retention_s"] = time.perf_counter() - t0
+    results["timings"] = timings
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

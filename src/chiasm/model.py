@@ -1,0 +1,203 @@
+"""The vision-language model: encoder -> bridge -> visual tokens spliced into the LM's input.
+
+Read top to bottom this file is the data path: ``encode_images`` (pixels -> features),
+``visual_tokens`` (features -> LM-width tokens), ``embed`` (token ids + visual tokens ->
+one embedded sequence), ``forward`` (loss on assistant tokens) and ``generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from chiasm.bridges.base import Bridge, build_bridge
+from chiasm.config import ModelConfig, from_dict, to_dict
+from chiasm.encoders.base import VisionEncoder, build_encoder
+from chiasm.lm.loader import load_language_model
+from chiasm.tokens import add_image_token, image_token_count
+
+CONFIG_FILE = "chiasm_config.json"
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+class VisionLanguageModel(nn.Module):
+    """Encoder + bridge + causal LM, with the tokenizer that knows the image token."""
+
+    def __init__(self, config: ModelConfig, encoder: VisionEncoder, bridge: Bridge,
+                 lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.bridge = bridge
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.image_token_id = add_image_token(tokenizer)
+        bridge.attach(self.base_lm)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def build(cls, config: ModelConfig, *, lm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+        """Assemble from the config: pretrained encoder and LM, a freshly initialised bridge."""
+        encoder = build_encoder(config.encoder)
+        lm, tokenizer = load_language_model(config.lm.source, dtype=lm_dtype)
+        bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
+        return cls(config, encoder, bridge, lm, tokenizer)
+
+    @property
+    def base_lm(self) -> PreTrainedModel:
+        """The transformers model underneath any LoRA wrapper."""
+        lm = self.lm
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def tokens_per_image(self) -> int:
+        return image_token_count(self.encoder, self.bridge)
+
+    @property
+    def max_length(self) -> int:
+        if self.config.max_length is not None:
+            return self.config.max_length
+        return int(getattr(self.base_lm.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+    # ---- the data path -------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(n_images, 3, H, W)`` -> encoder features ``(n_images, N, Dv)``."""
+        return self.encoder(pixels)
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features -> ``(n_images, tokens_per_image, D)`` in the LM's dtype."""
+        tokens = self.bridge(features.to(self.bridge_dtype), self.encoder.grid())
+        return tokens.to(self.lm.get_input_embeddings().weight.dtype)
+
+    @property
+    def bridge_dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Embed ``input_ids`` and put visual tokens where the image placeholders stand.
+
+        Images are consumed in row-major order of their placeholders across the batch,
+        which is the order the collator lists them in.
+        """
+        is_image = input_ids == self.image_token_id
+        safe_ids = input_ids.masked_fill(is_image, 0)
+        embeds = self.lm.get_input_embeddings()(safe_ids)
+        n_positions = int(is_image.sum())
+        if features is None or features.shape[0] == 0:
+            if n_positions:
+                raise ValueError(f"{n_positions} image-token positions but no images were given")
+            return embeds
+        vis = self.visual_tokens(features)
+        if vis.shape[0] * vis.shape[1] != n_positions:
+            raise ValueError(
+                f"{vis.shape[0]} image(s) x {vis.shape[1]} visual tokens = {vis.shape[0] * vis.shape[1]}"
+                f" but the sequence holds {n_positions} image-token positions")
+        embeds = embeds.clone()
+        embeds[is_image] = vis.reshape(-1, vis.shape[-1])
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, *, pixels: torch.Tensor | None = None,
+                features: torch.Tensor | None = None, return_logits: bool = False) -> VLMOutput:
+        """Loss (mean over supervised tokens) and/or logits; give either pixels or cached features.
+
+        With labels, the LM head runs only where a label is supervised: with a 49k-word
+        vocabulary the head over every position costs as much as several decoder layers,
+        and the loss needs only the answer tokens. ``return_logits`` adds full logits.
+        """
+        if features is None and pixels is not None:
+            features = self.encode_images(pixels)
+        embeds = self.embed(input_ids, features)
+        if labels is None or return_logits or not self._can_split_head():
+            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            loss = None
+            if labels is not None:
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                   labels[:, 1:].flatten(), ignore_index=-100)
+            return VLMOutput(loss, logits)
+        hidden = self.base_lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != -100
+        picked = self.base_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        return VLMOutput(nn.functional.cross_entropy(picked, targets[keep]), None)
+
+    def _can_split_head(self) -> bool:
+        """Decoder + plain linear head, with no logit scaling or soft-capping after it."""
+        cfg = self.base_lm.config
+        plain = not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        return plain and hasattr(self.base_lm, "get_decoder") and self.base_lm.get_output_embeddings() is not None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 pixels: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, use_cache: bool = True) -> list[list[int]]:
+        """Greedy continuation of left-padded prompts; returns the new token ids per row."""
+        if features is None and pixels is not None:
+            features = self.encode_images(pixels)
+        embeds = self.embed(input_ids, features)
+        stop = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+                if isinstance(i, int) and i >= 0]
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
+                               max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=use_cache,
+                               pad_token_id=self.tokenizer.pad_token_id)
+        rows = []
+        for row in out.tolist():
+            cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+            rows.append(row[:cut])
+        return rows
+
+    # ---- persistence ---------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write config, encoder, bridge and a plain (LoRA-merged) transformers LM folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+        save_file(_contiguous(self.bridge.state_dict()), str(folder / "bridge.safetensors"))
+        save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
+        lm = self.lm
+        if hasattr(lm, "merge_and_unload"):
+            lm = copy.deepcopy(lm).merge_and_unload()
+        lm.save_pretrained(folder / "lm", safe_serialization=True)
+        self.tokenizer.save_pretrained(folder / "lm")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, *, lm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+        """Load a folder written by :meth:`save`."""
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
+        config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
+        enc_cfg = copy.deepcopy(config.encoder)
+        enc_cfg.options = {**enc_cfg.options, "pretrained": False}  # weights come from the folder
+        encoder = build_encoder(enc_cfg)
+        encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=lm_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "lm")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
+        model = cls(config, encoder, bridge, lm, tokenizer)
+        bridge.load_state_dict(load_file(str(folder / "bridge.safetensors")))
+        return model.eval()
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}

@@ -1,0 +1,35 @@
+"""The image placeholder and the one function that counts its expansion.
+
+The data pipeline (when it expands placeholders), the model (when it splices visual
+tokens) and generation (when it builds prompts) all ask :func:`image_token_count`, so the
+number of placeholder positions and the number of visual tokens can never drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from chiasm.bridges.base import Bridge
+    from chiasm.encoders.base import VisionEncoder
+
+IMAGE_TOKEN = "<image>"
+
+
+def image_token_count(encoder: VisionEncoder, bridge: Bridge) -> int:
+    """Sequence positions one image occupies: the bridge's token count for the encoder's grid."""
+    return bridge.num_tokens(encoder.grid())
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Register ``<image>`` as a special token (idempotent) and return its id.
+
+    The id may lie past the LM's embedding table: the model never embeds it, it replaces
+    those positions with visual tokens, so the LM's vocabulary stays untouched.
+    """
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
+                                     replace_extra_special_tokens=False)
+    return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))

@@ -1,0 +1,110 @@
+"""Full-state checkpoints without pickles: weights, optimizer, schedule position, RNG, data position.
+
+Layout of ``RUN/checkpoint/``: ``model.safetensors`` (every parameter some stage so far
+has trained), ``optimizer.safetensors`` + ``optimizer.json`` (tensor and scalar parts of
+the optimizer state), ``rng.safetensors`` and ``state.json`` (stage index, optimizer step,
+python RNG). The step number fixes the data position, since batches are a pure function
+of (seed, stage, epoch, step). Writes go to a temporary folder renamed into place, so a
+run killed mid-write keeps the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chiasm.model import VisionLanguageModel
+
+
+@dataclass
+class TrainState:
+    stage_index: int
+    step: int
+    stage_done: bool
+
+
+def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous()
+            else:
+                scalars["state"].setdefault(str(idx), {})[k] = v
+    return tensors, scalars
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for idx, st in scalars["state"].items():
+        state.setdefault(int(idx), {}).update(st)
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def save_checkpoint(folder: Path, model: VisionLanguageModel, trained: set[str],
+                    optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    """Atomically write the full training state to ``folder``."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    params = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in trained}
+    save_file(params, str(tmp / "model.safetensors"))
+    tensors, scalars = _split_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(scalars))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    py_state = random.getstate()
+    meta = {"stage_index": state.stage_index, "step": state.step, "stage_done": state.stage_done,
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]], "trained": sorted(trained)}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_state(folder: Path) -> TrainState | None:
+    """The stage/step a checkpoint was taken at, or None if there is no checkpoint."""
+    f = Path(folder) / "state.json"
+    if not f.exists():
+        return None
+    meta = json.loads(f.read_text())
+    return TrainState(meta["stage_index"], meta["step"], meta["stage_done"])
+
+
+def load_model_state(folder: Path, model: VisionLanguageModel) -> set[str]:
+    """Load trained parameters into ``model``; every checkpointed name must exist in it."""
+    params = load_file(str(Path(folder) / "model.safetensors"))
+    own = model.state_dict()
+    missing = sorted(set(params) - set(own))
+    if missing:
+        raise RuntimeError(f"checkpoint holds parameters the model lacks (policies changed?): {missing[:5]}")
+    model.load_state_dict(params, strict=False)
+    return set(params)
+
+
+def load_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    folder = Path(folder)
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    scalars = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(_join_optimizer(tensors, scalars))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    meta = json.loads((folder / "state.json").read_text())
+    v, inner, gauss = meta["python_rng"]
+    random.setstate((v, tuple(inner), gauss))

@@ -1,0 +1,94 @@
+"""Per-component training policies: frozen, full, LoRA (peft) or last-N blocks.
+
+A stage applies one policy to each of encoder, bridge and LM, then logs exactly how many
+parameters each component trains and freezes, so a run's log shows what a stage did.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from torch import nn
+
+from chiasm.config import PolicyConfig
+from chiasm.model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("encoder", "bridge", "lm")
+
+
+def _lm_blocks(model: VisionLanguageModel) -> list[nn.Module]:
+    inner = getattr(model.base_lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(model.base_lm).__name__} has no .model.layers for the last_n policy")
+    return list(layers)
+
+
+def _lora_config(policy: PolicyConfig) -> LoraConfig:
+    return LoraConfig(r=policy.lora_r, lora_alpha=policy.lora_alpha, lora_dropout=policy.lora_dropout,
+                      target_modules=list(policy.lora_targets), bias="none")
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
+def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfig) -> None:
+    """Set ``requires_grad`` (and add LoRA adapters if asked) for one component."""
+    module: nn.Module = getattr(model, component)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if policy.mode == "frozen":
+        return
+    if policy.mode == "full":
+        for p in module.parameters():
+            p.requires_grad_(True)
+        return
+    if policy.mode == "last_n":
+        if component == "bridge":
+            raise ValueError("the last_n policy applies to the encoder or the LM, not the bridge")
+        blocks = _lm_blocks(model) if component == "lm" else model.encoder.blocks()
+        for block in blocks[-policy.last_n:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        if component == "lm":
+            norm = getattr(getattr(model.base_lm, "model", None), "norm", None)
+            if norm is not None:
+                for p in norm.parameters():
+                    p.requires_grad_(True)
+        return
+    if policy.mode == "lora":
+        if component == "bridge":
+            raise ValueError("LoRA applies to the encoder or the LM; train the bridge with 'full'")
+        if component == "lm":
+            if not isinstance(model.lm, PeftModel):
+                model.lm = get_peft_model(model.lm, _lora_config(policy))
+        elif not _has_lora(module):
+            inject_adapter_in_model(_lora_config(policy), module)
+        for name, p in getattr(model, component).named_parameters():
+            p.requires_grad_("lora_" in name)
+        return
+    raise ValueError(f"unknown policy mode {policy.mode!r}")
+
+
+def apply_stage_policies(model: VisionLanguageModel, policies: dict[str, PolicyConfig]) -> dict[str, dict[str, int]]:
+    """Apply every component's policy; return and log trainable/frozen counts per component."""
+    for comp in COMPONENTS:
+        apply_policy(model, comp, policies[comp])
+    counts = parameter_counts(model)
+    for comp in COMPONENTS:
+        c = counts[comp]
+        log.info("%-7s %-6s trainable %12s  frozen %12s", comp, policies[comp].mode,
+                 f"{c['trainable']:,}", f"{c['frozen']:,}")
+    return counts
+
+
+def parameter_counts(model: VisionLanguageModel) -> dict[str, dict[str, int]]:
+    out = {}
+    for comp in COMPONENTS:
+        params = list(getattr(model, comp).parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        out[comp] = {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
+    return out

@@ -1,0 +1,270 @@
+"""Run a recipe: its stages in order, in one process or under torchrun (DDP).
+
+Batches are a pure function of (seed, stage, step), which makes the data position of a
+checkpoint just its step number and lets ``--resume`` continue a killed run exactly.
+Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from chiasm.config import RunConfig, StageConfig, save_config
+from chiasm.data.llava import load_llava
+from chiasm.model import VisionLanguageModel
+from chiasm.train import checkpoint as ckpt
+from chiasm.train.batches import Prepared, collate, prepare
+from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from chiasm.train.features import FeatureCache
+from chiasm.train.policy import COMPONENTS, apply_stage_policies
+
+log = logging.getLogger(__name__)
+StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
+
+
+class Interrupted(RuntimeError):
+    """Raised by ``stop_after_steps`` to simulate a killed run in tests."""
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware runs it natively (CUDA bf16, CPUs with AMX/AVX512-BF16)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "AMX" in cap or "AVX512_BF16" in cap
+
+
+def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to ``min_ratio``: the factor applied to each group's lr."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class StagePlan:
+    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``."""
+
+    def __init__(self, n: int, stage: StageConfig, world: int, seed: int):
+        self.n, self.stage, self.world, self.seed = n, stage, world, seed
+        per_step = stage.batch_size * stage.grad_accum * world
+        if n < per_step:
+            raise ValueError(f"stage {stage.name!r}: {n} samples is fewer than one optimizer step "
+                             f"({stage.batch_size} x {stage.grad_accum} accum x {world} ranks)")
+        self.steps_per_epoch = n // per_step
+        self.total = stage.max_steps or max(1, math.ceil(stage.epochs * self.steps_per_epoch))
+        self._perms: dict[int, list[int]] = {}
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        b = self.stage.batch_size
+        start = ((within * self.stage.grad_accum + micro) * self.world + rank) * b
+        return self._perms[epoch][start : start + b]
+
+    def epoch(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def _stage_samples(stage: StageConfig) -> list:
+    result = load_llava(stage.data, stage.image_root, on_error=stage.on_error)
+    if result.skipped:
+        log.warning("stage %s: skipped %d invalid records in %s", stage.name, len(result.skipped), stage.data)
+    return result.samples
+
+
+def _optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.optim.Optimizer:
+    groups = []
+    for comp in COMPONENTS:
+        params = [p for p in getattr(model, comp).parameters() if p.requires_grad]
+        if not params:
+            continue
+        lr = getattr(stage, comp).lr or stage.lr
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        for ps, wd in ((decay, stage.weight_decay), (no_decay, 0.0)):
+            if ps:
+                groups.append({"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd, "name": comp})
+    if not groups:
+        raise ValueError(f"stage {stage.name!r} trains nothing: every component is frozen")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+class Trainer:
+    """Trains a :class:`VisionLanguageModel` through the stages of a :class:`RunConfig`."""
+
+    def __init__(self, cfg: RunConfig, model: VisionLanguageModel | None = None,
+                 dist_info: DistInfo | None = None, show_progress: bool = True):
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed()
+        self.run_dir = Path(cfg.output_dir)
+        self.show_progress = show_progress and self.dist.is_main
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = model or VisionLanguageModel.build(cfg.model)
+        self.model.to(self.dist.device)
+        self.bf16 = use_bf16(cfg.precision, self.dist.device)
+        self.trained: set[str] = set()
+        self.stage_counts: dict[str, dict] = {}
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.json")
+            (self.run_dir / "stages.json").write_text(json.dumps([s.name for s in cfg.stages]))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+    def run(self, *, resume: bool = False, stop_after_steps: int | None = None,
+            on_stage_end: StageHook | None = None) -> VisionLanguageModel:
+        """Train every stage; ``resume`` continues from ``RUN/checkpoint`` if present."""
+        state = ckpt.read_state(self.checkpoint_dir) if resume else None
+        if resume and state is None:
+            log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
+        self._steps_left = stop_after_steps
+        for i, stage in enumerate(self.cfg.stages):
+            self.stage_counts[stage.name] = apply_stage_policies(
+                self.model, {c: getattr(stage, c) for c in COMPONENTS})
+            self._mark_trained()
+            if state is not None and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
+                if i == state.stage_index:
+                    self.trained = ckpt.load_model_state(self.checkpoint_dir, self.model)
+                    log.info("resumed after completed stage %s", stage.name)
+                continue
+            start = 0
+            if state is not None and i == state.stage_index:
+                self.trained = ckpt.load_model_state(self.checkpoint_dir, self.model) | self.trained
+                start = state.step
+                log.info("resuming stage %s at step %d", stage.name, start)
+            self._train_stage(i, stage, start_step=start, resume_from=self.checkpoint_dir if start else None)
+            state = None
+            if on_stage_end is not None and self.dist.is_main:
+                on_stage_end(self.model, stage, i)
+            barrier()
+        if self.dist.is_main:
+            self._plot()
+        return self.model
+
+    def _mark_trained(self) -> None:
+        self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _features(self, prepared: list[Prepared], stage: StageConfig) -> FeatureCache | None:
+        if stage.encoder.mode != "frozen":
+            return None
+        paths = [str(p) for it in prepared for p in it.sample.images]
+        cache_dir = self.run_dir / "cache"
+        if self.dist.is_main:
+            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir,
+                                       show_progress=self.show_progress)
+        barrier()
+        if not self.dist.is_main:
+            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=False)
+        return cache
+
+    def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
+        model = self.model
+        samples = _stage_samples(stage)
+        prepared, skipped = prepare(samples, model, on_error=stage.on_error)
+        if skipped:
+            log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
+        features = self._features(prepared, stage)
+        plan = StagePlan(len(prepared), stage, self.dist.world, self.cfg.seed * 1000 + index)
+        optimizer = _optimizer(model, stage)
+        if resume_from is not None:
+            ckpt.load_optimizer_and_rng(resume_from, optimizer)
+        warmup = int(stage.warmup_ratio * plan.total)
+        wrapped = DDP(model) if self.dist.world > 1 else model
+        model.encoder.train(stage.encoder.mode != "frozen")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
+        if self.dist.is_main:
+            _trim_metrics(metrics_file, start_step)
+        pad = model.tokenizer.pad_token_id
+        bar = tqdm(total=plan.total, initial=start_step, desc=f"stage {stage.name}", unit="step",
+                   disable=not self.show_progress)
+        t_stage = time.perf_counter()
+        for step in range(start_step, plan.total):
+            t0 = time.perf_counter()
+            factor = lr_at(step, plan.total, warmup, stage.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            loss_sum, n_tok, n_img = 0.0, 0, 0
+            for micro in range(stage.grad_accum):
+                items = [prepared[j] for j in plan.indices(step, micro, self.dist.rank)]
+                batch = collate(items, pad, features=features, model=model).to(self.dist.device)
+                sync = micro == stage.grad_accum - 1
+                ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
+                with ctx:
+                    with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        out = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
+                                      pixels=batch.pixels, features=batch.features)
+                    (out.loss / stage.grad_accum).backward()
+                loss_sum += float(out.loss.detach())
+                n_tok += batch.n_tokens
+                n_img += len(batch.image_paths)
+            if stage.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            loss = all_reduce_mean(loss_sum / stage.grad_accum)
+            record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": n_tok * self.dist.world / dt, "images_per_s": n_img * self.dist.world / dt,
+                      "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage}
+            if self.dist.is_main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            done = step + 1 == plan.total
+            if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
+                self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done))
+            if self._steps_left is not None:
+                self._steps_left -= 1
+                if self._steps_left <= 0 and not done:
+                    bar.close()
+                    raise Interrupted(f"stopped after step {step + 1} of stage {stage.name}")
+        bar.close()
+        model.eval()
+
+    def _checkpoint(self, optimizer: torch.optim.Optimizer, state: ckpt.TrainState) -> None:
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.checkpoint_dir, self.model, self.trained, optimizer, state)
+        barrier()
+
+    def _plot(self) -> None:
+        from chiasm.report.plots import plot_loss_curves
+
+        plot_loss_curves(self.run_dir, self.run_dir / "loss.png")
+
+
+def _trim_metrics(path: Path, keep_upto: int) -> None:
+    """Keep only records up to the resumed step: a killed run may have logged past its checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny LM folder, a tiny synthetic world and a tiny VLM built from them.
+
+Everything here is randomly initialised and small enough that building a model takes
+milliseconds, so model fixtures are function-scoped (each test gets its own copy to
+mutate: policies, LoRA, saving) while the files on disk are written once per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
+from chiasm.data.synthetic import WorldFiles, make_world
+from chiasm.model import VisionLanguageModel
+from chiasm.testing import make_tiny_lm
+
+# The test models are tiny: one thread is faster than several spinning over 64-wide matmuls,
+# and it keeps the suite quick on a machine that is busy with other work.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama + BPE tokenizer (ChatML template) saved as a transformers folder."""
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldFiles:
+    """A small synthetic world: 32 training images, 4 held-out images (20 questions), 64 px."""
+    return make_world(tmp_path_factory.mktemp("tiny-world"), n_train=32, n_eval=4, image_size=64)
+
+
+@pytest.fixture
+def tiny_model_config(tiny_lm_dir: Path) -> ModelConfig:
+    """A fresh ModelConfig per test: tiny-vit (64 px, 16 px patches, width 32) -> mlp -> tiny LM.
+
+    The encoder yields a 4 x 4 grid, so one image occupies 16 sequence positions.
+    """
+    return ModelConfig(
+        encoder=EncoderConfig(name="tiny-vit", image_size=64, options={"patch": 16, "dim": 32}),
+        bridge=BridgeConfig(name="mlp"),
+        lm=LMConfig(source=str(tiny_lm_dir)),
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_model_config: ModelConfig) -> VisionLanguageModel:
+    """A freshly built VisionLanguageModel from ``tiny_model_config``, seeded so runs repeat."""
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(tiny_model_config)
