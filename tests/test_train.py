@@ -38,7 +38,7 @@ def _trained(model) -> dict[str, torch.Tensor]:
 def test_lr_schedule_warmup_then_cosine() -> None:
     factors = [lr_at(s, 10, 2, 0.1) for s in range(10)]
     assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+    assert all(a >= b for a, b in itertools.pairwise(factors[1:]))
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
 
 
@@ -59,10 +59,12 @@ def test_two_stages_train_and_log(tiny_model_config, tiny_world, tmp_path) -> No
     align, instruct = trainer.stage_counts["align"], trainer.stage_counts["instruct"]
     assert align["lm"]["trainable"] == 0 and align["encoder"]["trainable"] == 0 and align["bridge"]["frozen"] == 0
     assert instruct["lm"]["trainable"] > 0 and instruct["lm"]["frozen"] == align["lm"]["frozen"]
-    after = dict(model.named_parameters())
+    # PEFT wraps the LM: map its names back (lm.base_model.model.X, *.base_layer.*) to compare.
+    after = {n.replace("lm.base_model.model.", "lm.", 1).replace(".base_layer", ""): p
+             for n, p in model.named_parameters() if "lora_" not in n}
+    assert after.keys() == before.keys()
     for name, old in before.items():
-        new_name = name if name in after else name.replace("lm.", "lm.base_model.model.", 1)
-        changed = not torch.equal(after[new_name].detach(), old)
+        changed = not torch.equal(after[name].detach(), old)
         assert changed == name.startswith("bridge."), name
     for stage in ("align", "instruct"):
         lines = (tmp_path / "run" / "stages" / stage / "metrics.jsonl").read_text().splitlines()
@@ -113,7 +115,7 @@ def test_ddp_two_processes_match_gradient_accumulation(tiny_model_config, tiny_w
     ddp_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "ddp", max_steps=3, checkpoint_every=0)
     save_config(ddp_cfg, tmp_path / "ddp.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -38,7 +38,7 @@ class DemoSize:
     n_eval: int = 40
     align_epochs: float = 0.5
     instruct_epochs: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 8
     # 128 px gives EfficientNet a 4 x 4 grid (16 visual tokens), one 2 x 2 block per scene cell.
     image_size: int = 128
     turns_per_conversation: int = 5
@@ -52,17 +52,17 @@ def demo_config(out: Path, world_dir: Path, size: DemoSize, *, lm_source: str = 
     frozen = PolicyConfig(mode="frozen")
     return RunConfig(
         model=ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=size.image_size,
-                                                options={"extra_blocks": [10]}),
+                                                options={"extra_blocks": [10], "final": False}),
                           bridge=BridgeConfig(name="mlp", options={"norm": True, "pos_dim": 32}),
                           lm=LMConfig(source=lm_source),
                           system_prompt="You are a helpful assistant."),
         stages=[
             StageConfig(name="align", data=str(world.align), encoder=frozen, lm=frozen,
                         bridge=PolicyConfig(mode="full"), epochs=size.align_epochs,
-                        batch_size=size.batch_size, lr=2e-3, warmup_ratio=0.05),
+                        batch_size=size.batch_size, lr=3e-3, warmup_ratio=0.05),
             StageConfig(name="instruct", data=str(world.instruct), encoder=frozen,
-                        bridge=PolicyConfig(mode="full", lr=1e-3),
-                        lm=PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=2e-4),
+                        bridge=PolicyConfig(mode="full", lr=2e-3),
+                        lm=PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=3e-4),
                         epochs=size.instruct_epochs, batch_size=size.batch_size, lr=5e-4, warmup_ratio=0.05),
         ],
         eval=EvalConfig(data=str(world.eval), batch_size=32, max_new_tokens=6),

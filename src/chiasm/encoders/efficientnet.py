@@ -3,8 +3,9 @@
 Its last feature map (1280 channels, 7x7 at 224 px) is read as a grid of 49 visual tokens.
 ImageNet training makes the last map partly colour-invariant (a linear probe reads an
 object's colour from it only ~87% of the time on the synthetic world, against >99% from
-block 10), so ``extra_blocks`` can append mid-level maps, average-pooled to the same grid:
-the multi-level features that several VLMs use for exactly this reason.
+block 10). ``extra_blocks`` adds mid-level maps, average-pooled to the same grid, and
+``final = false`` drops the last map: the multi-level / intermediate-layer features that
+VLMs use for the same reason (LLaVA reads CLIP's penultimate layer, not its last).
 """
 
 from __future__ import annotations
@@ -48,26 +49,31 @@ class EfficientNetLite0(VisionEncoder):
         bad = [b for b in self.extra_blocks if not 0 <= b < n_blocks]
         if bad:
             raise ValueError(f"extra_blocks {bad} out of range: efficientnet-lite0 has blocks 0..{n_blocks - 1}")
-        self.dim = 1280 + sum(self.net._blocks[b]._bn2.num_features for b in self.extra_blocks)
+        self.use_final = bool(cfg.options.get("final", True))
+        if not self.use_final and not self.extra_blocks:
+            raise ValueError("final = false needs at least one entry in extra_blocks")
+        self.dim = 1280 * self.use_final + sum(self.net._blocks[b]._bn2.num_features for b in self.extra_blocks)
 
     def grid(self) -> tuple[int, int]:
         side = self.image_size // 32
         return side, side
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not self.extra_blocks:
+        if not self.extra_blocks and self.use_final:
             fmap = self.net.extract_features(pixels)  # (B, 1280, h, w)
             return fmap.flatten(2).transpose(1, 2)
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(pixels)))
         kept = []
-        for idx, block in enumerate(net._blocks):
+        last = max(self.extra_blocks) if not self.use_final else len(net._blocks) - 1
+        for idx, block in enumerate(net._blocks[: last + 1]):
             rate = net._global_params.drop_connect_rate
             x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
             if idx in self.extra_blocks:
                 kept.append(x)
-        final = net._swish(net._bn1(net._conv_head(x)))
-        maps = [final] + [nn.functional.adaptive_avg_pool2d(k, final.shape[-2:]) for k in kept]
+        grid = self.grid()
+        maps = [net._swish(net._bn1(net._conv_head(x)))] if self.use_final else []
+        maps += [nn.functional.adaptive_avg_pool2d(k, grid) for k in kept]
         return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
 
     def blocks(self) -> list[nn.Module]:

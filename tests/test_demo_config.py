@@ -1,0 +1,21 @@
+"""configs/demo.toml spells out exactly the recipe that `chiasm demo` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chiasm.config import load_config
+from chiasm.demo import DemoSize, demo_config
+
+
+def test_demo_toml_matches_demo_recipe(tmp_path: Path) -> None:
+    size = DemoSize(n_train=8, n_eval=1)
+    built = demo_config(tmp_path / "run", tmp_path / "world", size)
+    toml = load_config(Path(__file__).parents[1] / "configs" / "demo.toml")
+    assert toml.model == built.model
+    assert len(toml.stages) == len(built.stages)
+    for a, b in zip(toml.stages, built.stages, strict=True):
+        for field in ("name", "encoder", "bridge", "lm", "batch_size", "lr", "warmup_ratio"):
+            assert getattr(a, field) == getattr(b, field), (a.name, field)
+        assert Path(a.data).name == Path(b.data).name
+    assert toml.stages[0].epochs == DemoSize().align_epochs and toml.stages[1].epochs == DemoSize().instruct_epochs

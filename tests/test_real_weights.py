@@ -1,0 +1,104 @@
+"""Tests on the real pretrained parts that PyPI packages carry (SmolLM2-135M, EfficientNet-Lite0)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from chiasm.config import EncoderConfig
+from chiasm.encoders import build_encoder
+from chiasm.eval.retention import greedy_answers, held_out_text, perplexity
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    from chiasm.lm import load_language_model
+
+    return load_language_model("packaged:smollm2-135m-instruct")
+
+
+def test_smollm2_greedy_answers_are_real_language(smollm2) -> None:
+    lm, tok = smollm2
+    assert sum(p.numel() for p in lm.parameters()) == 134_515_008
+    answers = greedy_answers(lm, tok, ["What is the capital of France?"], max_new_tokens=12)
+    assert "Paris" in answers[0]
+
+
+def test_smollm2_perplexity_of_english_is_low(smollm2) -> None:
+    lm, tok = smollm2
+    ppl, n = perplexity(lm, tok, held_out_text(), max_tokens=1024)
+    assert n == 4 * 255
+    assert 5 < ppl < 60  # a random 49k-vocabulary model would be near 49,152
+
+
+def test_efficientnet_lite0_features_are_pretrained_and_colour_aware() -> None:
+    from chiasm.data.synthetic import COLOURS, SceneObject, Scene, render_scene
+
+    enc = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=224)).eval()
+    x = torch.stack([enc.preprocess(render_scene(Scene([SceneObject("circle", "red", "large", "top left")])))])
+    with torch.no_grad():
+        feats = enc(x)
+    assert feats.shape == (1, 49, 1280) and enc.grid() == (7, 7)
+    rand = build_encoder(EncoderConfig(name="efficientnet-lite0", options={"pretrained": False}))
+    assert not torch.equal(rand.net._conv_stem.weight, enc.net._conv_stem.weight)
+
+    # A linear probe reads an object's colour from the multi-level features of the real weights.
+    multi = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=128,
+                                        options={"extra_blocks": [10]})).eval()
+    rng = random.Random(0)
+    colours = sorted(COLOURS)
+    images, labels = [], []
+    for _ in range(120):
+        c = rng.choice(colours)
+        images.append(multi.preprocess(render_scene(Scene([SceneObject(rng.choice(["circle", "square", "triangle"]),
+                                                                       c, "large", "top left")]))))
+        labels.append(colours.index(c))
+    with torch.no_grad():
+        f = multi(torch.stack(images))[:, [0, 1, 4, 5]].mean(1)  # the top-left 2 x 2 block of a 4 x 4 grid
+    assert f.shape[1] == 1280 + 112
+    f = (f - f.mean(0)) / (f.std(0) + 1e-5)
+    y = torch.tensor(labels)
+    w = torch.zeros(f.shape[1], len(colours), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.01)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(f[:80] @ w, y[:80]) + 1e-3 * (w**2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc = ((f[80:] @ w).argmax(1) == y[80:]).float().mean().item()
+    assert acc >= 0.9
+
+
+def test_real_vlm_stage_one_leaves_the_lm_untouched(smollm2, tmp_path) -> None:
+    """EfficientNet + MLP + SmolLM2: an align step trains the bridge and keeps text perplexity identical."""
+    from chiasm.config import BridgeConfig, LMConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig
+    from chiasm.data.synthetic import make_world
+    from chiasm.model import VisionLanguageModel
+    from chiasm.train.trainer import Trainer
+
+    lm, tok = smollm2
+    world = make_world(tmp_path / "world", n_train=8, n_eval=1)
+    cfg = ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=128),
+                      bridge=BridgeConfig(name="mlp"), lm=LMConfig("packaged:smollm2-135m-instruct"),
+                      system_prompt="You are a helpful assistant.")
+    encoder = build_encoder(cfg.encoder)
+    from chiasm.bridges import build_bridge
+
+    model = VisionLanguageModel(cfg, encoder, build_bridge(cfg.bridge, encoder.dim, 576), lm, tok)
+    text = held_out_text()
+    before, _ = perplexity(model.lm, tok, text, max_tokens=512)
+    bridge0 = {k: v.clone() for k, v in model.bridge.state_dict().items()}
+    frozen = PolicyConfig(mode="frozen")
+    run = RunConfig(model=cfg, stages=[StageConfig(name="align", data=str(world.align), encoder=frozen, lm=frozen,
+                                                   max_steps=1, batch_size=4)],
+                    output_dir=str(tmp_path / "run"), precision="fp32")
+    Trainer(run, model=model, show_progress=False).run()
+    after, _ = perplexity(model.lm, tok, text, max_tokens=512)
+    assert after == before
+    assert any(not torch.equal(bridge0[k], v) for k, v in model.bridge.state_dict().items())
+    assert model.tokens_per_image == 16
