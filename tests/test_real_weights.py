@@ -37,7 +37,7 @@ def test_smollm2_perplexity_of_english_is_low(smollm2) -> None:
 
 
 def test_efficientnet_lite0_features_are_pretrained_and_colour_aware() -> None:
-    from chiasm.data.synthetic import COLOURS, SceneObject, Scene, render_scene
+    from chiasm.data.synthetic import COLOURS, Scene, SceneObject, render_scene
 
     enc = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=224)).eval()
     x = torch.stack([enc.preprocess(render_scene(Scene([SceneObject("circle", "red", "large", "top left")])))])
