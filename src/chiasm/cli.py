@@ -73,14 +73,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from chiasm.demo import DemoSize
+
     p = argparse.ArgumentParser(prog="chiasm", description="Build, train and evaluate vision-language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="offline two-stage training of a real VLM on the CPU")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--n-train", type=int, default=1200, help="synthetic training images")
-    d.add_argument("--n-eval", type=int, default=60, help="held-out images (5 questions each)")
+    d.add_argument("--n-train", type=int, default=DemoSize.n_train, help="synthetic training images")
+    d.add_argument("--n-eval", type=int, default=DemoSize.n_eval, help="held-out images (5 questions each)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="run a recipe from a TOML/JSON config (works under torchrun)")
