@@ -103,3 +103,14 @@ def test_cli_eval_missing_data(saved_model: Path, tmp_path: Path, capsys: pytest
     rc = main(["eval", "--model", str(saved_model), "--data", str(missing), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_interactive_chat_keeps_the_image_in_the_conversation(tiny_model, tiny_world, monkeypatch, capsys) -> None:
+    from chiasm.chat import interactive
+
+    image = next((tiny_world.image_dir / "eval").glob("*.png"))
+    lines = iter(["How many objects are there?", "What colour is the circle?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    interactive(tiny_model, [image])
+    out = capsys.readouterr().out
+    assert out.count("model>") == 2  # two answers, then the empty line ends the session
