@@ -1,0 +1,59 @@
+"""Every registered bridge inside a whole model: tokens, gradients, cached generation, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chiasm.bridges import BRIDGES
+from chiasm.config import BridgeConfig, ModelConfig, PolicyConfig
+from chiasm.data.llava import load_llava
+from chiasm.model import VisionLanguageModel
+from chiasm.train.batches import collate, prepare
+from chiasm.train.policy import apply_stage_policies
+
+# The tiny encoder yields a 4 x 4 grid.
+EXPECTED_TOKENS = {"linear": 16, "mlp": 16, "pixel_shuffle": 4, "pooling": 4}
+
+
+def test_every_registered_bridge_is_covered() -> None:
+    assert set(BRIDGES.names()) == set(EXPECTED_TOKENS)
+
+
+@pytest.fixture(params=sorted(EXPECTED_TOKENS))
+def model(request, tiny_model_config: ModelConfig) -> VisionLanguageModel:
+    tiny_model_config.bridge = BridgeConfig(name=request.param)
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(tiny_model_config)
+
+
+def _batch(model: VisionLanguageModel, world, *, generation: bool):
+    samples = load_llava(world.eval if generation else world.instruct).samples[:2]
+    prepared, _ = prepare(samples, model, for_generation=generation)
+    return collate(prepared, model.tokenizer.pad_token_id, left_pad=generation, model=model)
+
+
+def test_bridge_tokens_gradients_cache_and_round_trip(model: VisionLanguageModel, tiny_world, tmp_path: Path) -> None:
+    name = model.config.bridge.name
+    assert model.tokens_per_image == EXPECTED_TOKENS[name]
+    apply_stage_policies(model, {"encoder": PolicyConfig(mode="frozen"), "bridge": PolicyConfig(mode="full"),
+                                 "lm": PolicyConfig(mode="frozen")})
+    batch = _batch(model, tiny_world, generation=False)
+    assert int((batch.input_ids == model.image_token_id).sum()) == 2 * EXPECTED_TOKENS[name]
+    model(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.bridge.parameters())
+    assert all(p.grad is None for p in [*model.lm.parameters(), *model.encoder.parameters()])
+
+    model.eval()
+    gen = _batch(model, tiny_world, generation=True)
+    kwargs = {"pixels": gen.pixels, "max_new_tokens": 8}
+    assert model.generate(gen.input_ids, gen.attention_mask, use_cache=True, **kwargs) == \
+        model.generate(gen.input_ids, gen.attention_mask, use_cache=False, **kwargs)
+
+    with torch.no_grad():
+        before = model(gen.input_ids, gen.attention_mask, pixels=gen.pixels).logits
+        loaded = VisionLanguageModel.load(model.save(tmp_path / name))
+        after = loaded(gen.input_ids, gen.attention_mask, pixels=gen.pixels).logits
+    assert torch.equal(before, after)
