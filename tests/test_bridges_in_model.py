@@ -15,7 +15,8 @@ from chiasm.train.batches import collate, prepare
 from chiasm.train.policy import apply_stage_policies
 
 # The tiny encoder yields a 4 x 4 grid.
-EXPECTED_TOKENS = {"linear": 16, "mlp": 16, "pixel_shuffle": 4, "pooling": 4}
+EXPECTED_TOKENS = {"linear": 16, "mlp": 16, "pixel_shuffle": 4, "pooling": 4,
+                   "c_abstractor": 16, "resampler": 16, "perceiver": 16}
 
 
 def test_every_registered_bridge_is_covered() -> None:

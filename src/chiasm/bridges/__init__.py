@@ -1,6 +1,6 @@
-"""Bridges, registered by exact name: linear, mlp, pixel_shuffle, pooling."""
+"""Bridges, registered by exact name: linear, mlp, pixel_shuffle, pooling, c_abstractor, resampler, perceiver."""
 
-from chiasm.bridges import compress, projectors  # noqa: F401  (registration)
+from chiasm.bridges import compress, projectors, resamplers  # noqa: F401  (registration)
 from chiasm.bridges.base import BRIDGES, Bridge, build_bridge
 
 __all__ = ["BRIDGES", "Bridge", "build_bridge"]
