@@ -16,7 +16,7 @@ from chiasm.train.policy import apply_stage_policies
 
 # The tiny encoder yields a 4 x 4 grid.
 EXPECTED_TOKENS = {"linear": 16, "mlp": 16, "pixel_shuffle": 4, "pooling": 4,
-                   "c_abstractor": 16, "resampler": 16, "perceiver": 16}
+                   "c_abstractor": 16, "resampler": 16, "perceiver": 16, "qformer": 32}
 
 
 def test_every_registered_bridge_is_covered() -> None:

@@ -52,3 +52,13 @@ def test_sincos_2d_rows_and_columns() -> None:
     assert len({tuple(v.tolist()) for v in pos.view(12, 16)}) == 12  # every cell distinct
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d((2, 2), 6)
+
+
+def test_qformer_cross_attends_every_other_layer() -> None:
+    bridge = build_bridge(BridgeConfig("qformer", {"num_queries": 8, "depth": 4, "hidden": 32, "heads": 4}),
+                          vision_dim=12, lm_dim=24)
+    assert [layer.cross is not None for layer in bridge.layers] == [True, False, True, False]
+    for grid in [(4, 4), (2, 3)]:
+        assert bridge(torch.randn(2, grid[0] * grid[1], 12), grid).shape == (2, 8, 24)
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        build_bridge(BridgeConfig("qformer", {"hidden": 30, "heads": 4}), vision_dim=12, lm_dim=24)

@@ -1,6 +1,9 @@
-"""Bridges, registered by exact name: linear, mlp, pixel_shuffle, pooling, c_abstractor, resampler, perceiver."""
+"""Bridges, registered by exact name.
 
-from chiasm.bridges import compress, projectors, resamplers  # noqa: F401  (registration)
+linear, mlp, pixel_shuffle, pooling, c_abstractor, resampler, perceiver, qformer.
+"""
+
+from chiasm.bridges import compress, projectors, qformer, resamplers  # noqa: F401  (registration)
 from chiasm.bridges.base import BRIDGES, Bridge, build_bridge
 
 __all__ = ["BRIDGES", "Bridge", "build_bridge"]
