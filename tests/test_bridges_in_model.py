@@ -16,7 +16,8 @@ from chiasm.train.policy import apply_stage_policies
 
 # The tiny encoder yields a 4 x 4 grid.
 EXPECTED_TOKENS = {"linear": 16, "mlp": 16, "pixel_shuffle": 4, "pooling": 4,
-                   "c_abstractor": 16, "resampler": 16, "perceiver": 16, "qformer": 32}
+                   "c_abstractor": 16, "resampler": 16, "perceiver": 16, "qformer": 32,
+                   "gated_xattn": 1}
 
 
 def test_every_registered_bridge_is_covered() -> None:
@@ -41,6 +42,11 @@ def test_bridge_tokens_gradients_cache_and_round_trip(model: VisionLanguageModel
     assert model.tokens_per_image == EXPECTED_TOKENS[name]
     apply_stage_policies(model, {"encoder": PolicyConfig(mode="frozen"), "bridge": PolicyConfig(mode="full"),
                                  "lm": PolicyConfig(mode="frozen")})
+    if name == "gated_xattn":  # gates start at 0 (identity); open them so every parameter is exercised
+        with torch.no_grad():
+            for block in model.bridge.blocks:
+                block.gate_attn.fill_(0.5)
+                block.gate_ff.fill_(0.5)
     batch = _batch(model, tiny_world, generation=False)
     assert int((batch.input_ids == model.image_token_id).sum()) == 2 * EXPECTED_TOKENS[name]
     model(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels).loss.backward()

@@ -110,6 +110,7 @@ class VisionLanguageModel(nn.Module):
                 f" but the sequence holds {n_positions} image-token positions")
         embeds = embeds.clone()
         embeds[is_image] = vis.reshape(-1, vis.shape[-1])
+        self.bridge.bind(is_image)
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -123,7 +124,13 @@ class VisionLanguageModel(nn.Module):
         """
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        embeds = self.embed(input_ids, features)
+        try:
+            return self._forward(self.embed(input_ids, features), attention_mask, labels, return_logits)
+        finally:
+            self.bridge.release()
+
+    def _forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                 return_logits: bool) -> VLMOutput:
         if labels is None or return_logits or not self._can_split_head():
             logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
             loss = None
@@ -151,7 +158,13 @@ class VisionLanguageModel(nn.Module):
         """Greedy continuation of left-padded prompts; returns the new token ids per row."""
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        embeds = self.embed(input_ids, features)
+        try:
+            return self._generate(self.embed(input_ids, features), attention_mask, max_new_tokens, use_cache)
+        finally:
+            self.bridge.release()
+
+    def _generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  use_cache: bool) -> list[list[int]]:
         stop = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
                 if isinstance(i, int) and i >= 0]
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,

@@ -41,6 +41,16 @@ class Bridge(nn.Module, ABC):
     def attach(self, lm: nn.Module) -> None:
         """Install modules inside the LM's layers; prefix bridges need nothing."""
 
+    def bind(self, is_image: torch.Tensor) -> None:
+        """Learn where this batch's image positions are (``(B, L)`` bool), before the LM runs.
+
+        In-LM bridges use it to let each text token see only its own image; prefix
+        bridges need nothing.
+        """
+
+    def release(self) -> None:
+        """Forget the batch bound by ``bind`` once the LM call is over (text-only calls see no image)."""
+
 
 BRIDGES: Registry[Bridge] = Registry("bridge")
 
