@@ -25,9 +25,9 @@ def test_exact_name_lookup() -> None:
 
 def test_unknown_name_lists_known_names() -> None:
     with pytest.raises(KeyError) as info:
-        BRIDGES.get("qformer")
+        BRIDGES.get("no-such-bridge")
     msg = str(info.value)
-    assert "bridge" in msg and "'qformer'" in msg
+    assert "bridge" in msg and "'no-such-bridge'" in msg
     for name in BRIDGES.names():
         assert name in msg
 
