@@ -1,0 +1,83 @@
+"""CogVLM's visual expert: image tokens get their own attention projections and MLP.
+
+Every decoder layer gains a second copy of q/k/v/o and of the MLP, initialised from the
+LM's own weights. Image tokens go through the copies, text tokens through the original
+(frozen) weights, and both meet in one shared self-attention. Text-only inputs therefore
+compute exactly what the base LM computes, whatever the experts learn: language ability
+is preserved by construction while visual capacity grows.
+
+Image tokens reach the sequence through an MLP adapter (as in CogVLM) at the placeholder
+positions; the experts are switched in by forward hooks on the LM's own modules, so the
+LM's checkpoint stays a plain transformers one. With a LoRA policy on the LM, the LoRA
+update also applies to image tokens on top of the expert.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from chiasm.bridges.base import BRIDGES, Bridge
+from chiasm.bridges.gated_xattn import decoder_layers
+from chiasm.bridges.projectors import MLPBridge
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@BRIDGES.register("visual_expert")
+class VisualExpertBridge(Bridge):
+    def __init__(self, vision_dim: int, lm_dim: int, hidden: int | None = None):
+        super().__init__(vision_dim, lm_dim)
+        self.adapter = MLPBridge(vision_dim, lm_dim, hidden=hidden)
+        self.experts = nn.ModuleList()
+        self._is_image: torch.Tensor | None = None
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        return grid[0] * grid[1]
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.adapter(features, grid)
+
+    def bind(self, is_image: torch.Tensor) -> None:
+        self._is_image = is_image
+
+    def release(self) -> None:
+        self._is_image = None
+
+    def attach(self, lm: nn.Module) -> None:
+        layers = decoder_layers(lm)
+        for layer in layers:
+            if not all(hasattr(layer.self_attn, p) for p in PROJECTIONS):
+                raise NotImplementedError(f"visual_expert needs self_attn.{'/'.join(PROJECTIONS)} in every layer")
+        if not len(self.experts):  # a fresh bridge: copy the LM's own weights
+            for layer in layers:
+                parts = {p: copy.deepcopy(getattr(layer.self_attn, p)) for p in PROJECTIONS}
+                self.experts.append(nn.ModuleDict({**parts, "mlp": copy.deepcopy(layer.mlp)}))
+        for layer, expert in zip(layers, self.experts, strict=True):
+            for p in PROJECTIONS:
+                getattr(layer.self_attn, p).register_forward_hook(self._hook(expert[p]))
+            layer.mlp.register_forward_hook(self._hook(expert["mlp"]))
+
+    def _mask(self, n: int) -> torch.Tensor | None:
+        """Image positions for a call over ``n`` positions; decoding steps after the prompt are text."""
+        mask = self._is_image
+        if mask is None or n < mask.shape[1]:
+            return None
+        if n > mask.shape[1]:
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], n - mask.shape[1])], dim=1)
+        return mask
+
+    def _hook(self, expert: nn.Module):
+        def run(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            x = inputs[0]
+            mask = self._mask(x.shape[1])
+            if mask is None or not bool(mask.any()):
+                return None
+            mask = mask.to(x.device)
+            out = output.clone()
+            out[mask] = expert(x[mask]).to(out.dtype)
+            return out
+
+        return run
