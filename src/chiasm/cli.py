@@ -72,6 +72,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_arena(args: argparse.Namespace) -> int:
+    from chiasm.arena import DEFAULT_BRIDGES, quick_setup, real_setup, run_arena
+
+    out = Path(args.out)
+    base, world, budget = (quick_setup if args.quick else real_setup)(out)
+    names = args.bridges.split(",") if args.bridges else list(DEFAULT_BRIDGES)
+    unknown = [n for n in names if n not in DEFAULT_BRIDGES]
+    if unknown:
+        raise ValueError(f"unknown bridge(s) {unknown}; known: {', '.join(DEFAULT_BRIDGES)}")
+    rows = run_arena(out, base, world, budget, {n: DEFAULT_BRIDGES[n] for n in names})
+    print((out / "arena.md").read_text())
+    return 0 if rows else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chiasm.demo import DemoSize
 
@@ -99,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int)
     e.add_argument("--out")
     e.set_defaults(func=_cmd_eval)
+
+    a = sub.add_parser("arena", help="train every bridge on the same budget and compare them")
+    a.add_argument("--out", default="runs/arena")
+    a.add_argument("--quick", action="store_true", help="tiny from-scratch parts, a few steps (seconds)")
+    a.add_argument("--bridges", help="comma-separated subset, e.g. mlp,qformer")
+    a.set_defaults(func=_cmd_arena)
 
     c = sub.add_parser("chat", help="ask a saved model about an image")
     c.add_argument("--model", required=True)

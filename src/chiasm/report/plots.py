@@ -122,7 +122,7 @@ def _stage_series(records: list[dict[str, Any]]) -> tuple[list[int], list[float]
     return local, loss, lr
 
 
-def _save(fig: Figure, out: Path) -> Path:
+def save_figure(fig: Figure, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -198,7 +198,7 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
         more_h, more_l = lr_ax.get_legend_handles_labels()
         handles, labels = handles + more_h, labels + more_l
     ax.legend(handles, labels, loc="upper right", fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _per_type(block: Any) -> dict[str, float]:
@@ -275,4 +275,4 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path | None:
     ax.legend(
         loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, fontsize=8, frameon=False
     )
-    return _save(fig, out)
+    return save_figure(fig, out)

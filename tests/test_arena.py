@@ -1,0 +1,38 @@
+"""The bridge arena in quick mode: every bridge trained, evaluated and tabulated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from chiasm.arena import DEFAULT_BRIDGES
+from chiasm.bridges import BRIDGES
+from chiasm.cli import main
+
+
+def test_arena_covers_every_bridge() -> None:
+    assert set(DEFAULT_BRIDGES) == set(BRIDGES.names())
+
+
+def test_quick_arena_writes_table_json_and_plots(tmp_path: Path, capsys) -> None:
+    assert main(["arena", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "arena.json").read_text())
+    assert [r["bridge"] for r in rows] == list(DEFAULT_BRIDGES)
+    tokens = {r["bridge"]: r["visual_tokens"] for r in rows}
+    assert tokens["mlp"] == 16 and tokens["pixel_shuffle"] == 4 and tokens["resampler"] == 4
+    assert tokens["gated_xattn"] == 1
+    for r in rows:
+        assert 0 <= r["vqa"] <= 1 and r["bridge_params"] > 0 and r["trainable_params"] >= r["bridge_params"]
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["peak_memory_mb"] >= 0 and r["ppl_ratio"] > 0
+    table = (tmp_path / "arena.md").read_text()
+    assert all(f"| {name} |" in table for name in DEFAULT_BRIDGES)
+    assert "| qformer |" in capsys.readouterr().out
+    for png in ("accuracy_vs_tokens.png", "accuracy_vs_time.png"):
+        assert Image.open(tmp_path / png).size[0] > 100
+
+
+def test_arena_rejects_unknown_bridge(tmp_path: Path, capsys) -> None:
+    assert main(["arena", "--quick", "--out", str(tmp_path), "--bridges", "mlp,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
