@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from chiasm.config import load_config
-from chiasm.demo import DemoSize, demo_config
+from chiasm.demo import DemoSize, demo_config, demo_world
 
 
 def test_demo_toml_matches_demo_recipe(tmp_path: Path) -> None:
     size = DemoSize(n_train=8, n_eval=1)
-    built = demo_config(tmp_path / "run", tmp_path / "world", size)
+    built = demo_config(tmp_path / "run", demo_world(tmp_path / "world", size), size)
     toml = load_config(Path(__file__).parents[1] / "configs" / "demo.toml")
     assert toml.model == built.model
     assert len(toml.stages) == len(built.stages)

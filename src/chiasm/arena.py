@@ -181,11 +181,9 @@ def quick_setup(out: Path) -> tuple[ModelConfig, WorldFiles, ArenaBudget]:
 
 def real_setup(out: Path) -> tuple[ModelConfig, WorldFiles, ArenaBudget]:
     """The demo's real parts and world (EfficientNet-Lite0 at 128 px, SmolLM2-135M-Instruct)."""
-    from chiasm.data.synthetic import make_world
-    from chiasm.demo import DemoSize, demo_config
+    from chiasm.demo import DemoSize, demo_config, demo_world
 
     size = DemoSize()
-    demo = demo_config(out / "unused", out / "world", size)
-    world = make_world(out / "world", n_train=size.n_train, n_eval=size.n_eval,
-                       turns_per_conversation=size.turns_per_conversation)
+    world = demo_world(out / "world", size)
+    demo = demo_config(out, world, size)
     return demo.model, world, ArenaBudget()

@@ -25,7 +25,7 @@ from chiasm.config import (
     RunConfig,
     StageConfig,
 )
-from chiasm.data.synthetic import make_world
+from chiasm.data.synthetic import WorldFiles, make_world
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,15 @@ class DemoSize:
     turns_per_conversation: int = 5
 
 
-def demo_config(out: Path, world_dir: Path, size: DemoSize, *, lm_source: str = "packaged:smollm2-135m-instruct",
+def demo_world(world_dir: Path, size: DemoSize, *, seed: int = 0) -> WorldFiles:
+    """The demo's synthetic world (generated once, then read from its folder)."""
+    return make_world(world_dir, n_train=size.n_train, n_eval=size.n_eval, seed=seed,
+                      turns_per_conversation=size.turns_per_conversation)
+
+
+def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str = "packaged:smollm2-135m-instruct",
                 seed: int = 0) -> RunConfig:
     """The demo's run config (also what ``configs/demo.toml`` spells out)."""
-    world = make_world(world_dir, n_train=size.n_train, n_eval=size.n_eval, seed=seed,
-                       turns_per_conversation=size.turns_per_conversation)
     frozen = PolicyConfig(mode="frozen")
     return RunConfig(
         model=ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=size.image_size,
@@ -79,7 +83,7 @@ def run_demo(out: Path = Path("runs/demo"), size: DemoSize | None = None) -> dic
     t_start = time.perf_counter()
     size = size or DemoSize()
     out = Path(out)
-    cfg = demo_config(out, out / "world", size)
+    cfg = demo_config(out, demo_world(out / "world", size), size)
     timings: dict[str, float] = {}
     stage_retention: dict[str, dict] = {}
     base: dict = {}
