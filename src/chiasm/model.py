@@ -206,7 +206,8 @@ class VisionLanguageModel(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder / "lm")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
+        # Shapes only: the saved state dict below replaces any pretrained bridge weights.
+        bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
         model = cls(config, encoder, bridge, lm, tokenizer)
         bridge.load_state_dict(load_file(str(folder / "bridge.safetensors")))
         return model.eval()

@@ -38,6 +38,13 @@ class Bridge(nn.Module, ABC):
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``(B, h*w, vision_dim)`` -> ``(B, num_tokens(grid), lm_dim)``."""
 
+    def init_pretrained(self) -> None:
+        """Copy pretrained weights that the options name into the bridge; most bridges have none.
+
+        Constructors only fix shapes (reading at most a checkpoint's config); ``build_bridge``
+        calls this afterwards. Loading a saved model skips it: its saved weights replace them.
+        """
+
     def attach(self, lm: nn.Module) -> None:
         """Install modules inside the LM's layers; prefix bridges need nothing."""
 
@@ -55,12 +62,19 @@ class Bridge(nn.Module, ABC):
 BRIDGES: Registry[Bridge] = Registry("bridge")
 
 
-def build_bridge(cfg: BridgeConfig, vision_dim: int, lm_dim: int) -> Bridge:
-    """Instantiate the bridge named in ``cfg`` with its options."""
+def build_bridge(cfg: BridgeConfig, vision_dim: int, lm_dim: int, *, pretrained: bool = True) -> Bridge:
+    """Instantiate the bridge named in ``cfg`` with its options.
+
+    ``pretrained=False`` skips copying pretrained weights (see ``Bridge.init_pretrained``),
+    for callers that load the bridge's own saved weights next.
+    """
     import chiasm.bridges  # noqa: F401  (registration)
 
     cls = BRIDGES.get(cfg.name)
     try:
-        return cls(vision_dim, lm_dim, **cfg.options)
+        bridge = cls(vision_dim, lm_dim, **cfg.options)
     except TypeError as exc:
         raise ValueError(f"bridge {cfg.name!r}: bad options {cfg.options}: {exc}") from None
+    if pretrained:
+        bridge.init_pretrained()
+    return bridge
