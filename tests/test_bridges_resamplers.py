@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chiasm.bridges import build_bridge
-from chiasm.bridges.positions import sincos_2d
+from chiasm.bridges.positions import fractional_sincos_2d, sincos_2d
 from chiasm.config import BridgeConfig
 
 NAMES = ["c_abstractor", "resampler", "perceiver"]
@@ -52,6 +52,20 @@ def test_sincos_2d_rows_and_columns() -> None:
     assert len({tuple(v.tolist()) for v in pos.view(12, 16)}) == 12  # every cell distinct
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d((2, 2), 6)
+
+
+def test_fractional_code_depends_on_place_not_grid_size() -> None:
+    small = fractional_sincos_2d((1, 1), 8)
+    large = fractional_sincos_2d((3, 3), 8).view(3, 3, 8)
+    torch.testing.assert_close(large[1, 1], small[0])  # both are the image centre
+    code = fractional_sincos_2d((2, 2), 8).view(2, 2, 8)
+    # the lowest octave's sine is monotone: top rows < bottom rows, left columns < right ones
+    assert code[0, 0, 0] < code[1, 0, 0] and code[0, 0, 4] < code[0, 1, 4]
+    # pinned values for the demo's 4 x 4 grid, so the MLP's pos_dim features never drift
+    demo = fractional_sincos_2d((4, 4), 32)
+    rows = (torch.arange(4.0) + 0.5) / 4
+    freqs = torch.pi * 2.0 ** torch.arange(8.0) / 2
+    torch.testing.assert_close(demo.view(4, 4, 32)[:, 0, :8], (rows[:, None] * freqs).sin(), rtol=0, atol=0)
 
 
 def test_qformer_cross_attends_every_other_layer() -> None:

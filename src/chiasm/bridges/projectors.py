@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from chiasm.bridges.base import BRIDGES, Bridge
+from chiasm.bridges.positions import fractional_sincos_2d
 
 
 @BRIDGES.register("linear")
@@ -19,20 +20,6 @@ class LinearBridge(Bridge):
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.proj(features)
-
-
-def grid_code(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos code of each cell's (row, column): ``(h*w, dim)``, ``dim`` divisible by 4."""
-    h, w = grid
-    n_freq = dim // 4
-    freqs = torch.pi * (2.0 ** torch.arange(n_freq, dtype=torch.float32)) / 2
-    rows = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    cols = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    r = rows[:, None, None] * freqs  # (h, 1, f)
-    c = cols[None, :, None] * freqs  # (1, w, f)
-    code = torch.cat([r.sin().expand(h, w, n_freq), r.cos().expand(h, w, n_freq),
-                      c.sin().expand(h, w, n_freq), c.cos().expand(h, w, n_freq)], dim=-1)
-    return code.reshape(h * w, 4 * n_freq)
 
 
 @BRIDGES.register("mlp")
@@ -63,6 +50,6 @@ class MLPBridge(Bridge):
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.norm(features)
         if self.pos_dim:
-            code = grid_code(grid, self.pos_dim).to(x.dtype).to(x.device)
+            code = fractional_sincos_2d(grid, self.pos_dim).to(x.dtype).to(x.device)
             x = torch.cat([x, code.expand(x.shape[0], -1, -1)], dim=-1)
         return self.fc2(self.act(self.fc1(x)))
