@@ -33,6 +33,27 @@ def test_quick_arena_writes_table_json_and_plots(tmp_path: Path, capsys) -> None
         assert Image.open(tmp_path / png).size[0] > 100
 
 
+def test_arena_shares_feature_cache_and_base_lm_results(tmp_path: Path, monkeypatch) -> None:
+    import chiasm.eval.evaluate as ev
+
+    entered = []
+    real = ev.BaseLM
+
+    class CountingBaseLM(real):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(ev, "BaseLM", CountingBaseLM)
+    assert main(["arena", "--quick", "--out", str(tmp_path), "--bridges", "mlp,pooling,resampler"]) == 0
+    assert len(entered) == 1  # the base LM's perplexity and answers: once, not per bridge
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
+    assert not list(tmp_path.glob("*/cache/features-*.safetensors"))
+    base_ppl = {json.loads((tmp_path / b / "eval.json").read_text())["retention"]["base_ppl"]
+                for b in ("mlp", "pooling", "resampler")}
+    assert len(base_ppl) == 1
+
+
 def test_arena_rejects_unknown_bridge(tmp_path: Path, capsys) -> None:
     assert main(["arena", "--quick", "--out", str(tmp_path), "--bridges", "mlp,nope"]) == 2
     assert "nope" in capsys.readouterr().err

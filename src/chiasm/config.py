@@ -108,6 +108,9 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
+    # Where a frozen encoder's cached features go (default OUTPUT_DIR/cache). Files are keyed by
+    # encoder and image list, so runs that share an encoder can share the folder safely.
+    feature_cache: str | None = None
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 

@@ -166,7 +166,7 @@ class Trainer:
         if stage.encoder.mode != "frozen":
             return None
         paths = [str(p) for it in prepared for p in it.sample.images]
-        cache_dir = self.run_dir / "cache"
+        cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
         if self.dist.is_main:
             cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir,
                                        show_progress=self.show_progress)
