@@ -160,9 +160,17 @@ def write_arena(rows: list[dict], out: Path) -> None:
                              ("train_s", "training time (s)", "accuracy_vs_time.png")):
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
+        placed: dict[tuple[float, float], int] = {}
         for r in rows:
-            ax.scatter(r[key], r["vqa"])
-            ax.annotate(r["bridge"], (r[key], r["vqa"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            point = (r[key], r["vqa"])
+            ax.scatter(*point)
+            # bridges on the same point get their names stacked instead of printed on top of each other
+            nth = placed[point] = placed.get(point, -1) + 1
+            ax.annotate(r["bridge"], point, fontsize=8, xytext=(3, 3 - 9 * nth), textcoords="offset points")
+        chance = max((r.get("chance", 0.0) for r in rows), default=0.0)
+        if chance:
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="best constant answer")
+            ax.legend(loc="best", fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("VQA accuracy")
         ax.grid(alpha=0.3)
