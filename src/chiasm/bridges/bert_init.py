@@ -19,14 +19,13 @@ the checkpoint handling out of ``qformer.py``:
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel
 
-PACKAGED_PREFIX = "packaged:"
+from chiasm.packaged import PACKAGED_PREFIX, package_folder
 
 
 @dataclass(frozen=True)
@@ -69,12 +68,7 @@ def resolve_source(source: str) -> tuple[str, bool]:
         if name not in PACKAGED_BERTS:
             raise KeyError(f"unknown packaged BERT {name!r}; known: {sorted(PACKAGED_BERTS)}")
         entry = PACKAGED_BERTS[name]
-        # find_spec locates the package without importing it.
-        spec = importlib.util.find_spec(entry.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"package {entry.package!r} is not installed; install it with: "
-                                    f"{entry.install_hint}")
-        folder = Path(next(iter(spec.submodule_search_locations))) / entry.subfolder
+        folder = package_folder(entry.package, entry.install_hint) / entry.subfolder
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} has no config.json; reinstall with: {entry.install_hint}")
         return str(folder), True

@@ -8,7 +8,6 @@ other transformers checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,10 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from chiasm.packaged import PACKAGED_PREFIX, package_folder
+
 log = logging.getLogger(__name__)
-
-PACKAGED_PREFIX = "packaged:"
-
 
 @dataclass(frozen=True)
 class PackagedLM:
@@ -47,15 +45,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHIASM_CACHE", Path.home() / ".cache" / "chiasm"))
 
 
-def _package_folder(package: str, hint: str) -> Path:
-    # find_spec locates the package without importing it (importing the llm plugin
-    # would pull in the llm CLI, which is deliberately not installed).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed; install it with: {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def convert_packaged(name: str, *, force: bool = False) -> Path:
     """Convert a packaged GGUF model once into a safetensors folder and return that folder."""
     if name not in PACKAGED_LMS:
@@ -64,7 +53,7 @@ def convert_packaged(name: str, *, force: bool = False) -> Path:
     out = cache_dir() / "lm" / name
     if (out / "model.safetensors").exists() and not force:
         return out
-    src = _package_folder(entry.package, entry.install_hint)
+    src = package_folder(entry.package, entry.install_hint)
     gguf_path = src / entry.gguf_file
     if not gguf_path.exists():
         raise FileNotFoundError(f"{gguf_path} is missing; reinstall with: {entry.install_hint}")
