@@ -74,6 +74,25 @@ def test_efficientnet_lite0_features_are_pretrained_and_colour_aware() -> None:
     assert acc >= 0.9
 
 
+def test_efficientnet_grid_option_pools_the_maps() -> None:
+    """``grid = 2`` at 128 px: 4 tokens, each the mean of a 2 x 2 block of the native 4 x 4 grid."""
+    from chiasm.data.synthetic import render_scene, sample_scene
+
+    options = {"extra_blocks": [10], "final": False}
+    native = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=128, options=options)).eval()
+    coarse = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=128,
+                                         options={**options, "grid": 2})).eval()
+    x = torch.stack([native.preprocess(render_scene(sample_scene(random.Random(i)), 128)) for i in range(3)])
+    with torch.no_grad():
+        fine, pooled = native(x), coarse(x)
+    assert coarse.grid() == (2, 2) and pooled.shape == (3, 4, 112) and fine.shape == (3, 16, 112)
+    blocks = fine.view(3, 2, 2, 2, 2, 112).permute(0, 1, 3, 2, 4, 5).reshape(3, 4, 4, 112).mean(2)
+    torch.testing.assert_close(pooled, blocks, rtol=1e-5, atol=1e-5)
+    assert coarse.cache_key != native.cache_key
+    with pytest.raises(ValueError, match="grid 5 must be between 1 and 4"):
+        build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=128, options={"grid": 5}))
+
+
 def test_real_vlm_stage_one_leaves_the_lm_untouched(smollm2, tmp_path) -> None:
     """EfficientNet + MLP + SmolLM2: an align step trains the bridge and keeps text perplexity identical."""
     from chiasm.config import BridgeConfig, LMConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig

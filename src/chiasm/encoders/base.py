@@ -54,4 +54,7 @@ def build_encoder(cfg: EncoderConfig) -> VisionEncoder:
     # Importing the package registers every built-in encoder.
     import chiasm.encoders  # noqa: F401
 
-    return ENCODERS.get(cfg.name)(cfg)
+    encoder = ENCODERS.get(cfg.name)(cfg)
+    # What decides the features beyond the weights (layers read, grid): part of the cache key.
+    encoder.cache_key = repr((cfg.name, cfg.image_size, sorted(cfg.options.items())))
+    return encoder

@@ -6,6 +6,12 @@ object's colour from it only ~87% of the time on the synthetic world, against >9
 block 10). ``extra_blocks`` adds mid-level maps, average-pooled to the same grid, and
 ``final = false`` drops the last map: the multi-level / intermediate-layer features that
 VLMs use for the same reason (LLaVA reads CLIP's penultimate layer, not its last).
+
+``grid`` sets the token grid (an int for a square grid, or ``[h, w]``); the maps are
+average-pooled to it. By default it is the last map's own grid (image size / 32). A
+coarser grid gives fewer visual tokens without lowering the resolution the network sees,
+so each token summarises a region: a shorter LM sequence, and one token per region when
+the grid matches how the content is laid out.
 """
 
 from __future__ import annotations
@@ -52,15 +58,23 @@ class EfficientNetLite0(VisionEncoder):
         self.use_final = bool(cfg.options.get("final", True))
         if not self.use_final and not self.extra_blocks:
             raise ValueError("final = false needs at least one entry in extra_blocks")
+        native = cfg.image_size // 32
+        grid = cfg.options.get("grid", native)
+        h, w = (grid, grid) if isinstance(grid, int) else tuple(int(g) for g in grid)
+        if not (1 <= h <= native and 1 <= w <= native):
+            raise ValueError(f"grid {grid!r} must be between 1 and {native} per side at {cfg.image_size} px "
+                             "(the last map's own grid; a finer grid would only repeat features)")
+        self._grid = (h, w)
         self.dim = 1280 * self.use_final + sum(self.net._blocks[b]._bn2.num_features for b in self.extra_blocks)
 
     def grid(self) -> tuple[int, int]:
-        side = self.image_size // 32
-        return side, side
+        return self._grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.extra_blocks and self.use_final:
             fmap = self.net.extract_features(pixels)  # (B, 1280, h, w)
+            if fmap.shape[-2:] != self._grid:
+                fmap = nn.functional.adaptive_avg_pool2d(fmap, self._grid)
             return fmap.flatten(2).transpose(1, 2)
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(pixels)))
@@ -73,7 +87,7 @@ class EfficientNetLite0(VisionEncoder):
                 kept.append(x)
         grid = self.grid()
         maps = [net._swish(net._bn1(net._conv_head(x)))] if self.use_final else []
-        maps += [nn.functional.adaptive_avg_pool2d(k, grid) for k in kept]
+        maps = [nn.functional.adaptive_avg_pool2d(k, grid) for k in maps + kept]
         return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
 
     def blocks(self) -> list[nn.Module]:

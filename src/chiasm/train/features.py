@@ -24,6 +24,8 @@ def _fingerprint(encoder: VisionEncoder, paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     h.update(type(encoder).__name__.encode())
     h.update(str(encoder.image_size).encode())
+    # Options that change the features without changing the weights (feature layers, grid).
+    h.update(f"{encoder.dim}|{encoder.grid()}|{getattr(encoder, 'cache_key', '')}".encode())
     # A cheap weights fingerprint: sums of a few tensors change whenever weights do.
     for name, t in list(encoder.state_dict().items())[:8]:
         h.update(name.encode())
