@@ -144,3 +144,22 @@ def test_helpers(tmp_path: Path) -> None:
     assert smoothed == [2.0, 2.0, 2.0]
     assert fmt_seconds(12.34) == "12.3 s" and fmt_seconds(None) == "—"
     assert plot_accuracy({"model": "x"}, tmp_path / "a.png") is None
+
+
+def test_contrastive_stage_gets_its_own_panel(tmp_path: Path) -> None:
+    from chiasm.report.plots import plot_loss_curves
+
+    run = tmp_path / "run"
+    folder = run / "stages" / "prealign"
+    folder.mkdir(parents=True)
+    records = [{"stage": "prealign", "step": s + 1, "loss": 4.0 - s / 300, "lr": 1e-3, "retrieval_acc": s / 1000}
+               for s in range(900)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8")
+    (run / "stages.json").write_text(json.dumps(["prealign"]), "utf-8")
+    alone = plot_loss_curves(run, tmp_path / "alone.png")
+    _write_metrics(run, "align", 40, 6.0)
+    (run / "stages.json").write_text(json.dumps(["prealign", "align"]), "utf-8")
+    both = plot_loss_curves(run, tmp_path / "both.png")
+    # Two panels side by side make a wider figure than the one-panel plot of the same height.
+    with Image.open(alone) as a, Image.open(both) as b:
+        assert b.size[1] == a.size[1] and b.size[0] > 1.2 * a.size[0]

@@ -89,6 +89,10 @@ class StageConfig:
     grad_clip: float | None = 1.0
     on_error: Literal["raise", "skip"] = "raise"
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end of the stage
+    # "lm": next-token loss on assistant turns through the LM. "contrastive": pre-alignment of a
+    # prefix bridge to the LM's word embeddings, no LM forward (chiasm.train.contrastive).
+    objective: Literal["lm", "contrastive"] = "lm"
+    temperature: float = 0.05  # of the contrastive objective
 
 
 @dataclass

@@ -25,6 +25,9 @@ from chiasm.registry import Registry
 class Bridge(nn.Module, ABC):
     """Base class of every bridge; ``vision_dim`` -> ``lm_dim``."""
 
+    # True for bridges that work inside the LM's layers (see the module docstring).
+    in_lm: bool = False
+
     def __init__(self, vision_dim: int, lm_dim: int, **options: Any):
         super().__init__()
         self.vision_dim = vision_dim

@@ -71,6 +71,8 @@ class GatedXAttnDense(nn.Module):
 
 @BRIDGES.register("gated_xattn")
 class GatedCrossAttentionBridge(Bridge):
+    in_lm = True
+
     def __init__(self, vision_dim: int, lm_dim: int, every: int = 4, num_latents: int = 16, depth: int = 1,
                  heads: int = 8):
         super().__init__(vision_dim, lm_dim)

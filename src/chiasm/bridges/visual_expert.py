@@ -28,6 +28,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @BRIDGES.register("visual_expert")
 class VisualExpertBridge(Bridge):
+    in_lm = True
+
     def __init__(self, vision_dim: int, lm_dim: int, hidden: int | None = None):
         super().__init__(vision_dim, lm_dim)
         self.adapter = MLPBridge(vision_dim, lm_dim, hidden=hidden)

@@ -139,20 +139,32 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     changes between stages. The learning rate goes on a twin axis so warm-up and
     decay can be matched against the loss. Returns ``None`` without metrics.
     """
-    stages = load_stages(run_dir)
-    series = [(name, *_stage_series(records)) for name, records in stages]
-    series = [s for s in series if any(math.isfinite(v) for v in s[2])]
-    if not series:
+    stages = [(i, name, records) for i, (name, records) in enumerate(load_stages(run_dir))]
+    # Contrastive pre-alignment logs retrieval accuracy, runs many cheap steps and has a loss on
+    # another scale: it gets its own panel instead of squashing the LM stages into a corner.
+    pre = [(i, name, records) for i, name, records in stages if any("retrieval_acc" in r for r in records)]
+    series = [(i, name, *_stage_series(records)) for i, name, records in stages
+              if not any("retrieval_acc" in r for r in records)]
+    series = [s for s in series if any(math.isfinite(v) for v in s[3])]
+    if not series and not pre:
         return None
 
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(13 if pre and series else 10, 4.2), layout="constrained")
+    if pre and series:
+        grid = fig.add_gridspec(1, 2, width_ratios=[1, 3])
+        _plot_contrastive(fig.add_subplot(grid[0]), pre)
+        ax = fig.add_subplot(grid[1])
+    elif pre:
+        _plot_contrastive(fig.add_subplot(), pre)
+        return save_figure(fig, out)
+    else:
+        ax = fig.add_subplot()
     lr_ax = None
     lr_peaks: list[float] = []
     offset = 0
     all_loss: list[float] = []
-    for i, (name, local, loss, lr) in enumerate(series):
-        color = STAGE_COLORS[i % len(STAGE_COLORS)]
+    for i, (index, name, local, loss, lr) in enumerate(series):
+        color = STAGE_COLORS[index % len(STAGE_COLORS)]
         xs = [offset + s for s in local]
         span = max(1, min(50, len(loss) // 10))
         ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
@@ -199,6 +211,33 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
         handles, labels = handles + more_h, labels + more_l
     ax.legend(handles, labels, loc="upper right", fontsize=8)
     return save_figure(fig, out)
+
+
+def _plot_contrastive(ax: Any, stages: list[tuple[int, str, list[dict[str, Any]]]]) -> None:
+    """Loss (EMA) and in-batch caption->image retrieval accuracy of contrastive stages."""
+    acc_ax = ax.twinx()
+    offset = 0
+    for index, name, records in stages:
+        color = STAGE_COLORS[index % len(STAGE_COLORS)]
+        local, loss, _ = _stage_series(records)
+        acc = [float(r["retrieval_acc"]) if is_number(r.get("retrieval_acc")) else math.nan for r in records]
+        xs = [offset + s for s in local]
+        span = max(1, min(50, len(loss) // 10))
+        ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, ema(loss, span), color=color, linewidth=1.8, label=f"{name} loss")
+        acc_ax.plot(xs, ema(acc, span), color="#555555", linestyle="--", linewidth=1.2,
+                    label=f"{name} retrieval accuracy")
+        offset = max(xs, default=offset) + 1
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    acc_ax.set_ylabel("caption -> image top-1 in batch")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(True, alpha=0.3)
+    ax.set_title("pre-alignment (no LM pass)", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    more_h, more_l = acc_ax.get_legend_handles_labels()
+    ax.legend(handles + more_h, labels + more_l, loc="center right", fontsize=8)
 
 
 def _per_type(block: Any) -> dict[str, float]:

@@ -24,6 +24,7 @@ from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.batches import Prepared, collate, prepare
+from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from chiasm.train.features import FeatureCache
 from chiasm.train.policy import COMPONENTS, apply_stage_policies
@@ -162,10 +163,9 @@ class Trainer:
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _features(self, prepared: list[Prepared], stage: StageConfig) -> FeatureCache | None:
+    def _features(self, paths: list[str], stage: StageConfig) -> FeatureCache | None:
         if stage.encoder.mode != "frozen":
             return None
-        paths = [str(p) for it in prepared for p in it.sample.images]
         cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
         if self.dist.is_main:
             cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir,
@@ -178,16 +178,26 @@ class Trainer:
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
         samples = _stage_samples(stage)
-        prepared, skipped = prepare(samples, model, on_error=stage.on_error)
-        if skipped:
-            log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
-        features = self._features(prepared, stage)
-        plan = StagePlan(len(prepared), stage, self.dist.world, self.cfg.seed * 1000 + index)
+        contrastive = ContrastiveObjective(model, samples, stage) if stage.objective == "contrastive" else None
+        if contrastive is not None:
+            prepared: list[Prepared] = []
+            n_items, paths = len(contrastive), contrastive.paths
+        else:
+            prepared, skipped = prepare(samples, model, on_error=stage.on_error)
+            if skipped:
+                log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
+            n_items, paths = len(prepared), [str(p) for it in prepared for p in it.sample.images]
+        features = self._features(paths, stage)
+        if contrastive is not None:
+            contrastive.features = features
+        plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
         optimizer = _optimizer(model, stage)
         if resume_from is not None:
             ckpt.load_optimizer_and_rng(resume_from, optimizer)
         warmup = int(stage.warmup_ratio * plan.total)
-        wrapped = DDP(model) if self.dist.world > 1 else model
+        # A contrastive stage runs only the bridge, so only the bridge is wrapped for DDP.
+        inner = model.bridge if contrastive is not None else model
+        wrapped = DDP(inner) if self.dist.world > 1 else inner
         model.encoder.train(stage.encoder.mode != "frozen")
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
@@ -202,20 +212,26 @@ class Trainer:
             factor = lr_at(step, plan.total, warmup, stage.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
-            loss_sum, n_tok, n_img = 0.0, 0, 0
+            loss_sum, n_tok, n_img, extra = 0.0, 0, 0, {}
             for micro in range(stage.grad_accum):
-                items = [prepared[j] for j in plan.indices(step, micro, self.dist.rank)]
-                batch = collate(items, pad, features=features, model=model).to(self.dist.device)
+                indices = plan.indices(step, micro, self.dist.rank)
                 sync = micro == stage.grad_accum - 1
                 ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
                 with ctx:
-                    with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        out = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
-                                      pixels=batch.pixels, features=batch.features)
-                    (out.loss / stage.grad_accum).backward()
-                loss_sum += float(out.loss.detach())
-                n_tok += batch.n_tokens
-                n_img += len(batch.image_paths)
+                    if contrastive is not None:
+                        loss_t, accuracy = contrastive.loss(indices, wrapped)
+                        extra["retrieval_acc"] = extra.get("retrieval_acc", 0.0) + accuracy / stage.grad_accum
+                        n_img += len(indices)
+                    else:
+                        batch = collate([prepared[j] for j in indices], pad, features=features,
+                                        model=model).to(self.dist.device)
+                        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                            loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
+                                             pixels=batch.pixels, features=batch.features).loss
+                        n_tok += batch.n_tokens
+                        n_img += len(batch.image_paths)
+                    (loss_t / stage.grad_accum).backward()
+                loss_sum += float(loss_t.detach())
             if stage.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
             optimizer.step()
@@ -224,11 +240,15 @@ class Trainer:
             loss = all_reduce_mean(loss_sum / stage.grad_accum)
             record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       "tokens_per_s": n_tok * self.dist.world / dt, "images_per_s": n_img * self.dist.world / dt,
-                      "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage}
+                      "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
+                      **{k: all_reduce_mean(v) for k, v in extra.items()}}
             if self.dist.is_main:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if contrastive is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record['retrieval_acc']:.2f}")
+            else:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             done = step + 1 == plan.total
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
