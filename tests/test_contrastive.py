@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from chiasm.config import BridgeConfig, PolicyConfig, RunConfig, StageConfig
 from chiasm.data.llava import save_llava
 from chiasm.data.sample import DataError, Sample, Turn
-from chiasm.train.contrastive import caption_text, norm_penalty, token_contrastive_loss
+from chiasm.train.contrastive import caption_text, norm_penalty, token_contrastive_loss, with_phrases
 from chiasm.train.trainer import Interrupted, Trainer
 
 FROZEN = PolicyConfig(mode="frozen")
@@ -63,6 +63,21 @@ def test_padding_words_are_ignored() -> None:
     assert torch.equal(token_contrastive_loss(v, w, mask, 0.1)[0], token_contrastive_loss(v, w_noisy, mask, 0.1)[0])
     with pytest.raises(ValueError, match="at least one token"):
         token_contrastive_loss(v, w, torch.zeros(2, 4, dtype=torch.bool), 0.1)
+
+
+def test_phrases_are_means_of_full_runs_of_real_tokens() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    units, umask = with_phrases(w, mask, 3)
+    assert units.shape == (2, 8, 4) and torch.equal(units[:, :5], w)
+    for b in range(2):
+        for start in range(3):
+            real = bool(mask[b, start:start + 3].all())
+            assert bool(umask[b, 5 + start]) == real
+            if real:
+                torch.testing.assert_close(units[b, 5 + start], w[b, start:start + 3].mean(0))
+    assert with_phrases(w, mask, 1)[0] is w and with_phrases(w, mask, 9)[0] is w
 
 
 def test_norm_penalty_is_zero_at_the_word_norm() -> None:

@@ -93,6 +93,9 @@ class StageConfig:
     # prefix bridge to the LM's word embeddings, no LM forward (chiasm.train.contrastive).
     objective: Literal["lm", "contrastive"] = "lm"
     temperature: float = 0.05  # of the contrastive objective
+    # Contrastive: also match every run of this many consecutive caption tokens (their mean
+    # embedding), so one visual token must carry an object's attributes together. 0: words only.
+    phrase_span: int = 0
 
 
 @dataclass

@@ -62,6 +62,21 @@ def token_contrastive_loss(visual: torch.Tensor, words: torch.Tensor, word_mask:
     return loss, accuracy
 
 
+def with_phrases(words: torch.Tensor, mask: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append to each caption's words the mean embeddings of its runs of ``span`` tokens.
+
+    Matched word by word, the tokens of one object can split its attributes ("red" on one
+    token, "circle" on its neighbour), which leaves the LM a binding problem. A phrase unit
+    such as "red circle in" is matched only by a token that carries both.
+    """
+    if span <= 1 or words.shape[1] < span:
+        return words, mask
+    m = mask.to(words.dtype)
+    sums = (words * m[..., None]).unfold(1, span, 1).sum(-1)  # (B, L - span + 1, D)
+    full = m.unfold(1, span, 1).sum(-1) == span
+    return torch.cat([words, sums / span], dim=1), torch.cat([mask.bool(), full], dim=1)
+
+
 def norm_penalty(visual: torch.Tensor, target_norm: float) -> torch.Tensor:
     """Mean squared log-ratio of each visual token's norm to the words' mean norm."""
     return ((visual.float().norm(dim=-1).clamp_min(1e-6) / target_norm).log() ** 2).mean()
@@ -84,6 +99,7 @@ class ContrastiveObjective:
                              f"{type(model.bridge).__name__} works inside the LM's layers")
         self.model = model
         self.temperature = stage.temperature
+        self.phrase_span = stage.phrase_span
         self.samples, texts, self.skipped = [], [], []
         for s in samples:
             text = caption_text(s)
@@ -123,5 +139,6 @@ class ContrastiveObjective:
         visual = bridge(feats, self.model.encoder.grid())
         with torch.no_grad():
             words = self.model.lm.get_input_embeddings()(self.ids[indices].to(device))
-        loss, accuracy = token_contrastive_loss(visual, words, self.mask[indices].to(device), self.temperature)
+        words, mask = with_phrases(words, self.mask[indices].to(device), self.phrase_span)
+        loss, accuracy = token_contrastive_loss(visual, words, mask, self.temperature)
         return loss + norm_penalty(visual, self.target_norm), accuracy
