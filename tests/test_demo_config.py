@@ -15,7 +15,9 @@ def test_demo_toml_matches_demo_recipe(tmp_path: Path) -> None:
     assert toml.model == built.model
     assert len(toml.stages) == len(built.stages)
     for a, b in zip(toml.stages, built.stages, strict=True):
-        for field in ("name", "encoder", "bridge", "lm", "batch_size", "lr", "warmup_ratio"):
+        for field in ("name", "encoder", "bridge", "lm", "batch_size", "lr", "warmup_ratio", "objective",
+                      "temperature", "phrase_span"):
             assert getattr(a, field) == getattr(b, field), (a.name, field)
         assert Path(a.data).name == Path(b.data).name
-    assert toml.stages[0].epochs == DemoSize().align_epochs and toml.stages[1].epochs == DemoSize().instruct_epochs
+    assert [s.epochs for s in toml.stages] == [DemoSize().prealign_epochs, DemoSize().align_epochs,
+                                               DemoSize().instruct_epochs]
