@@ -1,8 +1,10 @@
 """``chiasm demo``: a real VLM from real pretrained parts, offline, on a CPU.
 
-EfficientNet-Lite0 (ImageNet) + a LLaVA-1.5 MLP bridge + SmolLM2-135M-Instruct, trained in
-the two classic stages on the synthetic world: *align* (only the bridge learns, both
-pretrained sides frozen) and *instruct* (bridge + LoRA on the LM). Then it evaluates VQA
+EfficientNet-Lite0 (ImageNet) + a LLaVA-1.5 MLP bridge + SmolLM2-135M-Instruct, trained on
+the synthetic world in the two classic stages, *align* (only the bridge learns, both
+pretrained sides frozen) and *instruct* (bridge + LoRA on the LM), after a contrastive
+pre-alignment of the bridge to the LM's word embeddings (no LM pass; without it the model
+never learns to read colour within this budget, see chiasm.train.contrastive). Then it evaluates VQA
 accuracy, image reliance and language retention, writes an HTML report and leaves a model
 folder for ``chiasm chat``.
 """
