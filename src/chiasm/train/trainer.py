@@ -239,7 +239,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             loss = all_reduce_mean(loss_sum / stage.grad_accum)
             record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                      "tokens_per_s": n_tok * self.dist.world / dt, "images_per_s": n_img * self.dist.world / dt,
+                      **({"tokens_per_s": n_tok * self.dist.world / dt} if contrastive is None else {}),
+                      "images_per_s": n_img * self.dist.world / dt,
                       "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
                       **{k: all_reduce_mean(v) for k, v in extra.items()}}
             if self.dist.is_main:
