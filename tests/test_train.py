@@ -18,12 +18,16 @@ from chiasm.data.synthetic import WorldFiles
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer, lr_at
 
 
-def _run_config(model_cfg: ModelConfig, world: WorldFiles, out: Path, **stage_kw) -> RunConfig:
+def _run_config(model_cfg: ModelConfig, world: WorldFiles, out: Path, prealign: bool = False,
+                **stage_kw) -> RunConfig:
     frozen = PolicyConfig(mode="frozen")
     kw = {"batch_size": 4, "max_steps": 4, "checkpoint_every": 1, **stage_kw}
+    first = [StageConfig(name="prealign", data=str(world.align), encoder=frozen, lm=frozen, lr=1e-2,
+                         objective="contrastive", phrase_span=2, **kw)] if prealign else []
     return RunConfig(
         model=model_cfg,
         stages=[
+            *first,
             StageConfig(name="align", data=str(world.align), encoder=frozen, lm=frozen, lr=1e-2, **kw),
             StageConfig(name="instruct", data=str(world.instruct), encoder=frozen,
                         lm=PolicyConfig(mode="lora", lora_r=4, lora_alpha=8), lr=1e-2, **kw),
@@ -111,20 +115,25 @@ def test_checkpoint_has_no_pickles(tiny_model_config, tiny_world, tmp_path) -> N
 
 
 def test_ddp_two_processes_match_gradient_accumulation(tiny_model_config, tiny_world, tmp_path) -> None:
-    """torchrun with 2 gloo ranks x batch 4 == one process with batch 4 x 2 accumulation steps."""
-    ddp_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "ddp", max_steps=3, checkpoint_every=0)
+    """torchrun with 2 gloo ranks x batch 4 == one process with batch 4 x 2 accumulation steps.
+
+    The run starts with a contrastive stage, whose DDP wrapper holds only the bridge.
+    """
+    ddp_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "ddp", prealign=True, max_steps=3,
+                          checkpoint_every=0)
     save_config(ddp_cfg, tmp_path / "ddp.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "single", max_steps=3,
+    single_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "single", prealign=True, max_steps=3,
                              checkpoint_every=0, grad_accum=2)
     single = Trainer(single_cfg, show_progress=False).run()
     ddp_bridge = load_file(str(tmp_path / "ddp" / "model" / "bridge.safetensors"))
     for k, v in single.bridge.state_dict().items():
         torch.testing.assert_close(ddp_bridge[k], v, rtol=1e-4, atol=1e-5)
     # Only rank 0 writes: one metrics line per optimizer step, not one per rank.
-    lines = (tmp_path / "ddp" / "stages" / "align" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    for stage in ("prealign", "align"):
+        lines = (tmp_path / "ddp" / "stages" / stage / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
