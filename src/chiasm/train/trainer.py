@@ -188,8 +188,6 @@ class Trainer:
                 log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
             n_items, paths = len(prepared), [str(p) for it in prepared for p in it.sample.images]
         features = self._features(paths, stage)
-        if contrastive is not None:
-            contrastive.features = features
         plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
         optimizer = _optimizer(model, stage)
         if resume_from is not None:
@@ -219,7 +217,7 @@ class Trainer:
                 ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
                 with ctx:
                     if contrastive is not None:
-                        loss_t, accuracy = contrastive.loss(indices, wrapped)
+                        loss_t, accuracy = contrastive.loss(indices, wrapped, features)
                         extra["retrieval_acc"] = extra.get("retrieval_acc", 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
