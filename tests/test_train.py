@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from chiasm.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig, save_config
 from chiasm.data.synthetic import WorldFiles
-from chiasm.train.trainer import Interrupted, StagePlan, Trainer, lr_at
+from chiasm.train.trainer import Interrupted, StagePlan, Trainer, cpu_has_native_bf16, lr_at, use_bf16
 
 
 def _run_config(model_cfg: ModelConfig, world: WorldFiles, out: Path, prealign: bool = False,
@@ -44,6 +44,17 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[1:]))
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert not cpu_has_native_bf16(info)  # AVX-512 without the BF16 extension: bf16 would be emulated
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16(info)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("fp32", torch.device("cpu"))
 
 
 def test_stage_plan_covers_each_sample_once_per_epoch() -> None:

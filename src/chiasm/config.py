@@ -96,6 +96,9 @@ class StageConfig:
     # Contrastive: also match every run of this many consecutive caption tokens (their mean
     # embedding), so one visual token must carry an object's attributes together. 0: words only.
     phrase_span: int = 0
+    # Contrastive: weight of a phrase-region term (samples need "regions": phrases with boxes;
+    # see chiasm.data.regions), which makes each phrase match a token inside its own box.
+    region_weight: float = 0.0
 
 
 @dataclass

@@ -41,6 +41,15 @@ class Bridge(nn.Module, ABC):
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``(B, h*w, vision_dim)`` -> ``(B, num_tokens(grid), lm_dim)``."""
 
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The ``(rows, cols)`` layout of the emitted tokens in the image, row-major, or None.
+
+        Spatial bridges (projectors, pooling, pixel shuffle, C-Abstractor) keep token ``k`` tied
+        to one patch of the image, which region-level objectives need. Learned-query bridges
+        (resamplers, Q-Former) mix the whole image into every token: None.
+        """
+        return None
+
     def init_pretrained(self) -> None:
         """Copy pretrained weights that the options name into the bridge; most bridges have none.
 

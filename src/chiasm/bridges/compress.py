@@ -36,6 +36,9 @@ class PixelShuffleBridge(Bridge):
         _check_divisible(grid, self.factor, "pixel_shuffle")
         return (grid[0] // self.factor) * (grid[1] // self.factor)
 
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return grid[0] // self.factor, grid[1] // self.factor
+
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         _check_divisible(grid, self.factor, "pixel_shuffle")
         folded = nn.functional.pixel_unshuffle(_to_map(features, grid), self.factor)  # (B, D*s*s, h/s, w/s)
@@ -52,6 +55,9 @@ class PoolingBridge(Bridge):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         _check_divisible(grid, self.kernel, "pooling")
         return (grid[0] // self.kernel) * (grid[1] // self.kernel)
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return grid[0] // self.kernel, grid[1] // self.kernel
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         _check_divisible(grid, self.kernel, "pooling")

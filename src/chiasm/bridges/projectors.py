@@ -18,6 +18,9 @@ class LinearBridge(Bridge):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]
 
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return grid
+
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.proj(features)
 
@@ -46,6 +49,9 @@ class MLPBridge(Bridge):
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return grid
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.norm(features)

@@ -46,6 +46,9 @@ class CAbstractor(Bridge):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return self.num_queries
 
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return self.side, self.side
+
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, _, d = features.shape
         x = features.transpose(1, 2).reshape(b, d, *grid)

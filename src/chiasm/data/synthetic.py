@@ -40,7 +40,7 @@ SIZES = {"small": 30, "large": 45}  # radius in pixels at 224 x 224
 CELLS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = {"white": (255, 255, 255), "light grey": (225, 225, 225)}
 QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
-WORLD_FORMAT = 1
+WORLD_FORMAT = 2
 
 _CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
 _CAPTION_TEMPLATES = ("{}.", "The image shows {}.", "In this picture there is {}.")
@@ -112,6 +112,17 @@ def object_geometry(obj: SceneObject, image_size: int = 224) -> tuple[int, int, 
     cx = round(col * half + half / 2 + obj.dx * room)
     cy = round(row * half + half / 2 + obj.dy * room)
     return cx, cy, radius
+
+
+def scene_regions(scene: Scene, image_size: int = 224) -> list[dict[str, Any]]:
+    """Each object as a grounded phrase ("small red circle") with its box in [0, 1] coordinates."""
+    regions = []
+    for obj in scene.objects:
+        cx, cy, r = object_geometry(obj, image_size)
+        box = [max(0.0, (cx - r) / image_size), max(0.0, (cy - r) / image_size),
+               min(1.0, (cx + r + 1) / image_size), min(1.0, (cy + r + 1) / image_size)]
+        regions.append({"phrase": f"{obj.size} {obj.colour} {obj.shape}", "box": [round(v, 4) for v in box]})
+    return regions
 
 
 def render_scene(scene: Scene, image_size: int = 224) -> Image.Image:
@@ -300,7 +311,8 @@ def make_world(
     align, instruct = [], []
     for i, (scene, path) in enumerate(zip(train, train_paths, strict=False)):
         conv = [Turn("human", _prompt(rng.choice(_CAPTION_PROMPTS))), Turn("gpt", caption(scene, rng))]
-        align.append(Sample(f"align-{i:05d}", conv, [path], {"scene": _scene_meta(scene)}))
+        align.append(Sample(f"align-{i:05d}", conv, [path],
+                            {"scene": _scene_meta(scene), "regions": scene_regions(scene, image_size)}))
         questions = _questions(scene, balancer.types(turns_per_conversation), rng, balancer)
         conv = []
         for j, q in enumerate(questions):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chiasm.config import StageConfig
+from chiasm.data.regions import Region, box_token_mask, sample_regions
 from chiasm.data.sample import DataError, Sample
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
@@ -77,6 +78,34 @@ def with_phrases(words: torch.Tensor, mask: torch.Tensor, span: int) -> tuple[to
     return torch.cat([words, sums / span], dim=1), torch.cat([mask.bool(), full], dim=1)
 
 
+def region_contrastive_loss(visual: torch.Tensor, phrases: torch.Tensor, region_image: torch.Tensor,
+                            region_tokens: torch.Tensor, region_phrase: torch.Tensor,
+                            temperature: float) -> tuple[torch.Tensor, float]:
+    """Phrase-region loss over the ``R`` grounded phrases of a batch; returns (loss, phrase->region top-1).
+
+    ``visual`` is ``(B, N, D)``; ``phrases`` ``(U, D)`` holds one embedding per distinct phrase.
+    Region ``r`` lies in image ``region_image[r]`` on the tokens ``region_tokens[r]`` (``(R, N)``
+    bool) and is named by phrase ``region_phrase[r]``. A region scores a phrase by its best
+    token's cosine, as in GLIP's word-region alignment: "red circle" must be found *in the
+    box of the red circle*, not anywhere in the image, and the image's other objects are the
+    hardest negatives. That ties attributes to places, which image-level matching leaves
+    free. Other regions named by the same phrase are left out of each other's negatives.
+    """
+    v = F.normalize(visual.float(), dim=-1)
+    p = F.normalize(phrases.float(), dim=-1)
+    if not bool(region_tokens.any(-1).all()):
+        raise ValueError("every region needs at least one token")
+    sims = torch.einsum("bnd,ud->bnu", v, p)[region_image]  # (R, N, U)
+    best = sims.masked_fill(~region_tokens[..., None], float("-inf")).max(dim=1).values  # (R, U)
+    logits = best[:, region_phrase]  # region r against the phrase of region r'
+    same = region_phrase[:, None] == region_phrase[None, :]
+    target = torch.arange(len(region_phrase), device=v.device)
+    logits = logits.masked_fill(same & (target[:, None] != target[None, :]), float("-inf")) / temperature
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    accuracy = float((logits.T.argmax(1) == target).float().mean())
+    return loss, accuracy
+
+
 def norm_penalty(visual: torch.Tensor, target_norm: float) -> torch.Tensor:
     """Mean squared log-ratio of each visual token's norm to the words' mean norm."""
     return ((visual.float().norm(dim=-1).clamp_min(1e-6) / target_norm).log() ** 2).mean()
@@ -100,20 +129,32 @@ class ContrastiveObjective:
         self.model = model
         self.temperature = stage.temperature
         self.phrase_span = stage.phrase_span
+        self.region_weight = stage.region_weight
+        token_grid = None
+        if self.region_weight > 0:
+            token_grid = model.bridge.token_grid(model.encoder.grid())
+            if token_grid is None:
+                raise ValueError(f"stage {stage.name!r}: region_weight needs a bridge whose tokens lie on a grid; "
+                                 f"{type(model.bridge).__name__} mixes the whole image into every token")
         self.samples, texts, self.skipped = [], [], []
+        regions: list[list[Region]] = []
         for s in samples:
             text = caption_text(s)
             problem = ("needs exactly one image" if len(s.images) != 1
                        else "has no assistant text to pair with its image" if not text else None)
-            if problem is not None:
-                err = DataError(f"a contrastive stage pairs one image with one caption; this sample {problem}",
-                                source=s.source, sample_id=s.id)
+            try:
+                if problem is not None:
+                    raise DataError(f"a contrastive stage pairs one image with one caption; this sample {problem}",
+                                    source=s.source, sample_id=s.id)
+                found = sample_regions(s) if token_grid is not None else []
+            except DataError as err:
                 if stage.on_error != "skip":
-                    raise err
+                    raise
                 self.skipped.append((s.id, str(err)))
                 continue
             self.samples.append(s)
             texts.append(text)
+            regions.append(found)
         if self.skipped:
             log.warning("stage %s: skipped %d of %d samples (first: %s)", stage.name, len(self.skipped),
                         len(samples), self.skipped[0][1])
@@ -125,6 +166,25 @@ class ContrastiveObjective:
         used = self.ids[self.mask].unique()
         self.target_norm = float(table[used].float().norm(dim=-1).mean())
         self.paths = [str(s.images[0]) for s in self.samples]
+        if token_grid is not None:
+            self._index_regions(regions, token_grid)
+
+    def _index_regions(self, regions: list[list[Region]], token_grid: tuple[int, int]) -> None:
+        """Per sample: (phrase index, token mask) of each region; distinct phrases tokenised once."""
+        vocab: dict[str, int] = {}
+        self.regions: list[list[tuple[int, torch.Tensor]]] = []
+        for sample, found in zip(self.samples, regions, strict=True):
+            items = []
+            for r in found:
+                tokens = box_token_mask(r.box, token_grid)
+                if not bool(tokens.any()):
+                    raise DataError(f"region {r.phrase!r} covers no token", source=sample.source, sample_id=sample.id)
+                items.append((vocab.setdefault(r.phrase, len(vocab)), tokens))
+            self.regions.append(items)
+        # A leading space: phrases are matched in the form the words take inside a sentence.
+        tok = self.model.tokenizer([" " + p for p in vocab], add_special_tokens=False, padding=True,
+                                   return_tensors="pt")
+        self.phrase_ids, self.phrase_mask = tok.input_ids, tok.attention_mask.bool()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -138,4 +198,19 @@ class ContrastiveObjective:
             words = self.model.lm.get_input_embeddings()(self.ids[indices].to(device))
         words, mask = with_phrases(words, self.mask[indices].to(device), self.phrase_span)
         loss, accuracy = token_contrastive_loss(visual, words, mask, self.temperature)
+        if self.region_weight > 0:
+            loss = loss + self.region_weight * self._region_loss(indices, visual)
         return loss + norm_penalty(visual, self.target_norm), accuracy
+
+    def _region_loss(self, indices: list[int], visual: torch.Tensor) -> torch.Tensor:
+        device = visual.device
+        items = [(b, phrase, tokens) for b, i in enumerate(indices) for phrase, tokens in self.regions[i]]
+        image = torch.tensor([b for b, _, _ in items], device=device)
+        tokens = torch.stack([t for _, _, t in items]).to(device)
+        used, phrase = torch.tensor([p for _, p, _ in items]).unique(return_inverse=True)
+        with torch.no_grad():
+            emb = self.model.lm.get_input_embeddings()(self.phrase_ids[used].to(device))
+        m = self.phrase_mask[used].to(device, emb.dtype)[..., None]
+        phrases = (emb * m).sum(1) / m.sum(1)
+        loss, _ = region_contrastive_loss(visual, phrases, image, tokens, phrase.to(device), self.temperature)
+        return loss

@@ -43,8 +43,24 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "AMX" in cap or "AVX512_BF16" in cap
+    return cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    PyTorch's capability string names only the vector width ("AVX512"), not the bf16
+    extension, so the kernel's CPU flags are read. Where they can't be (not Linux), fp32 is
+    the safe answer: emulated bf16 is slower than fp32.
+    """
+    if "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
