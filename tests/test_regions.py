@@ -63,7 +63,8 @@ def _reference_region_loss(v, p, image, tokens, phrase, tau):
     s = torch.full((r, r), float("-inf"))
     for i in range(r):
         for j in range(r):
-            if i != j and phrase[i] == phrase[j]:
+            same_place = image[i] == image[j] and bool((tokens[i] == tokens[j]).all())
+            if i != j and (phrase[i] == phrase[j] or same_place):
                 continue
             s[i, j] = max(float(F.cosine_similarity(v[image[i], n], p[phrase[j]], dim=0))
                           for n in range(v.shape[1]) if tokens[i, n])
@@ -74,9 +75,10 @@ def _reference_region_loss(v, p, image, tokens, phrase, tau):
 def test_region_loss_matches_loop_reference() -> None:
     torch.manual_seed(0)
     v, p = torch.randn(3, 4, 8), torch.randn(3, 8)
-    image = torch.tensor([0, 0, 1, 2, 2])
-    tokens = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
-    phrase = torch.tensor([0, 1, 2, 0, 1])  # phrases 0 and 1 each name two regions
+    image = torch.tensor([0, 0, 1, 2, 2, 2])
+    tokens = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0]],
+                          dtype=torch.bool)
+    phrase = torch.tensor([0, 1, 2, 0, 1, 2])  # phrases 0, 1, 2 each name two regions; regions 3 and 5 one box
     loss, acc = region_contrastive_loss(v, p, image, tokens, phrase, 0.1)
     assert float(loss) == pytest.approx(float(_reference_region_loss(v, p, image, tokens, phrase, 0.1)), rel=1e-5)
     assert 0.0 <= acc <= 1.0
@@ -142,3 +144,13 @@ def test_region_stage_names_ungrounded_samples_and_refuses_query_bridges(tiny_mo
     tiny_model_config.bridge = BridgeConfig(name="resampler", options={"num_queries": 4})
     with pytest.raises(ValueError, match="tokens lie on a grid"):
         Trainer(_config(tiny_model_config, tiny_world.align, tmp_path / "c"), show_progress=False).run()
+
+
+def test_two_phrases_of_one_box_are_not_each_others_negatives() -> None:
+    """"small red circle" and "top left" on one box: one token carrying both satisfies both."""
+    p = torch.eye(4)  # two images, each one box named by two phrases
+    v = torch.stack([p[0] + p[1], p[2] + p[3]])[:, None]  # (2 images, 1 token, D)
+    image, phrase = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
+    tokens = torch.ones(4, 1, dtype=torch.bool)
+    loss, acc = region_contrastive_loss(v, p, image, tokens, phrase, 0.05)
+    assert acc == 1.0 and float(loss) < 0.01  # without the rule each row would cost at least log 2

@@ -18,7 +18,7 @@ from chiasm.data.synthetic import WorldFiles
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer, cpu_has_native_bf16, lr_at, use_bf16
 
 
-def _run_config(model_cfg: ModelConfig, world: WorldFiles, out: Path, prealign: bool = False,
+def _run_config(model_cfg: ModelConfig, world: WorldFiles, out: Path, prealign: bool = False, replay: int = 0,
                 **stage_kw) -> RunConfig:
     frozen = PolicyConfig(mode="frozen")
     kw = {"batch_size": 4, "max_steps": 4, "checkpoint_every": 1, **stage_kw}
@@ -30,7 +30,8 @@ def _run_config(model_cfg: ModelConfig, world: WorldFiles, out: Path, prealign: 
             *first,
             StageConfig(name="align", data=str(world.align), encoder=frozen, lm=frozen, lr=1e-2, **kw),
             StageConfig(name="instruct", data=str(world.instruct), encoder=frozen,
-                        lm=PolicyConfig(mode="lora", lora_r=4, lora_alpha=8), lr=1e-2, **kw),
+                        lm=PolicyConfig(mode="lora", lora_r=4, lora_alpha=8), lr=1e-2, text_replay=replay,
+                        replay_tokens=12, replay_pool=5, **kw),
         ],
         eval=EvalConfig(), output_dir=str(out), seed=3, precision="fp32")
 
@@ -101,8 +102,10 @@ def test_frozen_encoder_features_computed_once(tiny_model_config, tiny_world, tm
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_model_config, tiny_world, tmp_path) -> None:
-    straight = Trainer(_run_config(tiny_model_config, tiny_world, tmp_path / "a"), show_progress=False).run()
-    cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "b")
+    """Self-replay rows are redrawn at the resumed stage's start: they must come out the same."""
+    straight = Trainer(_run_config(tiny_model_config, tiny_world, tmp_path / "a", replay=2),
+                       show_progress=False).run()
+    cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "b", replay=2)
     with pytest.raises(Interrupted):
         Trainer(cfg, show_progress=False).run(stop_after_steps=6)  # killed in stage 2, after its step 2
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
@@ -128,9 +131,10 @@ def test_checkpoint_has_no_pickles(tiny_model_config, tiny_world, tmp_path) -> N
 def test_ddp_two_processes_match_gradient_accumulation(tiny_model_config, tiny_world, tmp_path) -> None:
     """torchrun with 2 gloo ranks x batch 4 == one process with batch 4 x 2 accumulation steps.
 
-    The run starts with a contrastive stage, whose DDP wrapper holds only the bridge.
+    The run starts with a contrastive stage, whose DDP wrapper holds only the bridge, and its
+    instruct stage adds self-replay text, the same rows on every rank.
     """
-    ddp_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "ddp", prealign=True, max_steps=3,
+    ddp_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "ddp", prealign=True, replay=2, max_steps=3,
                           checkpoint_every=0)
     save_config(ddp_cfg, tmp_path / "ddp.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -138,8 +142,8 @@ def test_ddp_two_processes_match_gradient_accumulation(tiny_model_config, tiny_w
            "-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "single", prealign=True, max_steps=3,
-                             checkpoint_every=0, grad_accum=2)
+    single_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "single", prealign=True, replay=2,
+                             max_steps=3, checkpoint_every=0, grad_accum=2)
     single = Trainer(single_cfg, show_progress=False).run()
     ddp_bridge = load_file(str(tmp_path / "ddp" / "model" / "bridge.safetensors"))
     for k, v in single.bridge.state_dict().items():

@@ -99,6 +99,11 @@ class StageConfig:
     # Contrastive: weight of a phrase-region term (samples need "regions": phrases with boxes;
     # see chiasm.data.regions), which makes each phrase match a token inside its own box.
     region_weight: float = 0.0
+    # LM stages: rows of the LM's own text (sampled once at the stage start) trained on per step
+    # beside the data, to keep its language (chiasm.train.replay). 0: none.
+    text_replay: int = 0
+    replay_tokens: int = 64
+    replay_pool: int = 256  # distinct rows drawn; steps cycle through them
 
 
 @dataclass

@@ -89,7 +89,8 @@ def region_contrastive_loss(visual: torch.Tensor, phrases: torch.Tensor, region_
     token's cosine, as in GLIP's word-region alignment: "red circle" must be found *in the
     box of the red circle*, not anywhere in the image, and the image's other objects are the
     hardest negatives. That ties attributes to places, which image-level matching leaves
-    free. Other regions named by the same phrase are left out of each other's negatives.
+    free. Two regions are left out of each other's negatives when they share a phrase, or
+    when they are the same tokens of the same image (two phrases for one box).
     """
     v = F.normalize(visual.float(), dim=-1)
     p = F.normalize(phrases.float(), dim=-1)
@@ -99,6 +100,7 @@ def region_contrastive_loss(visual: torch.Tensor, phrases: torch.Tensor, region_
     best = sims.masked_fill(~region_tokens[..., None], float("-inf")).max(dim=1).values  # (R, U)
     logits = best[:, region_phrase]  # region r against the phrase of region r'
     same = region_phrase[:, None] == region_phrase[None, :]
+    same |= (region_image[:, None] == region_image[None, :]) & (region_tokens[:, None] == region_tokens[None]).all(-1)
     target = torch.arange(len(region_phrase), device=v.device)
     logits = logits.masked_fill(same & (target[:, None] != target[None, :]), float("-inf")) / temperature
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from chiasm.train.features import FeatureCache
 from chiasm.train.policy import COMPONENTS, apply_stage_policies
+from chiasm.train.replay import replay_loss, sample_text
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -205,6 +207,7 @@ class Trainer:
             n_items, paths = len(prepared), [str(p) for it in prepared for p in it.sample.images]
         features = self._features(paths, stage)
         plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
+        replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
         optimizer = _optimizer(model, stage)
         if resume_from is not None:
             ckpt.load_optimizer_and_rng(resume_from, optimizer)
@@ -242,6 +245,14 @@ class Trainer:
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
                                              pixels=batch.pixels, features=batch.features).loss
+                            if replay is not None and sync:
+                                # The same rows on every rank, once per step: DDP's mean leaves
+                                # their gradient as in one process; x grad_accum undoes the split.
+                                k = stage.text_replay
+                                rows = replay[[(step * k + j) % len(replay) for j in range(k)]]
+                                text_loss = replay_loss(model.lm, rows.to(self.dist.device))
+                                extra["replay_loss"] = float(text_loss.detach())
+                                loss_t = loss_t + stage.grad_accum * text_loss
                         n_tok += batch.n_tokens
                         n_img += len(batch.image_paths)
                     (loss_t / stage.grad_accum).backward()
@@ -275,6 +286,31 @@ class Trainer:
                     raise Interrupted(f"stopped after step {step + 1} of stage {stage.name}")
         bar.close()
         model.eval()
+
+    def _replay_pool(self, stage: StageConfig, steps: int, seed: int, *, resuming: bool) -> torch.Tensor | None:
+        """The LM's own samples for ``text_replay`` (see chiasm.train.replay), drawn before step 1.
+
+        They are kept in the stage folder: a resumed stage must replay the text of the LM as
+        it was at the stage's start, not as the checkpoint left it.
+        """
+        if not stage.text_replay:
+            return None
+        if stage.objective != "lm" or stage.lm.mode == "frozen":
+            raise ValueError(f"stage {stage.name!r}: text_replay keeps a trained LM's language; "
+                             "it needs objective 'lm' and an LM that trains")
+        saved = self.run_dir / "stages" / stage.name / "replay.safetensors"
+        if resuming and saved.is_file():
+            return load_file(str(saved))["ids"]
+        n = min(stage.text_replay * steps, stage.replay_pool)
+        t0 = time.perf_counter()
+        pool = sample_text(self.model.lm, self.model.tokenizer, max(n, stage.text_replay), stage.replay_tokens,
+                           seed=seed, bf16=False)
+        log.info("stage %s: %d replay texts of %d tokens sampled from the LM in %.0f s", stage.name,
+                 len(pool), stage.replay_tokens, time.perf_counter() - t0)
+        if self.dist.is_main:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"ids": pool.contiguous()}, str(saved))
+        return pool
 
     def _checkpoint(self, optimizer: torch.optim.Optimizer, state: ckpt.TrainState) -> None:
         if self.dist.is_main:
