@@ -68,7 +68,7 @@ def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str 
         stages=[
             StageConfig(name="prealign", data=str(world.align), encoder=frozen, lm=frozen,
                         bridge=PolicyConfig(mode="full"), objective="contrastive", temperature=0.05, phrase_span=3,
-                        epochs=size.prealign_epochs, batch_size=size.prealign_batch_size, lr=1e-3,
+                        region_weight=1.0, epochs=size.prealign_epochs, batch_size=size.prealign_batch_size, lr=1e-3,
                         warmup_ratio=0.05),
             StageConfig(name="align", data=str(world.align), encoder=frozen, lm=frozen,
                         bridge=PolicyConfig(mode="full"), epochs=size.align_epochs,
@@ -76,7 +76,8 @@ def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str 
             StageConfig(name="instruct", data=str(world.instruct), encoder=frozen,
                         bridge=PolicyConfig(mode="full", lr=2e-3),
                         lm=PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=3e-4),
-                        epochs=size.instruct_epochs, batch_size=size.batch_size, lr=5e-4, warmup_ratio=0.05),
+                        epochs=size.instruct_epochs, batch_size=size.batch_size, lr=5e-4, warmup_ratio=0.05,
+                        text_replay=1, replay_pool=64),
         ],
         eval=EvalConfig(data=str(world.eval), batch_size=32, max_new_tokens=6),
         output_dir=str(out), seed=seed)

@@ -237,6 +237,7 @@ class Trainer:
                 with ctx:
                     if contrastive is not None:
                         loss_t, accuracy = contrastive.loss(indices, wrapped, features)
+                        total = loss_t
                         extra["retrieval_acc"] = extra.get("retrieval_acc", 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
@@ -245,6 +246,7 @@ class Trainer:
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
                                              pixels=batch.pixels, features=batch.features).loss
+                            total = loss_t
                             if replay is not None and sync:
                                 # The same rows on every rank, once per step: DDP's mean leaves
                                 # their gradient as in one process; x grad_accum undoes the split.
@@ -252,11 +254,11 @@ class Trainer:
                                 rows = replay[[(step * k + j) % len(replay) for j in range(k)]]
                                 text_loss = replay_loss(model.lm, rows.to(self.dist.device))
                                 extra["replay_loss"] = float(text_loss.detach())
-                                loss_t = loss_t + stage.grad_accum * text_loss
+                                total = loss_t + stage.grad_accum * text_loss
                         n_tok += batch.n_tokens
                         n_img += len(batch.image_paths)
-                    (loss_t / stage.grad_accum).backward()
-                loss_sum += float(loss_t.detach())
+                    (total / stage.grad_accum).backward()
+                loss_sum += float(loss_t.detach())  # the data's loss; replay's is logged apart
             if stage.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
             optimizer.step()
