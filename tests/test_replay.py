@@ -43,6 +43,12 @@ def test_stage_logs_replay_loss_and_refuses_a_frozen_lm(tiny_model_config, tiny_
     Trainer(cfg, show_progress=False).run()
     recs = [json.loads(x) for x in (tmp_path / "run/stages/instruct/metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and all(r["replay_loss"] > 0 for r in recs)
+    # The logged loss is the data's alone: step 1 (before any update) matches a run without replay.
+    plain = _config(tiny_model_config, tiny_world, tmp_path / "plain", PolicyConfig(mode="lora", lora_r=2))
+    plain.stages[0].text_replay = 0
+    Trainer(plain, show_progress=False).run()
+    first = json.loads((tmp_path / "plain/stages/instruct/metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(recs[0]["loss"], rel=1e-6) and "replay_loss" not in first
     frozen = _config(tiny_model_config, tiny_world, tmp_path / "frozen", PolicyConfig(mode="frozen"))
     with pytest.raises(ValueError, match="text_replay keeps a trained LM's language"):
         Trainer(frozen, show_progress=False).run()
