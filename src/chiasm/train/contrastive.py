@@ -186,7 +186,11 @@ class ContrastiveObjective:
         # A leading space: phrases are matched in the form the words take inside a sentence.
         tok = self.model.tokenizer([" " + p for p in vocab], add_special_tokens=False, padding=True,
                                    return_tensors="pt")
-        self.phrase_ids, self.phrase_mask = tok.input_ids, tok.attention_mask.bool()
+        # The stage keeps the LM frozen, so each phrase's mean word embedding is computed once.
+        with torch.no_grad():
+            emb = self.model.lm.get_input_embeddings()(tok.input_ids.to(self.model.device))
+        m = tok.attention_mask.to(emb.device, emb.dtype)[..., None]
+        self.phrase_emb = (emb * m).sum(1) / m.sum(1)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -209,10 +213,6 @@ class ContrastiveObjective:
         items = [(b, phrase, tokens) for b, i in enumerate(indices) for phrase, tokens in self.regions[i]]
         image = torch.tensor([b for b, _, _ in items], device=device)
         tokens = torch.stack([t for _, _, t in items]).to(device)
-        used, phrase = torch.tensor([p for _, p, _ in items]).unique(return_inverse=True)
-        with torch.no_grad():
-            emb = self.model.lm.get_input_embeddings()(self.phrase_ids[used].to(device))
-        m = self.phrase_mask[used].to(device, emb.dtype)[..., None]
-        phrases = (emb * m).sum(1) / m.sum(1)
-        loss, _ = region_contrastive_loss(visual, phrases, image, tokens, phrase.to(device), self.temperature)
+        phrase = torch.tensor([p for _, p, _ in items], device=device)
+        loss, _ = region_contrastive_loss(visual, self.phrase_emb.to(device), image, tokens, phrase, self.temperature)
         return loss
