@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 @torch.no_grad()
 def sample_text(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, length: int, *,
-                seed: int, temperature: float = 1.0, batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
+                seed: int, temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
     """``(n, length)`` token ids sampled from ``lm``, each row starting at the tokenizer's BOS.
 
     A private generator draws the tokens, so the training RNG stream (and with it an exact
@@ -40,8 +40,7 @@ def sample_text(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int,
             past = None
             step_ids = ids
             for _ in range(length - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = lm(input_ids=step_ids, past_key_values=past, use_cache=True)
+                out = lm(input_ids=step_ids, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cpu()
                 step_ids = torch.multinomial(probs, 1, generator=generator).to(device)

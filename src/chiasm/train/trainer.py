@@ -306,7 +306,7 @@ class Trainer:
         n = min(stage.text_replay * steps, stage.replay_pool)
         t0 = time.perf_counter()
         pool = sample_text(self.model.lm, self.model.tokenizer, max(n, stage.text_replay), stage.replay_tokens,
-                           seed=seed, bf16=False)
+                           seed=seed)
         log.info("stage %s: %d replay texts of %d tokens sampled from the LM in %.0f s", stage.name,
                  len(pool), stage.replay_tokens, time.perf_counter() - t0)
         if self.dist.is_main:
