@@ -53,6 +53,9 @@ class ModelConfig:
     # A short system prompt keeps sequences short; None uses the chat template's default.
     system_prompt: str | None = None
     max_length: int | None = None  # None: the LM's own context length
+    # Where each visual token sits, told to the LM: "raster" (bridge order, no text) or
+    # "quadrants" (tokens grouped by quadrant after its name in words; see chiasm.layout).
+    image_layout: Literal["raster", "quadrants"] = "raster"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
-from chiasm.tokens import IMAGE_TOKEN
+from chiasm.layout import image_text
 
 IGNORE_INDEX = -100
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -39,6 +39,7 @@ class ConversationEncoder:
         tokens_per_image: int,
         max_length: int,
         system_prompt: str | None = None,
+        image_layout: str = "raster",
     ):
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; chiasm needs an instruct/chat LM")
@@ -47,13 +48,14 @@ class ConversationEncoder:
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
         self.system_prompt = system_prompt
+        self.image_text = image_text(image_layout, tokens_per_image)
 
     def _messages(self, turns: list[Turn]) -> list[dict[str, str]]:
         msgs = []
         if self.system_prompt is not None and (not turns or turns[0].role != "system"):
             msgs.append({"role": "system", "content": self.system_prompt})
         for t in turns:
-            text = t.text.replace(IMAGE_PLACEHOLDER, IMAGE_TOKEN * self.tokens_per_image)
+            text = t.text.replace(IMAGE_PLACEHOLDER, self.image_text)
             msgs.append({"role": _ROLES[t.role], "content": text})
         return msgs
 

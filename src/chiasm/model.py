@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from chiasm.bridges.base import Bridge, build_bridge
 from chiasm.config import ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
+from chiasm.layout import token_order
 from chiasm.lm.loader import load_language_model
 from chiasm.tokens import add_image_token, image_token_count
 
@@ -44,6 +45,9 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer)
+        # Checked here so that a layout the bridge cannot follow fails before any training.
+        self.token_order = token_order(config.image_layout, bridge.token_grid(encoder.grid()),
+                                       image_token_count(encoder, bridge))
         bridge.attach(self.base_lm)
 
     # ---- construction -------------------------------------------------------------
@@ -104,6 +108,8 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError(f"{n_positions} image-token positions but no images were given")
             return embeds
         vis = self.visual_tokens(features)
+        if self.token_order is not None:  # e.g. grouped by quadrant (chiasm.layout)
+            vis = vis[:, self.token_order]
         if vis.shape[0] * vis.shape[1] != n_positions:
             raise ValueError(
                 f"{vis.shape[0]} image(s) x {vis.shape[1]} visual tokens = {vis.shape[0] * vis.shape[1]}"

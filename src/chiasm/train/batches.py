@@ -33,7 +33,7 @@ class Prepared:
 def conversation_encoder(model: VisionLanguageModel) -> ConversationEncoder:
     return ConversationEncoder(model.tokenizer, image_token_id=model.image_token_id,
                                tokens_per_image=model.tokens_per_image, max_length=model.max_length,
-                               system_prompt=model.config.system_prompt)
+                               system_prompt=model.config.system_prompt, image_layout=model.config.image_layout)
 
 
 def prepare(samples: list[Sample], model: VisionLanguageModel, *, on_error: str = "raise",
