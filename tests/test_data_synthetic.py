@@ -196,3 +196,24 @@ def test_incomplete_world_is_regenerated(tmp_path: Path) -> None:
 ])
 def test_answer_matches(prediction: str, answer: str, expected: bool) -> None:
     assert answer_matches(prediction, answer) is expected
+
+
+def test_existence_pairs_ask_yes_and_no_and_change_nothing_else(tmp_path: Path,
+                                                                world: synthetic.WorldFiles) -> None:
+    paired = make_world(tmp_path, n_train=N_TRAIN, n_eval=N_EVAL, seed=1, image_size=96, existence_pairs=True)
+    assert paired.eval.read_bytes() == world.eval.read_bytes()  # the held-out split is untouched
+    plain = load_llava(world.instruct).samples
+    for sample, before in zip(load_llava(paired.instruct).samples, plain, strict=True):
+        scene = scene_from_meta(sample.meta["scene"])
+        turns = sample.conversations
+        pairs = [(h.text.removeprefix("<image>\n"), g.text) for h, g in zip(turns[::2], turns[1::2], strict=True)]
+        assert all(answer == oracle(question, scene) for question, answer in pairs)
+        assert sorted(a for q, a in pairs if q.startswith("Is there")) == ["no", "yes"]
+        assert sample.meta["question_types"].count("existence") == 2
+        assert len(pairs) == len(before.conversations) // 2 + 2 - before.meta["question_types"].count("existence")
+        assert turns[0].text.startswith("<image>\n") and sum("<image>" in t.text for t in turns) == 1
+        # Taking the added question out leaves the plain world's conversation.
+        others = [p for p in pairs if not p[0].startswith("Is there")]
+        plain_pairs = [(h.text.removeprefix("<image>\n"), g.text)
+                       for h, g in zip(before.conversations[::2], before.conversations[1::2], strict=True)]
+        assert others == [p for p in plain_pairs if not p[0].startswith("Is there")]

@@ -271,13 +271,16 @@ def make_world(
     seed: int = 0,
     image_size: int = 224,
     turns_per_conversation: int = 4,
+    existence_pairs: bool = False,
 ) -> WorldFiles:
     """Write images and the align/instruct/eval LLaVA files; reuse them if already there.
 
     Scenes come from one RNG per image (seeded by seed, split and index), so the
     output is byte-identical for a seed. Eval scenes are redrawn whenever one
     would render identically to a training scene, so the eval split is truly held
-    out. ``world.json`` is written last: its presence with matching parameters
+    out. With ``existence_pairs`` every training conversation asks existence both ways,
+    one "yes" and one "no" (the missing ones drawn from a separate RNG, so the other
+    turns and the eval split stay as they are). ``world.json`` is written last: its presence with matching parameters
     means a complete world, and a half-written one is regenerated.
     """
     if n_train < 0 or n_eval < 0 or turns_per_conversation < 1 or image_size < 16:
@@ -286,6 +289,8 @@ def make_world(
     files = WorldFiles(root, root / "images", root / "align.json", root / "instruct.json", root / "eval.json")
     params = {"format": WORLD_FORMAT, "n_train": n_train, "n_eval": n_eval, "seed": seed,
               "image_size": image_size, "turns_per_conversation": turns_per_conversation}
+    if existence_pairs:  # only recorded when on, so worlds written before the option stay valid
+        params["existence_pairs"] = True
     manifest = root / "world.json"
     if manifest.is_file():
         try:
@@ -312,12 +317,15 @@ def make_world(
     eval_paths = _write_images(held_out, files.image_dir / "eval", image_size)
     rng = random.Random(f"chiasm-world:{seed}:text")
     balancer = _Balancer(random.Random(f"chiasm-world:{seed}:balance"))
+    pair_rng = random.Random(f"chiasm-world:{seed}:pairs")
     align, instruct = [], []
     for i, (scene, path) in enumerate(zip(train, train_paths, strict=False)):
         conv = [Turn("human", _prompt(rng.choice(_CAPTION_PROMPTS))), Turn("gpt", caption(scene, rng))]
         align.append(Sample(f"align-{i:05d}", conv, [path],
                             {"scene": _scene_meta(scene), "regions": scene_regions(scene, image_size)}))
         questions = _questions(scene, balancer.types(turns_per_conversation), rng, balancer)
+        if existence_pairs:
+            questions = _with_opposite_existence(scene, questions, pair_rng)
         conv = []
         for j, q in enumerate(questions):
             conv += [Turn("human", _prompt(q.text) if j == 0 else q.text), Turn("gpt", q.answer)]
@@ -349,6 +357,30 @@ def _questions(scene: Scene, types: list[str], rng: random.Random, balancer: _Ba
                 break
         questions.append(q)
         mentioned.update(o.colour for o in scene.objects if o.colour in q.text or o.colour == q.answer)
+    return questions
+
+
+def _with_opposite_existence(scene: Scene, questions: list[Question], rng: random.Random) -> list[Question]:
+    """Add existence questions at random turns until the conversation asks one "yes" and one "no".
+
+    A "yes" and a "no" about the same picture cannot both be met by a prior on the answer
+    or on the wording: only comparing the named object with the image answers both. In the
+    demo, existence stays at chance when each conversation asks it once.
+    """
+    questions = list(questions)
+    answers = {q.answer for q in questions if q.question_type == "existence"}
+    for exists in (True, False):
+        if ("yes" if exists else "no") in answers:
+            continue
+        at = rng.randint(0, len(questions))
+        # As in _questions: a "yes" names an object that the earlier turns have not talked about.
+        mentioned = {o.colour for q in questions[:at] for o in scene.objects
+                     if o.colour in q.text or o.colour == q.answer}
+        for _ in range(10):
+            extra = make_question(scene, "existence", rng, exists=exists, avoid=mentioned)
+            if all(extra.text != q.text for q in questions):
+                break
+        questions.insert(at, extra)
     return questions
 
 
