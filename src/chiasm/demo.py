@@ -46,7 +46,7 @@ class DemoSize:
     prealign_epochs: float = 32.0
     prealign_batch_size: int = 64
     # 40 steps: the pre-alignment has done most of the bridge's work by then.
-    align_epochs: float = 1 / 3
+    align_epochs: float = 0.3333
     instruct_epochs: float = 1.0
     batch_size: int = 8
     # 128 px gives EfficientNet a 4 x 4 grid (16 visual tokens), one 2 x 2 block per scene cell.
