@@ -351,13 +351,25 @@ def _questions(scene: Scene, types: list[str], rng: random.Random, balancer: _Ba
     mentioned: set[str] = set()
     for qtype in types:
         exists = balancer.exists() if qtype == "existence" else None
-        for _ in range(10):
-            q = make_question(scene, qtype, rng, exists=exists, avoid=mentioned)
-            if all(q.text != other.text for other in questions):
-                break
+        q = _new_question(scene, qtype, rng, questions, exists=exists, avoid=mentioned)
         questions.append(q)
-        mentioned.update(o.colour for o in scene.objects if o.colour in q.text or o.colour == q.answer)
+        mentioned |= _colours_named(scene, q)
     return questions
+
+
+def _new_question(scene: Scene, qtype: str, rng: random.Random, asked: list[Question], *,
+                  exists: bool | None, avoid: Collection[str]) -> Question:
+    """A question of ``qtype`` whose text ``asked`` does not hold yet (10 draws, then the last one)."""
+    for _ in range(10):
+        q = make_question(scene, qtype, rng, exists=exists, avoid=avoid)
+        if all(q.text != other.text for other in asked):
+            break
+    return q
+
+
+def _colours_named(scene: Scene, question: Question) -> set[str]:
+    """Colours of the scene's objects that a question or its answer talks about."""
+    return {o.colour for o in scene.objects if o.colour in question.text or o.colour == question.answer}
 
 
 def _with_opposite_existence(scene: Scene, questions: list[Question], rng: random.Random) -> list[Question]:
@@ -374,13 +386,8 @@ def _with_opposite_existence(scene: Scene, questions: list[Question], rng: rando
             continue
         at = rng.randint(0, len(questions))
         # As in _questions: a "yes" names an object that the earlier turns have not talked about.
-        mentioned = {o.colour for q in questions[:at] for o in scene.objects
-                     if o.colour in q.text or o.colour == q.answer}
-        for _ in range(10):
-            extra = make_question(scene, "existence", rng, exists=exists, avoid=mentioned)
-            if all(extra.text != q.text for q in questions):
-                break
-        questions.insert(at, extra)
+        mentioned = set().union(*(_colours_named(scene, q) for q in questions[:at]))
+        questions.insert(at, _new_question(scene, "existence", rng, questions, exists=exists, avoid=mentioned))
     return questions
 
 
