@@ -26,12 +26,11 @@ def test_quadrant_order_of_a_4x4_grid() -> None:
     assert sorted(token_order("quadrants", (6, 8), 48)) == list(range(48))
 
 
-def test_image_text_names_each_quadrant_before_its_tokens() -> None:
+def test_image_text_names_each_quadrant_before_and_after_its_tokens() -> None:
     text = image_text("quadrants", 16)
     assert text.count(IMAGE_TOKEN) == 16
     lines = text.split("\n")
-    assert [line.split(":")[0] for line in lines] == list(QUADRANTS)
-    assert all(line.endswith(f": {IMAGE_TOKEN * 4}") for line in lines)
+    assert lines == [f"{name}: {IMAGE_TOKEN * 4} in the {name}" for name in QUADRANTS]
     assert image_text("raster", 5) == IMAGE_TOKEN * 5
 
 

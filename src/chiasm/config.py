@@ -94,7 +94,9 @@ class StageConfig:
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end of the stage
     # "lm": next-token loss on assistant turns through the LM. "contrastive": pre-alignment of a
     # prefix bridge to the LM's word embeddings, no LM forward (chiasm.train.contrastive).
-    objective: Literal["lm", "contrastive"] = "lm"
+    # "words": each named group of visual tokens regresses onto the words of the phrase grounded
+    # there (chiasm.train.word_targets; needs image_layout "quadrants" and "regions").
+    objective: Literal["lm", "contrastive", "words"] = "lm"
     temperature: float = 0.05  # of the contrastive objective
     # Contrastive: also match every run of this many consecutive caption tokens (their mean
     # embedding), so one visual token must carry an object's attributes together. 0: words only.
@@ -102,6 +104,8 @@ class StageConfig:
     # Contrastive: weight of a phrase-region term (samples need "regions": phrases with boxes;
     # see chiasm.data.regions), which makes each phrase match a token inside its own box.
     region_weight: float = 0.0
+    # Words: what a group of tokens with no region in it says.
+    empty_phrase: str = "nothing"
     # LM stages: rows of the LM's own text (sampled once at the stage start) trained on per step
     # beside the data, to keep its language (chiasm.train.replay). 0: none.
     text_replay: int = 0

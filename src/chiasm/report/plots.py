@@ -130,6 +130,10 @@ def save_figure(fig: Figure, out: Path) -> Path:
     return out
 
 
+# Accuracy metric of each pre-alignment objective -> what it measures.
+PRE_METRICS = {"retrieval_acc": "retrieval accuracy", "word_acc": "tokens nearest their word"}
+
+
 def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     """Plot all stages end to end on one axis and save a PNG to ``out``.
 
@@ -139,11 +143,11 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     changes between stages. The learning rate goes on a twin axis so warm-up and
     decay can be matched against the loss. Returns ``None`` without metrics.
     """
-    # Contrastive pre-alignment logs retrieval accuracy, runs many cheap steps and has a loss on
-    # another scale: it gets its own panel instead of squashing the LM stages into a corner.
+    # Pre-alignment (contrastive or word targets) logs an accuracy, runs many cheap steps and has a
+    # loss on another scale: it gets its own panel instead of squashing the LM stages into a corner.
     pre, series = [], []
     for i, (name, records) in enumerate(load_stages(run_dir)):
-        if any("retrieval_acc" in r for r in records):
+        if any(k in r for r in records for k in PRE_METRICS):
             pre.append((i, name, records))
         else:
             series.append((i, name, *_stage_series(records)))
@@ -222,21 +226,22 @@ def _draw_loss(ax: Any, xs: list[int], loss: list[float], color: str, label: str
 
 
 def _plot_contrastive(ax: Any, stages: list[tuple[int, str, list[dict[str, Any]]]]) -> None:
-    """Loss (EMA) and in-batch caption->image retrieval accuracy of contrastive stages."""
+    """Loss (EMA) and accuracy of pre-alignment stages (in-batch retrieval, or tokens on their word)."""
     acc_ax = ax.twinx()
     offset = 0
     for index, name, records in stages:
         color = STAGE_COLORS[index % len(STAGE_COLORS)]
         local, loss, _ = _stage_series(records)
-        acc = [float(r["retrieval_acc"]) if is_number(r.get("retrieval_acc")) else math.nan for r in records]
+        key = next(k for k in PRE_METRICS if any(k in r for r in records))
+        acc = [float(r[key]) if is_number(r.get(key)) else math.nan for r in records]
         xs = [offset + s for s in local]
         span = _draw_loss(ax, xs, loss, color, f"{name} loss")
         acc_ax.plot(xs, ema(acc, span), color="#555555", linestyle="--", linewidth=1.2,
-                    label=f"{name} retrieval accuracy")
+                    label=f"{name} {PRE_METRICS[key]}")
         offset = max(xs, default=offset) + 1
     ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
-    acc_ax.set_ylabel("caption -> image top-1 in batch")
+    ax.set_ylabel("pre-alignment loss")
+    acc_ax.set_ylabel("accuracy")
     acc_ax.set_ylim(0, 1)
     acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(True, alpha=0.3)

@@ -16,8 +16,6 @@ costs milliseconds on cached features and thousands of pairs fit in seconds.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,8 +25,7 @@ from chiasm.data.regions import Region, box_token_mask, sample_regions
 from chiasm.data.sample import DataError, Sample
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
-
-log = logging.getLogger(__name__)
+from chiasm.train.prealign import bridge_tokens, check_bridge_only, read_samples
 
 
 def caption_text(sample: Sample) -> str:
@@ -121,13 +118,10 @@ class ContrastiveObjective:
     not emit tokens that the LM reads as words.
     """
 
+    metric = "retrieval_acc"
+
     def __init__(self, model: VisionLanguageModel, samples: list[Sample], stage: StageConfig):
-        if stage.encoder.mode != "frozen" or stage.lm.mode != "frozen":
-            raise ValueError(f"stage {stage.name!r}: a contrastive stage needs the encoder and the LM frozen "
-                             f"(got encoder {stage.encoder.mode!r}, lm {stage.lm.mode!r})")
-        if model.bridge.in_lm:
-            raise ValueError(f"stage {stage.name!r}: a contrastive stage needs a prefix bridge; "
-                             f"{type(model.bridge).__name__} works inside the LM's layers")
+        check_bridge_only(model, stage, "contrastive")
         self.model = model
         self.temperature = stage.temperature
         self.phrase_span = stage.phrase_span
@@ -138,28 +132,18 @@ class ContrastiveObjective:
             if token_grid is None:
                 raise ValueError(f"stage {stage.name!r}: region_weight needs a bridge whose tokens lie on a grid; "
                                  f"{type(model.bridge).__name__} mixes the whole image into every token")
-        self.samples, texts, self.skipped = [], [], []
-        regions: list[list[Region]] = []
-        for s in samples:
+        def read(s: Sample) -> tuple[str, list[Region]]:
             text = caption_text(s)
             problem = ("needs exactly one image" if len(s.images) != 1
                        else "has no assistant text to pair with its image" if not text else None)
-            try:
-                if problem is not None:
-                    raise DataError(f"a contrastive stage pairs one image with one caption; this sample {problem}",
-                                    source=s.source, sample_id=s.id)
-                found = sample_regions(s) if token_grid is not None else []
-            except DataError as err:
-                if stage.on_error != "skip":
-                    raise
-                self.skipped.append((s.id, str(err)))
-                continue
-            self.samples.append(s)
-            texts.append(text)
-            regions.append(found)
-        if self.skipped:
-            log.warning("stage %s: skipped %d of %d samples (first: %s)", stage.name, len(self.skipped),
-                        len(samples), self.skipped[0][1])
+            if problem is not None:
+                raise DataError(f"a contrastive stage pairs one image with one caption; this sample {problem}",
+                                source=s.source, sample_id=s.id)
+            return text, sample_regions(s) if token_grid is not None else []
+
+        self.samples, read_out, self.skipped = read_samples(samples, stage, read)
+        texts = [text for text, _ in read_out]
+        regions = [found for _, found in read_out]
         if not self.samples:
             raise ValueError(f"stage {stage.name!r}: no usable image-caption pairs in {stage.data}")
         tok = model.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -198,8 +182,7 @@ class ContrastiveObjective:
     def loss(self, indices: list[int], bridge: nn.Module, features: FeatureCache) -> tuple[torch.Tensor, float]:
         """Loss of one batch, through ``bridge`` (the bridge or its DDP wrapper), on ``features`` of ``paths``."""
         device = self.model.device
-        feats = features.lookup([self.paths[i] for i in indices]).to(device, self.model.bridge_dtype)
-        visual = bridge(feats, self.model.encoder.grid())
+        visual = bridge_tokens(self.model, bridge, features, [self.paths[i] for i in indices])
         with torch.no_grad():
             words = self.model.lm.get_input_embeddings()(self.ids[indices].to(device))
         words, mask = with_phrases(words, self.mask[indices].to(device), self.phrase_span)

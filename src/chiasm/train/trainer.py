@@ -30,6 +30,7 @@ from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distribut
 from chiasm.train.features import FeatureCache
 from chiasm.train.policy import COMPONENTS, apply_stage_policies
 from chiasm.train.replay import replay_loss, sample_text
+from chiasm.train.word_targets import WordTargetObjective
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -196,7 +197,9 @@ class Trainer:
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
         samples = _stage_samples(stage)
-        contrastive = ContrastiveObjective(model, samples, stage) if stage.objective == "contrastive" else None
+        # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
+        kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
+        contrastive = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
         if contrastive is not None:
             prepared: list[Prepared] = []
             n_items, paths = len(contrastive), contrastive.paths
@@ -212,7 +215,7 @@ class Trainer:
         if resume_from is not None:
             ckpt.load_optimizer_and_rng(resume_from, optimizer)
         warmup = int(stage.warmup_ratio * plan.total)
-        # A contrastive stage runs only the bridge, so only the bridge is wrapped for DDP.
+        # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP.
         inner = model.bridge if contrastive is not None else model
         wrapped = DDP(inner) if self.dist.world > 1 else inner
         model.encoder.train(stage.encoder.mode != "frozen")
@@ -238,7 +241,8 @@ class Trainer:
                     if contrastive is not None:
                         loss_t, accuracy = contrastive.loss(indices, wrapped, features)
                         total = loss_t
-                        extra["retrieval_acc"] = extra.get("retrieval_acc", 0.0) + accuracy / stage.grad_accum
+                        metric = contrastive.metric
+                        extra[metric] = extra.get(metric, 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
                         batch = collate([prepared[j] for j in indices], pad, features=features,
@@ -274,7 +278,7 @@ class Trainer:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if contrastive is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record['retrieval_acc']:.2f}")
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record[contrastive.metric]:.2f}")
             else:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)

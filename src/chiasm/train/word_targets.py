@@ -1,0 +1,126 @@
+"""Pre-alignment by word regression: each named group of visual tokens learns to *be* its phrase.
+
+The contrastive objective (chiasm.train.contrastive) makes a visual token point towards a
+phrase's words, but it scores directions against a batch: the tokens end up near a blend of
+words (cosine ~0.3 to the nearest one in the demo), which the LM must still learn to read.
+Here the target is exact. With an image layout that names groups of tokens (``quadrants``:
+"top left: <v><v><v><v> in the top left"), the phrase grounded in a group (the region whose
+box centre lies in it) is tokenised and its word embeddings are the targets of the group's
+tokens, in order; a group with no region says ``empty_phrase``. After this stage the LM reads
+"top left: small small red circle in the top left" in its own input embeddings, as if the
+scene had been written out, and the *align* and *instruct* stages start from text it already
+understands. In the demo, 416 steps (7 s) put every held-out token nearest its own word, and
+held-out VQA rose from 76.5% (contrastive pre-alignment) to 82.5% with the same recipe.
+
+Why it can work at all: the bridge must emit several different words from what it sees of
+one object, so each group's tokens should come from features that see the whole object.
+The demo pools the encoder's map to one feature per quadrant and lets the MLP bridge emit a
+2 x 2 block of tokens from each (``upsample = 2``). With four features per quadrant, each
+covering part of it, the colour slot was right for only 89% of held-out objects; with one
+whole-quadrant feature, for all of them.
+
+A phrase shorter than its group is stretched over it (each word held for as many tokens as
+it takes, "small small red circle"), so every token has a word and none is left free; one
+longer than its group is an error, since the group cannot say it. No LM forward pass is
+needed: a step costs milliseconds on cached features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chiasm.config import StageConfig
+from chiasm.data.regions import sample_regions
+from chiasm.data.sample import DataError, Sample
+from chiasm.layout import group_at, token_groups
+from chiasm.model import VisionLanguageModel
+from chiasm.train.features import FeatureCache
+from chiasm.train.prealign import bridge_tokens, check_bridge_only, read_samples
+
+
+def stretch(words: list[int], slots: int) -> list[int]:
+    """``words`` spread over ``slots`` positions in order, each held as evenly as possible."""
+    if not words:
+        raise ValueError("a phrase needs at least one token")
+    if len(words) > slots:
+        raise ValueError(f"{len(words)} tokens do not fit a group of {slots}")
+    return [words[j * len(words) // slots] for j in range(slots)]
+
+
+def word_regression_loss(visual: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean squared error to the target embeddings, relative to the words' mean squared size.
+
+    A plain MSE (not a cosine) because the LM reads magnitudes too: a token at the word's
+    direction but twice its norm is not that word to the LM's first layer norm's input.
+    """
+    return F.mse_loss(visual.float(), targets.float()) / scale
+
+
+class WordTargetObjective:
+    """Everything the trainer needs for an ``objective = "words"`` stage (see the module docstring)."""
+
+    metric = "word_acc"
+
+    def __init__(self, model: VisionLanguageModel, samples: list[Sample], stage: StageConfig):
+        check_bridge_only(model, stage, "words")
+        layout = model.config.image_layout
+        grid = model.bridge.token_grid(model.encoder.grid())
+        self.groups = token_groups(layout, grid, model.tokens_per_image)
+        if not self.groups:
+            raise ValueError(f"stage {stage.name!r}: a words stage needs an image layout with named groups of "
+                             f"tokens (image_layout = 'quadrants'); this model's is {layout!r}")
+        self.model = model
+        self.layout = layout
+        self.empty = self._words(stage.empty_phrase)
+        self.samples, rows, self.skipped = read_samples(samples, stage, self._targets)
+        if not self.samples:
+            raise ValueError(f"stage {stage.name!r}: no usable grounded samples in {stage.data}")
+        self.targets = torch.tensor(rows)  # (n, tokens_per_image): word id of each token, bridge order
+        self.paths = [str(s.images[0]) for s in self.samples]
+        self.vocab = self.targets.unique()
+        table = model.lm.get_input_embeddings().weight.detach()
+        self.scale = float(table[self.vocab].float().pow(2).mean())
+
+    def _words(self, phrase: str) -> list[int]:
+        # A leading space: the words take the form they have inside a sentence.
+        return self.model.tokenizer(" " + phrase.strip(), add_special_tokens=False).input_ids
+
+    def _targets(self, sample: Sample) -> list[int]:
+        if len(sample.images) != 1:
+            raise DataError("a words stage reads one image per sample", source=sample.source, sample_id=sample.id)
+        per_group: list[str | None] = [None] * len(self.groups)
+        for region in sample_regions(sample):
+            x0, y0, x1, y1 = region.box
+            k = group_at(self.layout, (x0 + x1) / 2, (y0 + y1) / 2)
+            if per_group[k] is not None:
+                raise DataError(f"regions {per_group[k]!r} and {region.phrase!r} both lie in the "
+                                f"{self.groups[k][0]} group; a words stage needs at most one per group",
+                                source=sample.source, sample_id=sample.id)
+            per_group[k] = region.phrase
+        row = [0] * self.model.tokens_per_image
+        for (name, members), phrase in zip(self.groups, per_group, strict=True):
+            words = self.empty if phrase is None else self._words(phrase)
+            if len(words) > len(members):
+                raise DataError(f"phrase {phrase!r} is {len(words)} tokens; the {name} group has only "
+                                f"{len(members)}", source=sample.source, sample_id=sample.id)
+            for index, word in zip(members, stretch(words, len(members)), strict=True):
+                row[index] = word
+        return row
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def loss(self, indices: list[int], bridge: nn.Module, features: FeatureCache) -> tuple[torch.Tensor, float]:
+        """Loss of one batch and the share of tokens whose nearest stage word is their target."""
+        device = self.model.device
+        visual = bridge_tokens(self.model, bridge, features, [self.paths[i] for i in indices])
+        table = self.model.lm.get_input_embeddings().weight.detach()
+        ids = self.targets[indices].to(device)
+        loss = word_regression_loss(visual, table[ids], self.scale)
+        with torch.no_grad():
+            vocab = self.vocab.to(device)
+            cos = F.normalize(visual.float(), dim=-1) @ F.normalize(table[vocab].float(), dim=-1).T
+            accuracy = float((vocab[cos.argmax(-1)] == ids).float().mean())
+        return loss, accuracy
