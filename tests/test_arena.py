@@ -57,3 +57,17 @@ def test_arena_shares_feature_cache_and_base_lm_results(tmp_path: Path, monkeypa
 def test_arena_rejects_unknown_bridge(tmp_path: Path, capsys) -> None:
     assert main(["arena", "--quick", "--out", str(tmp_path), "--bridges", "mlp,nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_real_arena_compares_bridges_on_the_native_grid_in_raster_order(tmp_path: Path) -> None:
+    from chiasm.arena import arena_model
+    from chiasm.data.synthetic import WorldFiles
+    from chiasm.demo import DemoSize, demo_config
+
+    world = WorldFiles(tmp_path, tmp_path / "images", tmp_path / "a.json", tmp_path / "i.json", tmp_path / "e.json")
+    demo = demo_config(tmp_path, world, DemoSize()).model
+    model = arena_model(demo)
+    assert demo.encoder.options["grid"] == [2, 2] and demo.image_layout == "quadrants"
+    assert "grid" not in model.encoder.options and model.image_layout == "raster"
+    assert model.encoder.options["extra_blocks"] == demo.encoder.options["extra_blocks"]
+    assert model.encoder.image_size == demo.encoder.image_size and model.lm == demo.lm

@@ -208,4 +208,16 @@ def real_setup(out: Path) -> tuple[ModelConfig, WorldFiles, ArenaBudget]:
     size = DemoSize()
     world = demo_world(out / "world", size)
     demo = demo_config(out, world, size)
-    return demo.model, world, ArenaBudget()
+    return arena_model(demo.model), world, ArenaBudget()
+
+
+def arena_model(demo: ModelConfig) -> ModelConfig:
+    """The demo's parts on the grid and layout that every bridge can take.
+
+    The demo pools its features to one per quadrant and lays tokens out by quadrant, which
+    suits its upsampling MLP only: a resampler's tokens have no place in the image, and pixel
+    shuffle on a 2 x 2 grid leaves one token. The arena compares bridges on the encoder's own
+    4 x 4 grid in raster order (:data:`DEFAULT_BRIDGES` fit it).
+    """
+    options = {k: v for k, v in demo.encoder.options.items() if k != "grid"}
+    return replace(demo, encoder=replace(demo.encoder, options=options), image_layout="raster")
