@@ -121,3 +121,38 @@ def test_real_vlm_stage_one_leaves_the_lm_untouched(smollm2, tmp_path) -> None:
     assert after == before
     assert any(not torch.equal(bridge0[k], v) for k, v in model.bridge.state_dict().items())
     assert model.tokens_per_image == 16
+
+
+def test_real_words_prealignment_puts_held_out_tokens_on_their_words(smollm2, tmp_path) -> None:
+    """The demo's parts (one EfficientNet feature per quadrant, upsampling MLP, SmolLM2's embeddings):
+    a short words stage makes the visual tokens of unseen images sit nearest their own words."""
+    from chiasm.bridges import build_bridge
+    from chiasm.config import PolicyConfig, RunConfig, StageConfig
+    from chiasm.data.llava import load_llava
+    from chiasm.data.synthetic import make_world, scene_from_meta, scene_regions
+    from chiasm.demo import DemoSize, demo_config
+    from chiasm.model import VisionLanguageModel
+    from chiasm.train.features import FeatureCache
+    from chiasm.train.trainer import Trainer
+    from chiasm.train.word_targets import WordTargetObjective
+
+    lm, tok = smollm2
+    world = make_world(tmp_path / "world", n_train=128, n_eval=12)
+    cfg = demo_config(tmp_path / "run", world, DemoSize()).model
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.encoder)
+    model = VisionLanguageModel(cfg, encoder, build_bridge(cfg.bridge, encoder.dim, 576), lm, tok)
+    frozen = PolicyConfig(mode="frozen")
+    stage = StageConfig(name="prealign", data=str(world.align), encoder=frozen, lm=frozen, objective="words",
+                        max_steps=150, batch_size=32, lr=1e-3)
+    Trainer(RunConfig(model=cfg, stages=[stage], output_dir=str(tmp_path / "run"), precision="fp32"),
+            model=model, show_progress=False).run()
+    held_out = load_llava(world.eval).samples[::5]
+    for s in held_out:  # eval records carry the scene; its regions are those the world gives captions
+        s.meta["regions"] = scene_regions(scene_from_meta(s.meta["scene"]))
+    objective = WordTargetObjective(model, held_out, stage)
+    cache = FeatureCache.build(model.encoder, objective.paths, cache_dir=None, show_progress=False)
+    with torch.no_grad():
+        _, accuracy = objective.loss(list(range(len(objective))), model.bridge, cache)
+    assert model.tokens_per_image == 16 and len(objective) == 12
+    assert accuracy > 0.9

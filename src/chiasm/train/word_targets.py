@@ -9,8 +9,10 @@ box centre lies in it) is tokenised and its word embeddings are the targets of t
 tokens, in order; a group with no region says ``empty_phrase``. After this stage the LM reads
 "top left: small small red circle in the top left" in its own input embeddings, as if the
 scene had been written out, and the *align* and *instruct* stages start from text it already
-understands. In the demo, 416 steps (7 s) put every held-out token nearest its own word, and
-held-out VQA rose from 76.5% (contrastive pre-alignment) to 82.5% with the same recipe.
+understands. In the demo, 416 steps (7 s) bring the relative squared error to 0.013; after
+align and instruct every token of the 40 held-out images is still nearest (by cosine, among
+the stage's 13 words) its own word, and held-out VQA rose from 76.5% (contrastive
+pre-alignment) to 82.5% with the same recipe.
 
 Why it can work at all: the bridge must emit several different words from what it sees of
 one object, so each group's tokens should come from features that see the whole object.
