@@ -89,7 +89,7 @@ def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str 
                         bridge=PolicyConfig(mode="full", lr=5e-4),
                         lm=PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=3e-4, lora_targets=ALL_LINEAR),
                         epochs=size.instruct_epochs, batch_size=size.batch_size, lr=5e-4, warmup_ratio=0.05,
-                        text_replay=1, replay_pool=32),
+                        text_replay=1, replay_pool=64),
         ],
         eval=EvalConfig(data=str(world.eval), batch_size=32, max_new_tokens=6),
         output_dir=str(out), seed=seed)
