@@ -106,6 +106,9 @@ def test_words_stage_refuses_crowded_groups_raster_layouts_and_long_phrases(grou
     long = dataclasses.replace(crowded, id="l-1", meta={"regions": [{"phrase": "a " * 20, "box": [0, 0, 0.2, 0.2]}]})
     with pytest.raises(DataError, match=r"l-1.*is 20 tokens; the top left group has only 16"):
         WordTargetObjective(model, [long], _stage(tiny_world.align))
+    quiet = dataclasses.replace(crowded, id="e-1", meta={"regions": [{"phrase": "red", "box": [0, 0, 0.2, 0.2]}]})
+    with pytest.raises(DataError, match=r"e-1.*phrase '(a )+' is 20 tokens; the top right group has only 16"):
+        WordTargetObjective(model, [quiet], _stage(tiny_world.align, empty_phrase="a " * 20))
     raster = VisionLanguageModel.build(tiny_model_config)
     with pytest.raises(ValueError, match=r"named groups of tokens.*'raster'"):
         WordTargetObjective(raster, [crowded], _stage(tiny_world.align))

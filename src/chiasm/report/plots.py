@@ -158,10 +158,10 @@ def plot_loss_curves(run_dir: Path, out: Path) -> Path | None:
     fig = Figure(figsize=(13 if pre and series else 10, 4.2), layout="constrained")
     if pre and series:
         grid = fig.add_gridspec(1, 2, width_ratios=[1, 3])
-        _plot_contrastive(fig.add_subplot(grid[0]), pre)
+        _plot_prealign(fig.add_subplot(grid[0]), pre)
         ax = fig.add_subplot(grid[1])
     elif pre:
-        _plot_contrastive(fig.add_subplot(), pre)
+        _plot_prealign(fig.add_subplot(), pre)
         return save_figure(fig, out)
     else:
         ax = fig.add_subplot()
@@ -225,7 +225,7 @@ def _draw_loss(ax: Any, xs: list[int], loss: list[float], color: str, label: str
     return span
 
 
-def _plot_contrastive(ax: Any, stages: list[tuple[int, str, list[dict[str, Any]]]]) -> None:
+def _plot_prealign(ax: Any, stages: list[tuple[int, str, list[dict[str, Any]]]]) -> None:
     """Loss (EMA) and accuracy of pre-alignment stages (in-batch retrieval, or tokens on their word)."""
     acc_ax = ax.twinx()
     offset = 0

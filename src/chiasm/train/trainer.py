@@ -199,10 +199,10 @@ class Trainer:
         samples = _stage_samples(stage)
         # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
         kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
-        contrastive = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
-        if contrastive is not None:
+        prealign = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
+        if prealign is not None:
             prepared: list[Prepared] = []
-            n_items, paths = len(contrastive), contrastive.paths
+            n_items, paths = len(prealign), prealign.paths
         else:
             prepared, skipped = prepare(samples, model, on_error=stage.on_error)
             if skipped:
@@ -216,7 +216,7 @@ class Trainer:
             ckpt.load_optimizer_and_rng(resume_from, optimizer)
         warmup = int(stage.warmup_ratio * plan.total)
         # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP.
-        inner = model.bridge if contrastive is not None else model
+        inner = model.bridge if prealign is not None else model
         wrapped = DDP(inner) if self.dist.world > 1 else inner
         model.encoder.train(stage.encoder.mode != "frozen")
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -238,10 +238,10 @@ class Trainer:
                 sync = micro == stage.grad_accum - 1
                 ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
                 with ctx:
-                    if contrastive is not None:
-                        loss_t, accuracy = contrastive.loss(indices, wrapped, features)
+                    if prealign is not None:
+                        loss_t, accuracy = prealign.loss(indices, wrapped, features)
                         total = loss_t
-                        metric = contrastive.metric
+                        metric = prealign.metric
                         extra[metric] = extra.get(metric, 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
@@ -270,15 +270,15 @@ class Trainer:
             dt = time.perf_counter() - t0
             loss = all_reduce_mean(loss_sum / stage.grad_accum)
             record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                      **({"tokens_per_s": n_tok * self.dist.world / dt} if contrastive is None else {}),
+                      **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
                       "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
                       **{k: all_reduce_mean(v) for k, v in extra.items()}}
             if self.dist.is_main:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            if contrastive is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record[contrastive.metric]:.2f}")
+            if prealign is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record[prealign.metric]:.2f}")
             else:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)

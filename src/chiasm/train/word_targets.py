@@ -75,7 +75,8 @@ class WordTargetObjective:
                              f"tokens (image_layout = 'quadrants'); this model's is {layout!r}")
         self.model = model
         self.layout = layout
-        self.empty = self._words(stage.empty_phrase)
+        self.empty_phrase = stage.empty_phrase
+        self._ids: dict[str, list[int]] = {}  # phrase -> token ids: a world repeats few phrases many times
         self.samples, rows, self.skipped = read_samples(samples, stage, self._targets)
         if not self.samples:
             raise ValueError(f"stage {stage.name!r}: no usable grounded samples in {stage.data}")
@@ -86,8 +87,10 @@ class WordTargetObjective:
         self.scale = float(table[self.vocab].float().pow(2).mean())
 
     def _words(self, phrase: str) -> list[int]:
-        # A leading space: the words take the form they have inside a sentence.
-        return self.model.tokenizer(" " + phrase.strip(), add_special_tokens=False).input_ids
+        if phrase not in self._ids:
+            # A leading space: the words take the form they have inside a sentence.
+            self._ids[phrase] = self.model.tokenizer(" " + phrase.strip(), add_special_tokens=False).input_ids
+        return self._ids[phrase]
 
     def _targets(self, sample: Sample) -> list[int]:
         if len(sample.images) != 1:
@@ -103,7 +106,8 @@ class WordTargetObjective:
             per_group[k] = region.phrase
         row = [0] * self.model.tokens_per_image
         for (name, members), phrase in zip(self.groups, per_group, strict=True):
-            words = self.empty if phrase is None else self._words(phrase)
+            phrase = self.empty_phrase if phrase is None else phrase
+            words = self._words(phrase)
             if len(words) > len(members):
                 raise DataError(f"phrase {phrase!r} is {len(words)} tokens; the {name} group has only "
                                 f"{len(members)}", source=sample.source, sample_id=sample.id)
