@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -197,23 +196,6 @@ def make_question(
             colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
         return Question("existence", f"Is there a {colour} {shape}?", "yes" if exists else "no")
     raise ValueError(f"unknown question type {question_type!r}; known: {', '.join(QUESTION_TYPES)}")
-
-
-_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6"}
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, drop trailing punctuation and a leading article, digits for number words."""
-    text = text.strip().lower().replace("-", " ")
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"[\s.,;:!?]+$", "", text)
-    text = re.sub(r"^(a|an|the) ", "", text)
-    return " ".join(_NUMBERS.get(word, word) for word in text.split(" "))
-
-
-def answer_matches(prediction: str, answer: str) -> bool:
-    """Exact match after :func:`normalise_answer`; forgiving about form, strict about content."""
-    return normalise_answer(prediction) == normalise_answer(answer)
 
 
 @dataclass
