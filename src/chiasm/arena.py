@@ -43,9 +43,8 @@ DEFAULT_BRIDGES: dict[str, dict] = {
 class ArenaBudget:
     """What every bridge gets: the same steps, batch and learning rates.
 
-    The default is sized so that all ten bridges, evaluation included, fit in 45 minutes
-    on a 2-core CPU with the demo's real parts (measured: 20 + 40 steps took 49 min before
-    the feature cache and the base LM's results were shared across bridges).
+    The default is sized so that all ten bridges, evaluation included, run in well under an
+    hour on a 2-core CPU with the demo's real parts; the README records how long they took.
     """
 
     align_steps: int = 18

@@ -31,8 +31,8 @@ from chiasm.synthetic.world import WorldFiles, make_world
 
 log = logging.getLogger(__name__)
 
-# LoRA on every linear layer of the LM, attention and MLP (as QLoRA does): in the demo
-# one run each took held-out VQA from 72.5% (attention only) to 78.0%.
+# LoRA on every linear layer of the LM, attention and MLP, as QLoRA recommends (adapters on
+# attention alone fell short of full fine-tuning there); the README has the demo runs with each.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -40,15 +40,16 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class DemoSize:
     """How much data and training the demo uses (the defaults fit a 2-core CPU)."""
 
-    # 832 conversations are 104 instruct steps of batch 8: what fits 15 minutes on 2 cores with
-    # LoRA on every linear layer (960 took 15 min 46 s with set-up).
+    # 832 conversations are 104 instruct steps of batch 8, sized so that the whole demo, set-up
+    # included, fits 15 minutes on 2 CPU cores with LoRA on every linear layer (README: timings).
     n_train: int = 832
     n_eval: int = 40
-    # Word-target pre-alignment needs no LM pass: 32 epochs of batch 64 are 416 steps, about 7 s.
+    # Word-target pre-alignment needs no LM pass, so many epochs (32 of batch 64: 416 steps) are
+    # cheap on cached features.
     prealign_epochs: float = 32.0
     prealign_batch_size: int = 64
-    # 35 steps at a low lr (5e-4): the pre-aligned tokens are already words. At 3e-3 the caption
-    # loss first doubled (the words were undone) and 15 such steps left colour at 27.5%.
+    # 35 steps at a low lr (5e-4): the pre-aligned tokens are already words, and a high lr first
+    # undoes them (the caption loss rises before it falls; README).
     align_epochs: float = 0.3333
     instruct_epochs: float = 1.0
     batch_size: int = 8
@@ -56,8 +57,8 @@ class DemoSize:
     # 2 x 2 block of tokens (the MLP's upsample): 16 visual tokens, four per quadrant.
     image_size: int = 128
     turns_per_conversation: int = 5
-    # Each conversation also asks existence both ways, "yes" and "no" (see make_world): existence
-    # 77.5% against 72.5% without, one run each.
+    # Each conversation also asks existence both ways, "yes" and "no" (see make_world), so that no
+    # prior on the answer meets both.
     existence_pairs: bool = True
 
 

@@ -116,8 +116,9 @@ def object_geometry(obj: SceneObject, image_size: int = 224) -> tuple[int, int, 
 def scene_regions(scene: Scene, image_size: int = 224) -> list[dict[str, Any]]:
     """Each object as a grounded phrase ("small red circle") with its box in [0, 1] coordinates.
 
-    Place names ("top left") are left out: grounding them on the same boxes made held-out
-    VQA worse in the demo (66.0% against 72.5%), the position answers included.
+    Place names ("top left") are left out: a place is not a thing in the box, and grounding
+    them on the same boxes made held-out VQA worse, the position answers included (the
+    README's demo table has the runs).
     """
     regions = []
     for obj in scene.objects:
@@ -358,8 +359,8 @@ def _with_opposite_existence(scene: Scene, questions: list[Question], rng: rando
     """Add existence questions at random turns until the conversation asks one "yes" and one "no".
 
     A "yes" and a "no" about the same picture cannot both be met by a prior on the answer
-    or on the wording: only comparing the named object with the image answers both. In the
-    demo, existence stays at chance when each conversation asks it once.
+    or on the wording: only comparing the named object with the image answers both, whereas
+    one existence question per conversation can be met by a prior on the answer.
     """
     questions = list(questions)
     answers = {q.answer for q in questions if q.question_type == "existence"}
