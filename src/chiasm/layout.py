@@ -21,7 +21,7 @@ from chiasm.tokens import IMAGE_TOKEN
 class ImageLayout:
     """One way of placing an image's visual tokens; subclasses that name groups override ``token_groups``."""
 
-    name = "raster"
+    name = ""
 
     def check(self, token_grid: tuple[int, int] | None, n_tokens: int) -> None:
         """Refuse, with the reason, a bridge whose tokens this layout cannot follow."""
@@ -50,7 +50,14 @@ class ImageLayout:
 
 
 LAYOUTS: Registry[ImageLayout] = Registry("image layout", plugins={"quadrants": "chiasm.synthetic.layout"})
-LAYOUTS.register("raster")(ImageLayout)
+
+
+@LAYOUTS.register("raster")
+class RasterLayout(ImageLayout):
+    """The bridge's tokens in its own order with nothing between them: the LM learns from sequence
+    positions alone which token lies where."""
+
+    name = "raster"
 
 
 def get_layout(name: str) -> ImageLayout:
