@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from chiasm.cli import main
 from chiasm.data.sample import DataError, Sample, Turn
 from chiasm.eval import vqa
 from chiasm.eval.scorers import get_scorer, normalise_vqa, soft_accuracy
@@ -91,3 +94,9 @@ def test_score_means_overall_and_per_type_and_full_credit_hits() -> None:
     assert scored["per_type"] == pytest.approx({"animal": 0.95, "count": 0.0})
     with pytest.raises(ValueError, match="unknown VQA scorer 'soft'; known: exact, synthetic, vqa_soft"):
         vqa.score(samples, ["dog", "dog", "3"], "soft")
+
+
+def test_chiasm_eval_refuses_an_unknown_scorer_before_loading_a_model(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", "--model", str(tmp_path / "absent"), "--scorer", "fuzzy"]) == 2
+    assert "unknown VQA scorer 'fuzzy'; known: exact, synthetic, vqa_soft" in capsys.readouterr().err

@@ -48,8 +48,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.eval.table import print_summary
     from chiasm.model import VisionLanguageModel
 
-    model = VisionLanguageModel.load(args.model)
     cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer)
+    model = VisionLanguageModel.load(args.model)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
     print_summary(results)
