@@ -110,3 +110,11 @@ def test_a_run_config_names_the_synthetic_parts_exactly() -> None:
     cfg = from_dict(RunConfig, {"model": {"image_layout": "quadrants"}, "eval": {"scorer": "synthetic"},
                                 "stages": [{"name": "p", "data": "d", "objective": "words"}]})
     assert (cfg.model.image_layout, cfg.eval.scorer, cfg.stages[0].objective) == ("quadrants", "synthetic", "words")
+
+
+def test_the_worlds_former_import_path_names_the_same_objects() -> None:
+    from chiasm.data import synthetic as former
+    from chiasm.synthetic import world
+
+    assert former.WorldFiles is world.WorldFiles and former.make_world is world.make_world
+    assert all(getattr(former, name) is getattr(world, name) for name in former.__all__)
