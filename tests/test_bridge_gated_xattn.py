@@ -71,8 +71,8 @@ def test_any_decoder_layout_is_found_and_none_fails_clearly() -> None:
             bare = gpt2(input_ids=ids).logits
     assert torch.equal(closed, bare)  # text only, gates at zero: the bare LM
     headless = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(NotImplementedError, match=r"Sequential: no decoder layers found \(an nn.ModuleList of "
-                                                  r"num_hidden_layers identical blocks\)"):
+    with pytest.raises(NotImplementedError, match=r"Sequential: no decoder layers found \(no nn.ModuleList of "
+                                                  r"identical blocks, and no num_hidden_layers in a config\)"):
         build_bridge(BridgeConfig("gated_xattn", {}), vision_dim=8, lm_dim=32).attach(headless)
 
 

@@ -152,3 +152,13 @@ def test_a_conversation_the_template_refuses_is_a_data_error(lm_dirs) -> None:
     with pytest.raises(DataError, match=r"\[file data.json, sample 's1'\] the chat template refuses this "
                                         r"conversation: Conversation roles must alternate"):
         _encoder(tok).encode(sample)
+
+
+def test_without_character_offsets_pieces_give_the_same_labels(lm_dirs, monkeypatch) -> None:
+    for chat in ("gemma", "qwen3"):
+        tok = _tok(lm_dirs, chat)
+        fast = _encoder(tok, system_prompt="answer briefly").encode(_sample(*TWO_TURNS))
+        monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+        slow = _encoder(tok, system_prompt="answer briefly").encode(_sample(*TWO_TURNS))
+        monkeypatch.undo()
+        assert (slow.input_ids, slow.labels) == (fast.input_ids, fast.labels), chat

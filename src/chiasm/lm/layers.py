@@ -3,7 +3,7 @@
 transformers names the stack differently per family (``model.layers`` for Llama, Qwen2,
 Phi-3; ``gpt_neox.layers``; ``transformer.h`` for GPT-2 and Falcon; ``model.decoder.layers``
 for OPT), so no attribute path is assumed: the layers are the outermost ``nn.ModuleList``
-of identical blocks, as many as the config's ``num_hidden_layers``. Every part of chiasm
+of as many blocks as the config's ``num_hidden_layers``. Every part of chiasm
 that needs the layers (the ``last_n`` policy, the in-LM bridges) asks this one function.
 """
 
@@ -28,13 +28,15 @@ def _layer_count(lm: nn.Module) -> int | None:
 def _find(lm: nn.Module) -> tuple[str, nn.ModuleList]:
     base = _unwrap(lm)
     n = _layer_count(base)
+    # With a layer count, blocks may differ in class (hybrid attention/state-space stacks);
+    # without one, only a list of identical blocks is taken for the decoder.
     found = [(name, m) for name, m in base.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) and (n is None or len(m) == n)
-             and len({type(x) for x in m}) == 1]
+             if isinstance(m, nn.ModuleList) and len(m)
+             and (len(m) == n if n is not None else len({type(x) for x in m}) == 1)]
     if not found:
-        raise NotImplementedError(
-            f"{type(base).__name__}: no decoder layers found (an nn.ModuleList of "
-            f"{n if n is not None else 'num_hidden_layers'} identical blocks)")
+        what = (f"no nn.ModuleList of {n} blocks, the config's num_hidden_layers" if n is not None
+                else "no nn.ModuleList of identical blocks, and no num_hidden_layers in a config")
+        raise NotImplementedError(f"{type(base).__name__}: no decoder layers found ({what})")
     depth = min(name.count(".") for name, _ in found)
     outer = [(name, m) for name, m in found if name.count(".") == depth]
     if len(outer) > 1:
