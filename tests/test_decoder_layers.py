@@ -88,5 +88,16 @@ def test_visual_expert_refuses_fused_attention_at_build(tiny_model_config, famil
     lm = "GPTNeoXForCausalLM" if family == "gpt_neox" else "Phi3ForCausalLM"
     assert str(err.value) == (
         f"visual_expert copies separate self_attn.q_proj/k_proj/v_proj/o_proj projections and an mlp in every "
-        f"decoder layer, but {lm}'s layer 0 has the attention linear layers {found} (a fused layout): "
-        "choose another bridge (gated_xattn works inside any decoder)")
+        f"decoder layer, but {lm}'s layer 0 has the attention linear layers {found}: fused (Phi-3, GPT-NeoX) or "
+        "differently named projections cannot be copied per role; choose another bridge (gated_xattn works inside "
+        "any decoder)")
+
+
+def test_final_norm_is_the_one_after_the_layers() -> None:
+    from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=32, n_layer=2, n_head=2))
+    # BLOOM also normalises its embeddings (word_embeddings_layernorm, before the layers).
+    assert decoder_layers(bloom) is bloom.transformer.h and final_norm(bloom) is bloom.transformer.ln_f
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50))
+    assert decoder_layers(gpt2) is gpt2.transformer.h and final_norm(gpt2) is gpt2.transformer.ln_f

@@ -100,5 +100,5 @@ def _check_layout(lm: nn.Module, index: int, layer: nn.Module) -> None:
     raise NotImplementedError(
         f"visual_expert copies separate self_attn.{'/'.join(PROJECTIONS)} projections and an mlp in every "
         f"decoder layer, but {type(base).__name__}'s layer {index} has the attention linear layers "
-        f"{', '.join(linears) or 'none'} (a fused layout): choose another bridge (gated_xattn works inside any "
-        "decoder)")
+        f"{', '.join(linears) or 'none'}: fused (Phi-3, GPT-NeoX) or differently named projections cannot be "
+        "copied per role; choose another bridge (gated_xattn works inside any decoder)")

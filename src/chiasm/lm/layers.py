@@ -51,9 +51,14 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 
 def final_norm(lm: nn.Module) -> nn.Module | None:
-    """The norm applied after the last decoder layer: a norm module beside the layer list, if any."""
+    """The norm applied after the last decoder layer: the first norm module registered after the layer list.
+
+    Embedding norms (BLOOM's ``word_embeddings_layernorm``) come before the list, the final
+    norm (``norm``, ``final_layer_norm``, ``ln_f``) after it.
+    """
     base = _unwrap(lm)
-    name, _ = _find(base)
+    name, layers = _find(base)
     parent = base.get_submodule(name.rpartition(".")[0]) if "." in name else base
-    norms = [m for m in parent.children() if "norm" in type(m).__name__.lower()]
-    return norms[0] if len(norms) == 1 else None
+    children = list(parent.children())
+    after = children[next(i for i, m in enumerate(children) if m is layers) + 1:]
+    return next((m for m in after if "norm" in type(m).__name__.lower()), None)
