@@ -59,11 +59,21 @@ def test_each_token_sees_only_the_latest_image_before_it(model: VisionLanguageMo
     assert torch.all(diff[1] == 0)  # row 2 never sees image A
 
 
-def test_unsupported_lm_layout_fails_clearly() -> None:
-    bridge = build_bridge(BridgeConfig("gated_xattn", {}), vision_dim=8, lm_dim=32)
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
-    with pytest.raises(NotImplementedError, match="Llama-family"):
-        bridge.attach(gpt2)
+def test_any_decoder_layout_is_found_and_none_fails_clearly() -> None:
+    bridge = build_bridge(BridgeConfig("gated_xattn", {"heads": 2}), vision_dim=8, lm_dim=32)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50)).eval()
+    bridge.attach(gpt2)  # transformer.h: found without any GPT-2 specific name
+    assert len(bridge.blocks) == 1 and len(bridge._handles) == 1
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        closed = gpt2(input_ids=ids).logits
+        with bridge.bypassed():
+            bare = gpt2(input_ids=ids).logits
+    assert torch.equal(closed, bare)  # text only, gates at zero: the bare LM
+    headless = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(NotImplementedError, match=r"Sequential: no decoder layers found \(no nn.ModuleList of "
+                                                  r"identical blocks, and no num_hidden_layers in a config\)"):
+        build_bridge(BridgeConfig("gated_xattn", {}), vision_dim=8, lm_dim=32).attach(headless)
 
 
 def test_text_only_calls_after_an_image_batch_see_no_stale_image(model: VisionLanguageModel) -> None:

@@ -68,7 +68,9 @@ class PolicyConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # None: every linear layer but the output head (peft's "all-linear"), whatever the family
+    # names them; a list: these module names (each must match a module).
+    lora_targets: list[str] | None = None
 
 
 @dataclass

@@ -171,8 +171,9 @@ class VisionLanguageModel(nn.Module):
 
     def _generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   use_cache: bool) -> list[list[int]]:
-        stop = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-                if isinstance(i, int) and i >= 0]
+        from chiasm.chat_template import stop_token_ids  # the LM's own turn ends, not hard-coded names
+
+        stop = stop_token_ids(self.base_lm, self.tokenizer)
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
                                max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=use_cache,
                                pad_token_id=self.tokenizer.pad_token_id)

@@ -19,18 +19,9 @@ from torch import nn
 
 from chiasm.bridges.base import BRIDGES, Bridge
 from chiasm.bridges.resamplers import PerceiverResampler
+from chiasm.lm.layers import decoder_layers
 
-
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family LM, or a clear error for other layouts."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(
-            hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
-        raise NotImplementedError(
-            f"{type(lm).__name__}: in-LM bridges support Llama-family decoders (get_decoder().layers of blocks "
-            "with self_attn and mlp: Llama, Mistral, Qwen2, SmolLM2)")
-    return layers
+__all__ = ["GatedCrossAttentionBridge", "GatedXAttnDense", "decoder_layers"]
 
 
 class GatedXAttnDense(nn.Module):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from chiasm.bridges.base import BRIDGES, Bridge
-from chiasm.bridges.gated_xattn import decoder_layers
 from chiasm.bridges.projectors import MLPBridge
+from chiasm.lm.layers import decoder_layers
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -50,9 +50,8 @@ class VisualExpertBridge(Bridge):
 
     def attach(self, lm: nn.Module) -> None:
         layers = decoder_layers(lm)
-        for layer in layers:
-            if not all(hasattr(layer.self_attn, p) for p in PROJECTIONS):
-                raise NotImplementedError(f"visual_expert needs self_attn.{'/'.join(PROJECTIONS)} in every layer")
+        for i, layer in enumerate(layers):
+            _check_layout(lm, i, layer)
         if not len(self.experts):  # a fresh bridge: copy the LM's own weights
             for layer in layers:
                 parts = {p: copy.deepcopy(getattr(layer.self_attn, p)) for p in PROJECTIONS}
@@ -83,3 +82,23 @@ class VisualExpertBridge(Bridge):
             return out
 
         return run
+
+
+def _check_layout(lm: nn.Module, index: int, layer: nn.Module) -> None:
+    """Refuse, at build, a layer whose attention is not four separate projections plus an MLP.
+
+    A fused Q/K/V linear (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``) could be
+    split, but the expert would then no longer be a copy of the LM's own modules hooked in
+    place; such LMs are better served by a bridge that reads the image from outside the layer.
+    """
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and hasattr(layer, "mlp") and all(isinstance(getattr(attn, p, None), nn.Linear)
+                                                           for p in PROJECTIONS):
+        return
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and "mlp" not in n.split(".")]
+    raise NotImplementedError(
+        f"visual_expert copies separate self_attn.{'/'.join(PROJECTIONS)} projections and an mlp in every "
+        f"decoder layer, but {type(base).__name__}'s layer {index} has the attention linear layers "
+        f"{', '.join(linears) or 'none'}: fused (Phi-3, GPT-NeoX) or differently named projections cannot be "
+        "copied per role; choose another bridge (gated_xattn works inside any decoder)")
