@@ -218,6 +218,7 @@ class Trainer:
         # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP.
         inner = model.bridge if prealign is not None else model
         wrapped = DDP(inner) if self.dist.world > 1 else inner
+        model.lm.train()  # layers recompute under activation checkpointing only in training mode
         model.encoder.train(stage.encoder.mode != "frozen")
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
