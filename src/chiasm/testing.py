@@ -1,7 +1,9 @@
-"""Tiny from-scratch parts (tokenizer + Llama LM) for tests and quick runs.
+"""Tiny from-scratch parts (tokenizer + Llama LM) for tests and quick runs, and references.
 
 They exercise the same loading code as real checkpoints (a transformers folder with
 config.json, safetensors and a tokenizer with a chat template) in well under a second.
+``per_token_cross_attention`` is the plain form of gated cross-attention that the real
+block is checked (and measured) against.
 """
 
 from __future__ import annotations
@@ -51,3 +53,23 @@ def make_tiny_lm(folder: str | Path, *, hidden: int = 64, layers: int = 2, heads
                          pad_token_id=fast.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def per_token_cross_attention(block: torch.nn.Module, h: torch.Tensor, memory: torch.Tensor,
+                              image_of_token: torch.Tensor) -> torch.Tensor:
+    """Gated cross-attention's attention term written the plain way: each token gets its own copy.
+
+    ``memory`` is ``(n_images, M, D)`` for the whole batch and ``image_of_token`` ``(B, L)``
+    a global image index (-1: no image yet). Every token gathers its image's memory into a
+    ``(B, L, M, D)`` tensor and projects it, so keys and values are computed once per token.
+    """
+    b, n, d = h.shape
+    hd = d // block.heads
+    mem = memory[image_of_token.clamp(min=0)]  # (B, L, M, D)
+    k, v = block.kv(mem.to(h.dtype)).chunk(2, dim=-1)
+    q = block.q(block.ln_attn(h)).view(b, n, block.heads, hd)
+    k = k.view(b, n, -1, block.heads, hd)
+    v = v.view(b, n, -1, block.heads, hd)
+    weights = torch.einsum("blhd,blmhd->blhm", q, k).mul(hd**-0.5).softmax(-1)
+    attn = torch.einsum("blhm,blmhd->blhd", weights, v).reshape(b, n, d)
+    return block.out(attn) * (image_of_token >= 0)[..., None].to(h.dtype)
