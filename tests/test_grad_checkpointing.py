@@ -52,7 +52,7 @@ def _model(cfg: ModelConfig, checkpointing: bool, policies: dict[str, PolicyConf
     torch.manual_seed(1)
     with torch.no_grad():  # away from the identity start, so every trainable part gets a gradient
         for name, p in model.named_parameters():
-            if "gate" in name:
+            if name.startswith("bridge.blocks.") and ".gate_" in name:
                 p.fill_(0.5)
             elif "lora_B" in name:
                 p.normal_(0, 0.05)
