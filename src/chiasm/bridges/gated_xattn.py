@@ -108,7 +108,8 @@ class GatedCrossAttentionBridge(Bridge):
         memory = self.resampler(features, grid)  # (n_images, M, D)
         per_row = is_image.long().sum(1)
         if int(per_row.sum()) != memory.shape[0]:
-            raise ValueError(f"{memory.shape[0]} image(s) for {int(per_row.sum())} image markers")
+            raise ValueError(f"gated_xattn: {memory.shape[0]} image(s) but {int(per_row.sum())} image markers "
+                             "in the batch")
         rows = torch.repeat_interleave(torch.arange(is_image.shape[0], device=is_image.device), per_row)
         first = per_row.cumsum(0) - per_row
         slots = torch.arange(memory.shape[0], device=is_image.device) - first[rows]

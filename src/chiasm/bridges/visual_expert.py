@@ -42,7 +42,9 @@ class VisualExpertBridge(Bridge):
         self.adapter = MLPBridge(vision_dim, lm_dim, hidden=hidden)
         self.experts = nn.ModuleList()
         # Image positions of the layer call in progress, per layer: set when the layer's
-        # attention starts, read by its projections and MLP, dropped when its MLP ends.
+        # attention starts, read by its projections and MLP, dropped when its MLP ends. Every
+        # call of a layer sets its entry afresh, so nothing carries over from one call to the
+        # next (a recomputation that stops early may leave an entry until that next call).
         self._in_call: dict[int, torch.Tensor | None] = {}
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
