@@ -2,7 +2,8 @@
 
 Read top to bottom this file is the data path: ``encode_images`` (pixels -> features),
 ``visual_tokens`` (features -> LM-width tokens), ``embed`` (token ids + visual tokens ->
-one embedded sequence), ``forward`` (loss on assistant tokens) and ``generate``.
+one embedded sequence), ``lm_inputs`` (that sequence and what in-LM bridges read inside the
+LM's layers), ``forward`` (loss on assistant tokens) and ``generate``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class VisionLanguageModel(nn.Module):
         """Embed ``input_ids`` and put visual tokens where the image placeholders stand.
 
         Images are consumed in row-major order of their placeholders across the batch,
-        which is the order the collator lists them in.
+        which is the order the collator lists them in. In-LM bridges also need the keyword
+        arguments that ``lm_inputs`` returns beside this sequence.
         """
         is_image = input_ids == self.image_token_id
         safe_ids = input_ids.masked_fill(is_image, 0)
