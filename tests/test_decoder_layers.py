@@ -65,15 +65,14 @@ def test_gated_xattn_runs_inside_fused_layouts(tiny_model_config, family_dirs, f
     ids = torch.tensor([[5, 6, img, 7, 8]])
     feats = torch.randn(1, 16, model.encoder.dim)
     with torch.no_grad():
-        embeds = model.embed(ids, feats)
-        closed = model.lm(inputs_embeds=embeds).logits
+        embeds, layer_inputs = model.lm_inputs(ids, feats)
+        closed = model.lm(inputs_embeds=embeds, **layer_inputs).logits
         with model.bridge.bypassed():
-            bare = model.lm(inputs_embeds=embeds).logits
+            bare = model.lm(inputs_embeds=embeds, **layer_inputs).logits
         torch.testing.assert_close(closed, bare, rtol=0, atol=1e-6)  # closed gates: the bare LM
         for block in model.bridge.blocks:
             block.gate_attn.fill_(1.0)
-        opened = model.lm(inputs_embeds=model.embed(ids, feats)).logits
-    model.bridge.release()
+        opened = model.lm(inputs_embeds=embeds, **layer_inputs).logits
     diff = (opened - bare).abs().amax(-1)[0]
     assert torch.all(diff[:2] == 0) and torch.all(diff[2:] > 0)  # the hooks act from the image on
 

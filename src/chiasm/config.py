@@ -56,6 +56,10 @@ class ModelConfig:
     # Where each visual token sits, told to the LM: "raster" (bridge order, no text) or
     # "quadrants" (tokens grouped by quadrant after its name in words; see chiasm.layout).
     image_layout: Literal["raster", "quadrants"] = "raster"
+    # Activation checkpointing of the LM and of a transformers vision tower: each layer's
+    # activations are recomputed in the backward pass instead of kept, which trades about one
+    # more forward pass for memory (longer sequences, bigger batches); gradients are unchanged.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

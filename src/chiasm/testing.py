@@ -7,6 +7,9 @@ other families (GPT-NeoX's fused ``query_key_value``, Phi-3's fused ``qkv_proj``
 tokenizer the chat conventions of others (Gemma's turns without a system role, Qwen3's
 think blocks, Llama-3's ``<|eot_id|>``), so that family-specific behaviour is tested
 without any download.
+
+``per_token_cross_attention`` is the plain form of gated cross-attention that the real
+block is checked (and measured) against.
 """
 
 from __future__ import annotations
@@ -161,3 +164,23 @@ def make_tiny_lm(folder: str | Path, *, hidden: int = 64, layers: int = 2, heads
             eos_token_id=[fast.convert_tokens_to_ids(t) for t in style.generation_eos])
     lm.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def per_token_cross_attention(block: torch.nn.Module, h: torch.Tensor, memory: torch.Tensor,
+                              image_of_token: torch.Tensor) -> torch.Tensor:
+    """Gated cross-attention's attention term written the plain way: each token gets its own copy.
+
+    ``memory`` is ``(n_images, M, D)`` for the whole batch and ``image_of_token`` ``(B, L)``
+    a global image index (-1: no image yet). Every token gathers its image's memory into a
+    ``(B, L, M, D)`` tensor and projects it, so keys and values are computed once per token.
+    """
+    b, n, d = h.shape
+    hd = d // block.heads
+    mem = memory[image_of_token.clamp(min=0)]  # (B, L, M, D)
+    k, v = block.kv(mem.to(h.dtype)).chunk(2, dim=-1)
+    q = block.q(block.ln_attn(h)).view(b, n, block.heads, hd)
+    k = k.view(b, n, -1, block.heads, hd)
+    v = v.view(b, n, -1, block.heads, hd)
+    weights = torch.einsum("blhd,blmhd->blhm", q, k).mul(hd**-0.5).softmax(-1)
+    attn = torch.einsum("blhm,blmhd->blhd", weights, v).reshape(b, n, d)
+    return block.out(attn) * (image_of_token >= 0)[..., None].to(h.dtype)

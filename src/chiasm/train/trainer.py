@@ -222,6 +222,10 @@ class Trainer:
         inner = model.bridge if prealign is not None else model
         wrapped = DDP(inner) if self.dist.world > 1 else inner
         set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
+        if model.config.gradient_checkpointing:
+            # transformers recomputes layers only in training mode, also for a frozen LM whose
+            # activations carry the bridge's gradient (dropout of current LMs is zero).
+            model.lm.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
         if self.dist.is_main:
