@@ -85,7 +85,9 @@ class HFVisionTower(VisionEncoder):
         explicit = _explicit_normalisation(opts)
         if self.processor_config is not None:
             with hub_errors(source, "vision tower"):
-                proc = AutoImageProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+                # The PIL backend: the steps chiasm follows (and no torchvision needed to read them).
+                proc = AutoImageProcessor.from_pretrained(source, backend="pil",
+                                                          trust_remote_code=cfg.trust_remote_code)
             prep = from_image_processor(proc)
             if explicit is not None:
                 prep.mean, prep.std = explicit
