@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from chiasm.cli import main
-from chiasm.config import EncoderConfig, LMConfig, ModelConfig
+from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
 from chiasm.data.llava import load_llava
 from chiasm.data.synthetic import WorldFiles
 from chiasm.model import VisionLanguageModel
@@ -225,3 +225,18 @@ def test_tower_folder_copy_is_independent_of_the_original(tiny_lm_dir: Path, tmp
     folder = VisionLanguageModel.build(cfg).save(tmp_path / "model")
     shutil.rmtree(tower)
     assert VisionLanguageModel.load(folder).tokens_per_image == 16
+
+
+@pytest.mark.parametrize("bridge", [BridgeConfig("gated_xattn", {"every": 1, "num_latents": 4, "heads": 4}),
+                                    BridgeConfig("visual_expert")])
+def test_in_lm_bridges_take_the_lms_dtype(tiny_model_config: ModelConfig, tiny_world: WorldFiles, tmp_path: Path,
+                                          bridge: BridgeConfig) -> None:
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(replace(tiny_model_config, bridge=bridge, dtype="bf16"))
+    # Their modules run on the LM's bf16 hidden states, so they are bf16 too (a prefix bridge stays fp32).
+    assert {p.dtype for p in model.bridge.parameters()} == {torch.bfloat16}
+    batch = _batch(model, tiny_world)
+    before = _logits(model, batch)
+    loaded = VisionLanguageModel.load(model.save(tmp_path / "model"))
+    assert {p.dtype for p in loaded.bridge.parameters()} == {torch.bfloat16}
+    assert torch.equal(_logits(loaded, batch), before)

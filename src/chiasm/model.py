@@ -60,8 +60,8 @@ class VisionLanguageModel(nn.Module):
         lm, tokenizer = load_language_model(config.lm.source, dtype=config.dtype,
                                             attn_implementation=config.attn_implementation,
                                             trust_remote_code=config.lm.trust_remote_code)
-        bridge = _in_lm_dtype(build_bridge(config.bridge, encoder.dim, lm.config.hidden_size), lm)
-        return cls(config, encoder, bridge, lm, tokenizer)
+        bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
+        return _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
 
     @property
     def processor(self) -> Processor:
@@ -242,8 +242,8 @@ class VisionLanguageModel(nn.Module):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
-        bridge = _in_lm_dtype(build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False), lm)
-        model = cls(config, encoder, bridge, lm, tokenizer)
+        bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
+        model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
         bridge.load_state_dict(load_file(str(folder / "bridge.safetensors")))
         if processor is not None:
             _adopt_processor(model, processor, folder)
@@ -252,13 +252,16 @@ class VisionLanguageModel(nn.Module):
         return model.eval()
 
 
-def _in_lm_dtype(bridge: Bridge, lm: PreTrainedModel) -> Bridge:
+def _in_lm_dtype(model: VisionLanguageModel) -> VisionLanguageModel:
     """In-LM bridges run inside the LM's layers, on its hidden states: they take the LM's dtype.
 
-    Prefix bridges stay in float32: they are small, trained with AdamW (whose updates bf16
-    weights would round away), and their output is cast to the LM's dtype anyway.
+    Cast after ``attach``, which creates their per-layer modules. Prefix bridges stay in
+    float32: they are small, trained with AdamW (whose updates bf16 weights would round
+    away), and their output is cast to the LM's dtype anyway.
     """
-    return bridge.to(lm.dtype) if bridge.in_lm else bridge
+    if model.bridge.in_lm:
+        model.bridge.to(model.base_lm.dtype)
+    return model
 
 
 def _adopt_processor(model: VisionLanguageModel, processor: Processor, folder: Path) -> None:
