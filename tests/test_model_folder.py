@@ -240,3 +240,40 @@ def test_in_lm_bridges_take_the_lms_dtype(tiny_model_config: ModelConfig, tiny_w
     loaded = VisionLanguageModel.load(model.save(tmp_path / "model"))
     assert {p.dtype for p in loaded.bridge.parameters()} == {torch.bfloat16}
     assert torch.equal(_logits(loaded, batch), before)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_dual_tower_keeps_only_its_image_side(family: str, tiny_lm_dir: Path, tiny_world: WorldFiles,
+                                                tmp_path: Path) -> None:
+    """Hub CLIP/SigLIP checkpoints are image + text models: the folder keeps the vision config alone."""
+    import transformers as tf
+
+    text = {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 16}
+    tower = tmp_path / "dual"
+    torch.manual_seed(0)
+    if family == "clip":
+        tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=TOWER)).save_pretrained(tower)
+        tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            tower)
+    else:
+        tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=TOWER)).save_pretrained(tower)
+        tf.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tower)
+    cfg = ModelConfig(encoder=EncoderConfig(name="hf-vision", source=str(tower)), lm=LMConfig(source=str(tiny_lm_dir)))
+    model = VisionLanguageModel.build(cfg)
+    _perturb_bridge(model)
+    batch = _batch(model, tiny_world)
+    before = _logits(model, batch)
+    folder = model.save(tmp_path / "model")
+    saved = json.loads((folder / "encoder" / "config.json").read_text())
+    assert saved["model_type"] == f"{family}_vision_model"
+    shutil.rmtree(tower)
+    assert torch.equal(_logits(VisionLanguageModel.load(folder), batch), before)
+
+
+def test_load_can_pick_another_attention_kernel(tiny_model: VisionLanguageModel, tmp_path: Path) -> None:
+    folder = tiny_model.save(tmp_path / "model")
+    loaded = VisionLanguageModel.load(folder, attn_implementation="eager")
+    assert loaded.config.attn_implementation == "eager" and loaded.base_lm.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="unknown attn_implementation 'fast'"):
+        VisionLanguageModel.load(folder, attn_implementation="fast")

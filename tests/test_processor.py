@@ -146,3 +146,11 @@ def test_inference_paths_do_not_import_training_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_images_in_memory_give_the_same_pixels_as_files(tiny_model: VisionLanguageModel,
+                                                        tiny_world: WorldFiles) -> None:
+    samples = _samples(tiny_world, 2)
+    paths = [p for s in samples for p in s.images]
+    proc = tiny_model.processor
+    assert torch.equal(proc.pixels([load_image(p) for p in paths]), proc(samples).pixels)

@@ -221,14 +221,19 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None) -> VisionLanguageModel:
-        """Load a folder written by :meth:`save`, in its saved dtype unless ``dtype`` says otherwise."""
+             dtype: str | torch.dtype | None = None, attn_implementation: str | None = None) -> VisionLanguageModel:
+        """Load a folder written by :meth:`save`, in its saved dtype unless ``dtype`` says otherwise.
+
+        ``attn_implementation`` replaces the saved one (e.g. a kernel only the serving GPU has).
+        """
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
         config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
         if dtype is not None:
             config = replace(config, dtype=dtype_name(torch_dtype(dtype)))
+        if attn_implementation is not None:
+            config = replace(config, attn_implementation=attn_implementation)
         enc_cfg = config.encoder
         if (folder / ENCODER_FOLDER).is_dir():  # rebuilt from the folder, never from the original source
             enc_cfg = replace(enc_cfg, source=str(folder / ENCODER_FOLDER))

@@ -161,6 +161,10 @@ class Processor:
         """One PIL image -> the ``(3, H, W)`` pixels the encoder takes."""
         return self.image(image)
 
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images already in memory (e.g. received by a server) -> ``(n, 3, H, W)``, in placeholder order."""
+        return torch.stack([self.image(im) for im in images])
+
     def collate(self, items: list[Prepared], *, left_pad: bool = False, features: FeatureCache | None = None,
                 override_images: list[str] | None = None) -> Batch:
         """Pad (right for training, left for generation) and attach pixels or cached features."""

@@ -59,6 +59,10 @@ class HFVisionTower(VisionEncoder):
             model = AutoModel.from_config(self.vision_config, trust_remote_code=remote)
         self.tower = _vision_part(model)
         self.feature_layer = cfg.feature_layer
+        missing = [k for k in ("hidden_size", "image_size", "patch_size") if not hasattr(self.vision_config, k)]
+        if missing:
+            raise ValueError(f"hf-vision reads ViT-style towers; {type(self.vision_config).__name__} from "
+                             f"{cfg.source!r} has no {', '.join(missing)}")
         self.dim = int(self.vision_config.hidden_size)
         native = int(self.vision_config.image_size)
         self.image_size = int(cfg.image_size or native)
