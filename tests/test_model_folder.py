@@ -277,3 +277,14 @@ def test_load_can_pick_another_attention_kernel(tiny_model: VisionLanguageModel,
     assert loaded.config.attn_implementation == "eager" and loaded.base_lm.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="unknown attn_implementation 'fast'"):
         VisionLanguageModel.load(folder, attn_implementation="fast")
+
+
+def test_saving_over_an_older_folder_drops_its_tower_config(tiny_lm_dir: Path, tiny_model: VisionLanguageModel,
+                                                            tmp_path: Path) -> None:
+    tower = _clip_tower(tmp_path / "tower")
+    cfg = ModelConfig(encoder=EncoderConfig(name="hf-vision", source=str(tower)), lm=LMConfig(source=str(tiny_lm_dir)))
+    folder = VisionLanguageModel.build(cfg).save(tmp_path / "model")
+    assert (folder / "encoder").is_dir()
+    tiny_model.save(folder)
+    assert not (folder / "encoder").exists()
+    assert VisionLanguageModel.load(folder).config == tiny_model.config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -214,6 +215,7 @@ class VisionLanguageModel(nn.Module):
         (folder / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2) + "\n")
         save_file(_contiguous(self.bridge.state_dict()), str(folder / "bridge.safetensors"))
         save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
+        shutil.rmtree(folder / ENCODER_FOLDER, ignore_errors=True)  # never a stale tower config from an older save
         self.encoder.export(folder / ENCODER_FOLDER)
         lm.save_pretrained(folder / "lm", safe_serialization=True)
         self.processor.save_pretrained(folder)  # processor_config.json, and the tokenizer into lm/

@@ -34,6 +34,7 @@ from chiasm.tokens import IMAGE_TOKEN, add_image_token
 
 if TYPE_CHECKING:
     from chiasm.features import FeatureCache
+    from chiasm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 PROCESSOR_FILE = "processor_config.json"
@@ -83,7 +84,7 @@ class Processor:
 
     # ---- construction and persistence -------------------------------------------------
     @classmethod
-    def from_model(cls, model: Any) -> Processor:
+    def from_model(cls, model: VisionLanguageModel) -> Processor:
         """The processor of a built model: its tokenizer, its encoder's preprocessing, its token count."""
         return cls(model.tokenizer, model.encoder.preprocessing, tokens_per_image=model.tokens_per_image,
                    max_length=model.max_length, system_prompt=model.config.system_prompt,
