@@ -127,6 +127,11 @@ def test_processor_config_rejects_unknown_keys(tiny_model: VisionLanguageModel, 
         Processor.from_pretrained(folder)
     with pytest.raises(FileNotFoundError, match=f"has no {PROCESSOR_FILE}"):
         Processor.from_pretrained(tmp_path)
+    del data["image"]["size_"]
+    data["image_layout"] = "spiral"
+    (folder / PROCESSOR_FILE).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="unknown image layout 'spiral'; known: raster, quadrants"):
+        Processor.from_pretrained(folder)
 
 
 def test_the_processor_follows_the_encoders_preprocessing(tiny_model: VisionLanguageModel) -> None:

@@ -30,6 +30,7 @@ from chiasm.conversation import IGNORE_INDEX, ConversationEncoder, Encoded
 from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.encoders.preprocessing import ImagePreprocessing
+from chiasm.layout import LAYOUTS
 from chiasm.tokens import IMAGE_TOKEN, add_image_token
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class Processor:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image: ImagePreprocessing, *, tokens_per_image: int,
                  max_length: int, system_prompt: str | None = None, image_layout: str = "raster"):
+        if image_layout not in LAYOUTS:
+            raise ValueError(f"unknown image layout {image_layout!r}; known: {', '.join(LAYOUTS)}")
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer)
         self.image = image
