@@ -31,7 +31,7 @@ def _python(code: str) -> str:
 def test_the_general_path_does_not_import_the_synthetic_package() -> None:
     out = _python(
         "import sys\n"
-        "import chiasm.model, chiasm.train.trainer, chiasm.eval.evaluate, chiasm.chat, chiasm.cli\n"
+        "import chiasm.model, chiasm.train.trainer, chiasm.eval.evaluate, chiasm.chat, chiasm.cli, chiasm.processor\n"
         "from chiasm.config import RunConfig, ModelConfig, StageConfig, EvalConfig\n"
         "RunConfig(model=ModelConfig(image_layout='quadrants'), eval=EvalConfig(scorer='synthetic'),\n"
         "          stages=[StageConfig(name='p', data='d', objective='words')])\n"

@@ -2,14 +2,16 @@
 
 Read top to bottom this file is the data path: ``encode_images`` (pixels -> features),
 ``visual_tokens`` (features -> LM-width tokens), ``embed`` (token ids + visual tokens ->
-one embedded sequence), ``forward`` (loss on assistant tokens) and ``generate``.
+one embedded sequence), ``lm_inputs`` (that sequence and what in-LM bridges read inside the
+LM's layers), ``forward`` (loss on assistant tokens) and ``generate``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,13 +20,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chiasm.bridges.base import Bridge, build_bridge
+from chiasm.checkpointing import enable_checkpointing
 from chiasm.config import ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.layout import token_order
-from chiasm.lm.loader import load_language_model
+from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
+from chiasm.processor import PROCESSOR_FILE, Processor
 from chiasm.tokens import add_image_token, image_token_count
 
 CONFIG_FILE = "chiasm_config.json"
+ENCODER_FOLDER = "encoder"  # what rebuilding the encoder needs beyond its weights (a tower's configs)
 
 
 @dataclass
@@ -49,15 +54,30 @@ class VisionLanguageModel(nn.Module):
         self.token_order = token_order(config.image_layout, bridge.token_grid(encoder.grid()),
                                        image_token_count(encoder, bridge))
         bridge.attach(self.base_lm)
+        if config.gradient_checkpointing:
+            enable_checkpointing(self.base_lm, encoder)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def build(cls, config: ModelConfig, *, lm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+    def build(cls, config: ModelConfig) -> VisionLanguageModel:
         """Assemble from the config: pretrained encoder and LM, a freshly initialised bridge."""
         encoder = build_encoder(config.encoder)
-        lm, tokenizer = load_language_model(config.lm.source, dtype=lm_dtype)
+        lm, tokenizer = load_language_model(config.lm.source, dtype=config.dtype,
+                                            attn_implementation=config.attn_implementation,
+                                            trust_remote_code=config.lm.trust_remote_code)
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
-        return cls(config, encoder, bridge, lm, tokenizer)
+        return _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
+
+    @property
+    def processor(self) -> Processor:
+        """Sample -> inputs for this model (tokenizer, image preprocessing, tokens per image, layout)."""
+        key = (self.encoder.preprocessing, self.tokens_per_image, self.max_length, self.config.system_prompt,
+               self.config.image_layout)
+        cached = getattr(self, "_processor", None)
+        if cached is None or cached[0] != key:  # rebuilt only when one of its parts changed
+            cached = (key, Processor.from_model(self))
+            self._processor = cached
+        return cached[1]
 
     @property
     def base_lm(self) -> PreTrainedModel:
@@ -97,7 +117,8 @@ class VisionLanguageModel(nn.Module):
         """Embed ``input_ids`` and put visual tokens where the image placeholders stand.
 
         Images are consumed in row-major order of their placeholders across the batch,
-        which is the order the collator lists them in.
+        which is the order the collator lists them in. In-LM bridges also need the keyword
+        arguments that ``lm_inputs`` returns beside this sequence.
         """
         is_image = input_ids == self.image_token_id
         safe_ids = input_ids.masked_fill(is_image, 0)
@@ -116,8 +137,16 @@ class VisionLanguageModel(nn.Module):
                 f" but the sequence holds {n_positions} image-token positions")
         embeds = embeds.clone()
         embeds[is_image] = vis.reshape(-1, vis.shape[-1])
-        self.bridge.bind(is_image)
         return embeds
+
+    def lm_inputs(self, input_ids: torch.Tensor,
+                  features: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The embedded sequence and the keyword arguments that in-LM bridges read in the LM's layers."""
+        embeds = self.embed(input_ids, features)
+        if features is None or features.shape[0] == 0:
+            return embeds, {}
+        return embeds, self.bridge.layer_inputs(features.to(self.bridge_dtype), self.encoder.grid(),
+                                                input_ids == self.image_token_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, *, pixels: torch.Tensor | None = None,
@@ -130,22 +159,21 @@ class VisionLanguageModel(nn.Module):
         """
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        try:
-            return self._forward(self.embed(input_ids, features), attention_mask, labels, return_logits)
-        finally:
-            self.bridge.release()
+        embeds, layer_inputs = self.lm_inputs(input_ids, features)
+        return self._forward(embeds, attention_mask, labels, return_logits, layer_inputs)
 
     def _forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                 return_logits: bool) -> VLMOutput:
+                 return_logits: bool, layer_inputs: dict[str, torch.Tensor]) -> VLMOutput:
         if labels is None or return_logits or not self._can_split_head():
-            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                             **layer_inputs).logits
             loss = None
             if labels is not None:
                 loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                    labels[:, 1:].flatten(), ignore_index=-100)
             return VLMOutput(loss, logits)
         hidden = self.base_lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            use_cache=False).last_hidden_state
+                                            use_cache=False, **layer_inputs).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         picked = self.base_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -164,18 +192,17 @@ class VisionLanguageModel(nn.Module):
         """Greedy continuation of left-padded prompts; returns the new token ids per row."""
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        try:
-            return self._generate(self.embed(input_ids, features), attention_mask, max_new_tokens, use_cache)
-        finally:
-            self.bridge.release()
+        embeds, layer_inputs = self.lm_inputs(input_ids, features)
+        return self._generate(embeds, attention_mask, max_new_tokens, use_cache, layer_inputs)
 
     def _generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  use_cache: bool) -> list[list[int]]:
-        stop = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-                if isinstance(i, int) and i >= 0]
+                  use_cache: bool, layer_inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+        from chiasm.chat_template import stop_token_ids  # the LM's own turn ends, not hard-coded names
+
+        stop = stop_token_ids(self.base_lm, self.tokenizer)
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
                                max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=use_cache,
-                               pad_token_id=self.tokenizer.pad_token_id)
+                               pad_token_id=self.tokenizer.pad_token_id, **layer_inputs)
         rows = []
         for row in out.tolist():
             cut = next((k for k, t in enumerate(row) if t in stop), len(row))
@@ -184,39 +211,83 @@ class VisionLanguageModel(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write config, encoder, bridge and a plain (LoRA-merged) transformers LM folder."""
+        """Write a self-contained folder: config, processor, encoder, bridge and a plain transformers LM.
+
+        The LM is LoRA-merged and keeps its weights' dtype, which the saved config records. The
+        encoder's own configs (a tower's config and image processor) go into ``encoder/``, so the
+        folder loads with the original tower gone.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
-        save_file(_contiguous(self.bridge.state_dict()), str(folder / "bridge.safetensors"))
-        save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
         lm = self.lm
         if hasattr(lm, "merge_and_unload"):
             lm = copy.deepcopy(lm).merge_and_unload()
+        config = replace(self.config, dtype=dtype_name(next(lm.parameters()).dtype))
+        (folder / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        save_file(_contiguous(self.bridge.export_state(self.base_lm)), str(folder / "bridge.safetensors"))
+        save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
+        shutil.rmtree(folder / ENCODER_FOLDER, ignore_errors=True)  # never a stale tower config from an older save
+        self.encoder.export(folder / ENCODER_FOLDER)
         lm.save_pretrained(folder / "lm", safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "lm")
+        self.processor.save_pretrained(folder)  # processor_config.json, and the tokenizer into lm/
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, lm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
-        """Load a folder written by :meth:`save`."""
+    def load(cls, folder: str | Path, *, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None, attn_implementation: str | None = None) -> VisionLanguageModel:
+        """Load a folder written by :meth:`save`, in its saved dtype unless ``dtype`` says otherwise.
+
+        ``attn_implementation`` replaces the saved one (e.g. a kernel only the serving GPU has).
+        """
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
         config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
-        enc_cfg = copy.deepcopy(config.encoder)
-        enc_cfg.options = {**enc_cfg.options, "pretrained": False}  # weights come from the folder
-        encoder = build_encoder(enc_cfg)
+        if dtype is not None:
+            config = replace(config, dtype=dtype_name(torch_dtype(dtype)))
+        if attn_implementation is not None:
+            config = replace(config, attn_implementation=attn_implementation)
+        enc_cfg = config.encoder
+        if (folder / ENCODER_FOLDER).is_dir():  # rebuilt from the folder, never from the original source
+            enc_cfg = replace(enc_cfg, source=str(folder / ENCODER_FOLDER))
+        encoder = build_encoder(enc_cfg, pretrained=False)  # weights come from the folder
         encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
-        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=lm_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "lm")
+        check_attn_implementation(config.attn_implementation)
+        extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+        processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder / "lm")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
-        model = cls(config, encoder, bridge, lm, tokenizer)
+        model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
         bridge.load_state_dict(load_file(str(folder / "bridge.safetensors")))
+        if processor is not None:
+            _adopt_processor(model, processor, folder)
+        if device is not None:
+            model.to(device)
         return model.eval()
+
+
+def _in_lm_dtype(model: VisionLanguageModel) -> VisionLanguageModel:
+    """In-LM bridges run inside the LM's layers, on its hidden states: they take the LM's dtype.
+
+    Cast after ``attach``, which creates their per-layer modules. Prefix bridges stay in
+    float32: they are small, trained with AdamW (whose updates bf16 weights would round
+    away), and their output is cast to the LM's dtype anyway.
+    """
+    if model.bridge.in_lm:
+        model.bridge.to(model.base_lm.dtype)
+    return model
+
+
+def _adopt_processor(model: VisionLanguageModel, processor: Processor, folder: Path) -> None:
+    """Feed the model as its folder says; refuse a processor that contradicts the model's parts."""
+    if processor.tokens_per_image != model.tokens_per_image:
+        raise ValueError(f"{folder / PROCESSOR_FILE} says {processor.tokens_per_image} tokens per image, "
+                         f"the saved encoder and bridge make {model.tokens_per_image}")
+    model.encoder.preprocessing = processor.image
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -12,35 +13,44 @@ import torch
 from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
 from chiasm.eval import retention, vqa
+from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
 from chiasm.model import VisionLanguageModel
-from chiasm.train.features import FeatureCache
 
 log = logging.getLogger(__name__)
 
 
 class BaseLM:
-    """The untrained LM to compare against: the LoRA-disabled view if possible, else a fresh load."""
+    """The untrained LM to compare against: the LoRA-disabled view if possible, else a fresh load.
+
+    The LoRA-disabled view is still the LM with the bridge's modules installed in it, so the
+    bridge is bypassed too (gated cross-attention's dense blocks act on text alone).
+    """
 
     def __init__(self, model: VisionLanguageModel):
         self.model = model
         self._loaded = None
+        self._stack: ExitStack | None = None
 
     def __enter__(self):
         lm = self.model.lm
         if hasattr(lm, "disable_adapter"):
-            self._ctx = lm.disable_adapter()
-            self._ctx.__enter__()
+            self._stack = ExitStack()
+            self._stack.enter_context(lm.disable_adapter())
+            self._stack.enter_context(self.model.bridge.bypassed())
             return lm
-        self._ctx = None
         if self._loaded is None:
-            self._loaded, _ = load_language_model(self.model.config.lm.source)
+            cfg = self.model.config
+            self._loaded, _ = load_language_model(cfg.lm.source, dtype=self.model.base_lm.dtype,
+                                                  attn_implementation=cfg.attn_implementation,
+                                                  trust_remote_code=cfg.lm.trust_remote_code)
             self._loaded.to(self.model.device).eval()
         return self._loaded
 
     def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+        if self._stack is not None:
+            self._stack.__exit__(*exc)
+            self._stack = None
 
 
 def retention_report(model: VisionLanguageModel, cfg: EvalConfig, base: dict | None = None) -> dict:
@@ -76,7 +86,8 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
-            feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False)
+            feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
+                                       preprocess=model.processor.image)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
