@@ -1,23 +1,40 @@
-"""Encoder features computed once per image and cached (memory + a safetensors file).
+"""Encoder features computed once per image and cached: in memory, or on disk, sharded and memory-mapped.
 
 When a stage keeps the encoder frozen its output never changes, so recomputing it every
-epoch would waste most of a CPU's time. The cache file is keyed by the encoder's config
-and weights fingerprint and by the image list, so a stale cache is never reused.
+epoch would waste most of the time. The cache is keyed by the encoder's config and weights
+fingerprint and by the image list (paths, sizes, modification times), so a stale cache is
+never reused.
+
+On disk (``cache_dir`` given) the cache is a folder ``features-<fingerprint>/`` of shards:
+under DDP every rank encodes only its own contiguous block of the sorted image list and
+writes it as one ``.npy`` file of fp16 rows, so encoding a large data set is split across the
+ranks instead of repeated on each. Readers map every shard with ``numpy.load(mmap_mode="r")``:
+a lookup copies only the rows it asks for, and the pages stay in the OS page cache shared by
+all ranks on a node, instead of a full copy of the data set in every process's heap.
+Every file is written under a temporary name and renamed into place, and a shard's ``.json``
+is renamed last, so a run killed mid-write never leaves a shard that looks complete.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from chiasm.data.images import load_image
+from chiasm.data.sample import DataError
 from chiasm.encoders.base import VisionEncoder
+
+log = logging.getLogger(__name__)
+INDEX_FILE = "index.json"
 
 
 def _fingerprint(encoder: VisionEncoder, paths: Sequence[str]) -> str:
@@ -37,42 +54,200 @@ def _fingerprint(encoder: VisionEncoder, paths: Sequence[str]) -> str:
 
 
 class FeatureCache:
-    """Maps image path -> row of a ``(n_images, N, Dv)`` tensor of frozen-encoder features."""
+    """Maps image path -> its ``(N, Dv)`` frozen-encoder features; this base keeps them in memory.
 
-    def __init__(self, index: dict[str, int], features: torch.Tensor):
+    ``bad`` maps the images that could not be decoded (under ``on_error = "skip"``) to the
+    reason, so that a lookup of one raises a :class:`DataError` naming it instead of
+    returning made-up features.
+    """
+
+    def __init__(self, index: dict[str, int], features: torch.Tensor, bad: Mapping[str, str] | None = None):
         self.index = index
         self.features = features
+        self.bad = dict(bad or {})
+
+    def rows(self, paths: Sequence[str]) -> list[int]:
+        out = []
+        for p in paths:
+            p = str(p)
+            if p in self.bad:
+                raise DataError(self.bad[p])
+            if p not in self.index:
+                raise KeyError(f"image {p} is not in the feature cache (built for {len(self.index)} images)")
+            out.append(self.index[p])
+        return out
 
     def lookup(self, paths: Sequence[str]) -> torch.Tensor:
-        rows = [self.index[str(p)] for p in paths]
+        """Features of ``paths`` in that order, as float32 ``(len(paths), N, Dv)``."""
+        rows = self.rows(paths)
         return self.features[rows].float() if rows else self.features[:0].float()
 
     @classmethod
     @torch.no_grad()
     def build(cls, encoder: VisionEncoder, paths: Sequence[str], *, cache_dir: Path | None = None,
-              batch_size: int = 32, show_progress: bool = True) -> FeatureCache:
-        """Compute (or load from ``cache_dir``) features of every unique path."""
+              batch_size: int = 32, show_progress: bool = True, rank: int = 0, world: int = 1,
+              sync: Callable[[], None] | None = None, on_error: str = "raise",
+              owners: Mapping[str, tuple[str | None, str | None]] | None = None) -> FeatureCache:
+        """Compute (or reuse from ``cache_dir``) the features of every unique path.
+
+        Without ``cache_dir`` the features are one in-memory tensor (fine for an evaluation
+        set). With it, the result is a :class:`MemmapFeatureCache`; every rank must call this
+        with the same paths, and ``sync`` (a barrier) separates writing from reading.
+        ``owners`` maps a path to the (data file, sample id) named when it cannot be decoded.
+        """
         unique = sorted({str(p) for p in paths})
-        index = {p: i for i, p in enumerate(unique)}
-        file = None
         if cache_dir is not None:
-            file = Path(cache_dir) / f"features-{_fingerprint(encoder, unique)}.safetensors"
-            if file.exists():
-                return cls(index, load_file(str(file))["features"])
-        was_training = encoder.training
-        encoder.eval()
-        device = next(encoder.parameters()).device
-        chunks = []
-        for i in tqdm(range(0, len(unique), batch_size), desc="encoding images", unit="batch",
-                      disable=not show_progress):
-            batch = unique[i : i + batch_size]
-            pixels = torch.stack([encoder.preprocess(load_image(Path(p))) for p in batch]).to(device)
-            chunks.append(encoder(pixels).to(torch.float16).cpu())
+            return MemmapFeatureCache.build(encoder, unique, Path(cache_dir), batch_size=batch_size,
+                                            show_progress=show_progress, rank=rank, world=world, sync=sync,
+                                            on_error=on_error, owners=owners)
+        n, dim = len(unique), encoder.dim
+        feats = torch.zeros((n, encoder.grid()[0] * encoder.grid()[1], dim), dtype=torch.float16)
+        bad = _encode_rows(encoder, unique, 0, n, feats, batch_size, show_progress, on_error, owners)
+        return cls({p: i for i, p in enumerate(unique)}, feats, bad)
+
+
+def _encode_rows(encoder: VisionEncoder, unique: Sequence[str], lo: int, hi: int, out: torch.Tensor | np.ndarray,
+                 batch_size: int, show_progress: bool, on_error: str,
+                 owners: Mapping[str, tuple[str | None, str | None]] | None) -> dict[str, str]:
+    """Encode ``unique[lo:hi]`` into ``out[0 : hi - lo]`` chunk by chunk; return the undecodable images."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    bad: dict[str, str] = {}
+    try:
+        for i in tqdm(range(lo, hi, batch_size), desc="encoding images", unit="batch", disable=not show_progress):
+            chunk, pixels = [], []
+            for j in range(i, min(i + batch_size, hi)):
+                source, sample_id = (owners or {}).get(unique[j], (None, None))
+                try:
+                    pixels.append(encoder.preprocess(load_image(Path(unique[j]), sample_id=sample_id, source=source)))
+                    chunk.append(j)
+                except DataError as err:
+                    if on_error != "skip":
+                        raise
+                    bad[unique[j]] = err.message
+            if not chunk:
+                continue
+            feats = encoder(torch.stack(pixels).to(device)).to(torch.float16).cpu()
+            for k, j in enumerate(chunk):
+                out[j - lo] = feats[k] if isinstance(out, torch.Tensor) else feats[k].numpy()
+    finally:
         encoder.train(was_training)
-        feats = torch.cat(chunks) if chunks else torch.zeros(0)
-        if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(".tmp")
-            save_file({"features": feats.contiguous()}, str(tmp), metadata={"paths": json.dumps(unique)})
-            tmp.rename(file)
-        return cls(index, feats)
+    if bad:
+        log.warning("feature cache: %d undecodable image(s) left out (first: %s)", len(bad), next(iter(bad.values())))
+    return bad
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class MemmapFeatureCache(FeatureCache):
+    """Shards of fp16 rows on disk, memory-mapped lazily in each process (and each DataLoader worker)."""
+
+    def __init__(self, folder: Path, paths: list[str], bounds: list[int], files: list[Path],
+                 bad: Mapping[str, str] | None = None):
+        super().__init__({p: i for i, p in enumerate(paths)}, torch.zeros(0), bad)
+        self.folder, self.bounds, self.files = folder, bounds, files
+        self._maps: list[np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        # A worker process maps the files itself; pickling an open map would copy its data.
+        return {**self.__dict__, "_maps": None}
+
+    def _arrays(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [np.load(f, mmap_mode="r") for f in self.files]
+        return self._maps
+
+    def lookup(self, paths: Sequence[str]) -> torch.Tensor:
+        rows = self.rows(paths)
+        maps = self._arrays()
+        out = np.empty((len(rows), *maps[0].shape[1:]), dtype=np.float16)
+        for k, r in enumerate(rows):
+            s = bisect.bisect_right(self.bounds, r) - 1
+            out[k] = maps[s][r - self.bounds[s]]
+        return torch.from_numpy(out).float()
+
+    @classmethod
+    def build(cls, encoder: VisionEncoder, unique: list[str], cache_dir: Path, *, batch_size: int = 32,
+              show_progress: bool = True, rank: int = 0, world: int = 1, sync: Callable[[], None] | None = None,
+              on_error: str = "raise", owners: Mapping[str, tuple[str | None, str | None]] | None = None,
+              ) -> MemmapFeatureCache:
+        fp = _fingerprint(encoder, unique)
+        folder = cache_dir / f"features-{fp}"
+        shape = [encoder.grid()[0] * encoder.grid()[1], encoder.dim]
+        existing = _read_index(folder, fp, unique)
+        if existing is not None:
+            return cls(folder, unique, *existing)
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(unique)
+        bounds = [s * n // world for s in range(world + 1)]
+        args = (encoder, unique, folder, fp, shape, bounds, world, batch_size, on_error, owners)
+        _write_shard(*args, rank, show_progress)
+        if sync is not None:
+            sync()
+        # Ranks that do not share this folder's file system find the others' shards missing.
+        bad: dict[str, str] = {}
+        for s in range(world):
+            meta = _shard_meta(folder, s, world, fp)
+            if meta is None:
+                log.warning("feature cache: shard %d of %d not found in %s; encoding it here", s, world, folder)
+                _write_shard(*args, s, False)
+                meta = _shard_meta(folder, s, world, fp)
+            bad.update(meta["bad"])
+        index = {"fingerprint": fp, "paths": unique, "world": world, "bounds": bounds, "shape": shape,
+                 "dtype": "float16", "bad": bad}
+        if rank == 0:
+            _write_json(folder / INDEX_FILE, index)
+        return cls(folder, unique, bounds[:-1], [folder / _shard_name(s, world) for s in range(world)], bad)
+
+
+def _shard_name(s: int, world: int) -> str:
+    return f"shard-{s:05d}-of-{world:05d}.npy"
+
+
+def _shard_meta(folder: Path, s: int, world: int, fp: str) -> dict | None:
+    meta = folder / (_shard_name(s, world)[:-4] + ".json")
+    if not meta.is_file() or not (folder / _shard_name(s, world)).is_file():
+        return None
+    data = json.loads(meta.read_text())
+    return data if data.get("fingerprint") == fp else None
+
+
+def _write_shard(encoder: VisionEncoder, unique: list[str], folder: Path, fp: str, shape: list[int],
+                 bounds: list[int], world: int, batch_size: int, on_error: str,
+                 owners: Mapping[str, tuple[str | None, str | None]] | None, s: int, show_progress: bool) -> None:
+    """Encode shard ``s`` into a temporary ``.npy``, rename it, then its ``.json`` (the completion mark)."""
+    if _shard_meta(folder, s, world, fp) is not None:
+        return
+    lo, hi = bounds[s], bounds[s + 1]
+    final = folder / _shard_name(s, world)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(hi - lo, *shape))
+    try:
+        bad = _encode_rows(encoder, unique, lo, hi, out, batch_size, show_progress, on_error, owners)
+        out.flush()
+    except BaseException:
+        del out
+        tmp.unlink(missing_ok=True)
+        raise
+    del out
+    os.replace(tmp, final)
+    _write_json(final.with_suffix(".json"), {"fingerprint": fp, "lo": lo, "hi": hi, "bad": bad})
+
+
+def _read_index(folder: Path, fp: str, unique: list[str]) -> tuple[list[int], list[Path], dict[str, str]] | None:
+    """The shards of a complete earlier build (any world size) with this fingerprint, or None."""
+    file = folder / INDEX_FILE
+    if not file.is_file():
+        return None
+    index = json.loads(file.read_text())
+    if index.get("fingerprint") != fp or index.get("paths") != unique:
+        return None
+    world = index["world"]
+    if any(_shard_meta(folder, s, world, fp) is None for s in range(world)):
+        return None
+    return index["bounds"][:-1], [folder / _shard_name(s, world) for s in range(world)], index["bad"]

@@ -24,10 +24,11 @@ from chiasm.config import RunConfig, StageConfig, save_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.batches import Prepared, collate, prepare
 from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from chiasm.train.features import FeatureCache
+from chiasm.train.grouping import stage_order
+from chiasm.train.loader import StageLoader
 from chiasm.train.policy import COMPONENTS, apply_stage_policies
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.word_targets import WordTargetObjective
@@ -75,10 +76,15 @@ def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 class StagePlan:
-    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``."""
+    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``.
 
-    def __init__(self, n: int, stage: StageConfig, world: int, seed: int):
-        self.n, self.stage, self.world, self.seed = n, stage, world, seed
+    ``order`` may rearrange each epoch's shuffled permutation (e.g. length grouping); it gets
+    the permutation and the epoch and must be deterministic.
+    """
+
+    def __init__(self, n: int, stage: StageConfig, world: int, seed: int,
+                 order: Callable[[list[int], int], list[int]] | None = None):
+        self.n, self.stage, self.world, self.seed, self.order = n, stage, world, seed, order
         per_step = stage.batch_size * stage.grad_accum * world
         if n < per_step:
             raise ValueError(f"stage {stage.name!r}: {n} samples is fewer than one optimizer step "
@@ -91,7 +97,8 @@ class StagePlan:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perms[epoch] = self.order(perm, epoch) if self.order is not None else perm
         b = self.stage.batch_size
         start = ((within * self.stage.grad_accum + micro) * self.world + rank) * b
         return self._perms[epoch][start : start + b]
@@ -140,6 +147,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg.precision, self.dist.device)
         self.trained: set[str] = set()
         self.stage_counts: dict[str, dict] = {}
+        self.skipped: dict[str, list[dict]] = {}  # per LM stage: the samples left out under on_error = "skip"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.json")
@@ -182,17 +190,19 @@ class Trainer:
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _features(self, paths: list[str], stage: StageConfig) -> FeatureCache | None:
+    def _features(self, paths: list[str], stage: StageConfig, samples: list) -> FeatureCache | None:
         if stage.encoder.mode != "frozen":
             return None
+        if not stage.feature_cache:
+            if stage.objective != "lm":
+                raise ValueError(f"stage {stage.name!r}: objective {stage.objective!r} reads cached features; "
+                                 "it needs feature_cache = true")
+            return None
         cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
-        if self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir,
-                                       show_progress=self.show_progress)
-        barrier()
-        if not self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=False)
-        return cache
+        # Each rank encodes its own shard; all then read every shard memory-mapped.
+        return FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=self.show_progress,
+                                  rank=self.dist.rank, world=self.dist.world, sync=barrier, on_error=stage.on_error,
+                                  owners={str(p): (s.source, s.id) for s in samples for p in s.images})
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
@@ -201,15 +211,17 @@ class Trainer:
         kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
         prealign = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
         if prealign is not None:
-            prepared: list[Prepared] = []
             n_items, paths = len(prealign), prealign.paths
         else:
-            prepared, skipped = prepare(samples, model, on_error=stage.on_error)
-            if skipped:
-                log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
-            n_items, paths = len(prepared), [str(p) for it in prepared for p in it.sample.images]
-        features = self._features(paths, stage)
-        plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
+            n_items, paths = len(samples), [str(p) for s in samples for p in s.images]
+        features = self._features(paths, stage, samples)
+        seed = self.cfg.seed * 1000 + index
+        order = stage_order(stage, samples, model, self.dist.world, seed) if prealign is None else None
+        plan = StagePlan(n_items, stage, self.dist.world, seed, order=order)
+        loader = None if prealign is not None else StageLoader(
+            samples, model, stage, plan, rank=self.dist.rank, world=self.dist.world, start_step=start_step,
+            features=features, stage_dir=self.run_dir / "stages" / stage.name)
+        batches = iter(loader) if loader is not None else None
         replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
         optimizer = _optimizer(model, stage)
         if resume_from is not None:
@@ -223,7 +235,6 @@ class Trainer:
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
         if self.dist.is_main:
             _trim_metrics(metrics_file, start_step)
-        pad = model.tokenizer.pad_token_id
         bar = tqdm(total=plan.total, initial=start_step, desc=f"stage {stage.name}", unit="step",
                    disable=not self.show_progress)
         t_stage = time.perf_counter()
@@ -235,6 +246,9 @@ class Trainer:
             loss_sum, n_tok, n_img, extra = 0.0, 0, 0, {}
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
+                batch = next(batches) if batches is not None else None
+                if batches is not None and batch is None:
+                    continue  # every sample of this micro-batch was skipped (one process only)
                 sync = micro == stage.grad_accum - 1
                 ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
                 with ctx:
@@ -245,11 +259,11 @@ class Trainer:
                         extra[metric] = extra.get(metric, 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
-                        batch = collate([prepared[j] for j in indices], pad, features=features,
-                                        model=model).to(self.dist.device)
+                        batch = batch.to(self.dist.device)
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
-                                             pixels=batch.pixels, features=batch.features).loss
+                                             pixels=batch.pixels, features=batch.features,
+                                             position_ids=batch.position_ids).loss
                             total = loss_t
                             if replay is not None and sync:
                                 # The same rows on every rank, once per step: DDP's mean leaves
@@ -273,6 +287,7 @@ class Trainer:
                       **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
                       "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
+                      **({"skipped": loader.count(self.dist.device)} if loader is not None else {}),
                       **{k: all_reduce_mean(v) for k, v in extra.items()}}
             if self.dist.is_main:
                 with metrics_file.open("a") as f:
@@ -291,6 +306,8 @@ class Trainer:
                     bar.close()
                     raise Interrupted(f"stopped after step {step + 1} of stage {stage.name}")
         bar.close()
+        if loader is not None:
+            self.skipped[stage.name] = loader.write_skipped()
         model.eval()
 
     def _replay_pool(self, stage: StageConfig, steps: int, seed: int, *, resuming: bool) -> torch.Tensor | None:
