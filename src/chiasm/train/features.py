@@ -21,6 +21,7 @@ import bisect
 import hashlib
 import json
 import logging
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from chiasm.encoders.base import VisionEncoder
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
+_WINDOW = max(mmap.PAGESIZE, 65536)  # Linux's default fault_around_bytes
 
 
 def _fingerprint(encoder: VisionEncoder, paths: Sequence[str]) -> str:
@@ -145,30 +147,39 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class MemmapFeatureCache(FeatureCache):
-    """Shards of fp16 rows on disk, memory-mapped lazily in each process (and each DataLoader worker)."""
+    """Shards of fp16 rows on disk, memory-mapped lazily in each process (and each DataLoader worker).
+
+    After copying the rows it was asked for, a lookup drops them from this process's mapping
+    (``madvise(MADV_DONTNEED)``; the pages stay in the OS page cache). Without that, every
+    row ever read would stay mapped and counted in the process's resident memory, which over
+    an epoch of random reads grows to the whole file on every rank.
+    """
 
     def __init__(self, folder: Path, paths: list[str], bounds: list[int], files: list[Path],
                  bad: Mapping[str, str] | None = None):
         super().__init__({p: i for i, p in enumerate(paths)}, torch.zeros(0), bad)
         self.folder, self.bounds, self.files = folder, bounds, files
-        self._maps: list[np.ndarray] | None = None
+        self._maps: list[tuple[mmap.mmap, np.ndarray, int]] | None = None
 
     def __getstate__(self) -> dict:
         # A worker process maps the files itself; pickling an open map would copy its data.
         return {**self.__dict__, "_maps": None}
 
-    def _arrays(self) -> list[np.ndarray]:
+    def _arrays(self) -> list[tuple[mmap.mmap, np.ndarray, int]]:
         if self._maps is None:
-            self._maps = [np.load(f, mmap_mode="r") for f in self.files]
+            self._maps = [_map_npy(f) for f in self.files]
         return self._maps
 
     def lookup(self, paths: Sequence[str]) -> torch.Tensor:
         rows = self.rows(paths)
         maps = self._arrays()
-        out = np.empty((len(rows), *maps[0].shape[1:]), dtype=np.float16)
+        out = np.empty((len(rows), *maps[0][1].shape[1:]), dtype=np.float16)
         for k, r in enumerate(rows):
             s = bisect.bisect_right(self.bounds, r) - 1
-            out[k] = maps[s][r - self.bounds[s]]
+            mm, arr, offset = maps[s]
+            local = r - self.bounds[s]
+            out[k] = arr[local]
+            _release(mm, offset + local * arr[0].nbytes, arr[0].nbytes)
         return torch.from_numpy(out).float()
 
     @classmethod
@@ -251,3 +262,29 @@ def _read_index(folder: Path, fp: str, unique: list[str]) -> tuple[list[int], li
     if any(_shard_meta(folder, s, world, fp) is None for s in range(world)):
         return None
     return index["bounds"][:-1], [folder / _shard_name(s, world) for s in range(world)], index["bad"]
+
+
+def _map_npy(file: Path) -> tuple[mmap.mmap, np.ndarray, int]:
+    """A read-only map of a ``.npy`` file, the array view on it and the data's byte offset.
+
+    ``np.load(mmap_mode="r")`` would hide the map, and the map is needed to release pages.
+    """
+    with open(file, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+        if fortran:
+            raise ValueError(f"{file}: feature shards are written C-ordered; this one is not")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return mm, np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset), offset
+
+
+def _release(mm: mmap.mmap, start: int, size: int) -> None:
+    """Unmap the pages of bytes ``[start, start + size)`` from this process (Linux); a new read refaults them."""
+    if not hasattr(mmap, "MADV_DONTNEED") or size == 0:
+        return
+    # Widened to Linux's fault-around window, which maps cached neighbours of a faulting page too.
+    lo = start // _WINDOW * _WINDOW
+    hi = min(len(mm), -(-(start + size) // _WINDOW) * _WINDOW)
+    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
