@@ -23,7 +23,7 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,46 +98,55 @@ class FeatureCache:
         ``owners`` maps a path to the (data file, sample id) named when it cannot be decoded.
         """
         unique = sorted({str(p) for p in paths})
+        encoding = _Encoding(encoder, unique, batch_size, on_error, owners or {})
         if cache_dir is not None:
-            return MemmapFeatureCache.build(encoder, unique, Path(cache_dir), batch_size=batch_size,
-                                            show_progress=show_progress, rank=rank, world=world, sync=sync,
-                                            on_error=on_error, owners=owners)
-        n, dim = len(unique), encoder.dim
-        feats = torch.zeros((n, encoder.grid()[0] * encoder.grid()[1], dim), dtype=torch.float16)
-        bad = _encode_rows(encoder, unique, 0, n, feats, batch_size, show_progress, on_error, owners)
-        return cls({p: i for i, p in enumerate(unique)}, feats, bad)
+            return _Shards(encoding, Path(cache_dir), world).open(rank, sync, show_progress)
+        blocks = list(encoding.chunks(0, len(unique), show_progress))
+        feats = torch.from_numpy(np.concatenate(blocks) if blocks else np.zeros((0, *encoding.shape), np.float16))
+        return cls({p: i for i, p in enumerate(unique)}, feats, encoding.bad)
 
 
-def _encode_rows(encoder: VisionEncoder, unique: Sequence[str], lo: int, hi: int, out: torch.Tensor | np.ndarray,
-                 batch_size: int, show_progress: bool, on_error: str,
-                 owners: Mapping[str, tuple[str | None, str | None]] | None) -> dict[str, str]:
-    """Encode ``unique[lo:hi]`` into ``out[0 : hi - lo]`` chunk by chunk; return the undecodable images."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    bad: dict[str, str] = {}
-    try:
-        for i in tqdm(range(lo, hi, batch_size), desc="encoding images", unit="batch", disable=not show_progress):
-            chunk, pixels = [], []
-            for j in range(i, min(i + batch_size, hi)):
-                source, sample_id = (owners or {}).get(unique[j], (None, None))
-                try:
-                    pixels.append(encoder.preprocess(load_image(Path(unique[j]), sample_id=sample_id, source=source)))
-                    chunk.append(j)
-                except DataError as err:
-                    if on_error != "skip":
-                        raise
-                    bad[unique[j]] = err.message
-            if not chunk:
-                continue
-            feats = encoder(torch.stack(pixels).to(device)).to(torch.float16).cpu()
-            for k, j in enumerate(chunk):
-                out[j - lo] = feats[k] if isinstance(out, torch.Tensor) else feats[k].numpy()
-    finally:
-        encoder.train(was_training)
-    if bad:
-        log.warning("feature cache: %d undecodable image(s) left out (first: %s)", len(bad), next(iter(bad.values())))
-    return bad
+class _Encoding:
+    """Runs the frozen encoder over a slice of the sorted image list, in fp16 chunks."""
+
+    def __init__(self, encoder: VisionEncoder, unique: list[str], batch_size: int, on_error: str,
+                 owners: Mapping[str, tuple[str | None, str | None]]):
+        self.encoder, self.unique, self.batch_size, self.on_error, self.owners = (
+            encoder, unique, batch_size, on_error, owners)
+        self.shape = (encoder.grid()[0] * encoder.grid()[1], encoder.dim)
+        self.bad: dict[str, str] = {}
+
+    @torch.no_grad()
+    def chunks(self, lo: int, hi: int, show_progress: bool) -> Iterator[np.ndarray]:
+        """fp16 features of ``unique[lo:hi]`` in order; an undecodable image (``skip``) gets a zero row."""
+        encoder = self.encoder
+        was_training = encoder.training
+        encoder.eval()
+        device = next(encoder.parameters()).device
+        try:
+            for i in tqdm(range(lo, hi, self.batch_size), desc="encoding images", unit="batch",
+                          disable=not show_progress):
+                block = np.zeros((min(i + self.batch_size, hi) - i, *self.shape), dtype=np.float16)
+                kept, pixels = [], []
+                for j in range(i, i + len(block)):
+                    source, sample_id = self.owners.get(self.unique[j], (None, None))
+                    try:
+                        image = load_image(Path(self.unique[j]), sample_id=sample_id, source=source)
+                    except DataError as err:
+                        if self.on_error != "skip":
+                            raise
+                        self.bad[self.unique[j]] = err.message
+                        continue
+                    pixels.append(encoder.preprocess(image))
+                    kept.append(j - i)
+                if kept:
+                    block[kept] = encoder(torch.stack(pixels).to(device)).to(torch.float16).cpu().numpy()
+                yield block
+        finally:
+            encoder.train(was_training)
+        if self.bad:
+            log.warning("feature cache: %d undecodable image(s) left out (first: %s)", len(self.bad),
+                        next(iter(self.bad.values())))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -182,86 +191,94 @@ class MemmapFeatureCache(FeatureCache):
             _release(mm, offset + local * arr[0].nbytes, arr[0].nbytes)
         return torch.from_numpy(out).float()
 
-    @classmethod
-    def build(cls, encoder: VisionEncoder, unique: list[str], cache_dir: Path, *, batch_size: int = 32,
-              show_progress: bool = True, rank: int = 0, world: int = 1, sync: Callable[[], None] | None = None,
-              on_error: str = "raise", owners: Mapping[str, tuple[str | None, str | None]] | None = None,
-              ) -> MemmapFeatureCache:
-        fp = _fingerprint(encoder, unique)
-        folder = cache_dir / f"features-{fp}"
-        shape = [encoder.grid()[0] * encoder.grid()[1], encoder.dim]
-        existing = _read_index(folder, fp, unique)
-        if existing is not None:
-            return cls(folder, unique, *existing)
-        folder.mkdir(parents=True, exist_ok=True)
-        n = len(unique)
-        bounds = [s * n // world for s in range(world + 1)]
-        args = (encoder, unique, folder, fp, shape, bounds, world, batch_size, on_error, owners)
-        _write_shard(*args, rank, show_progress)
+
+class _Shards:
+    """The folder ``features-<fingerprint>/`` of one cache: a ``.npy`` + ``.json`` pair per shard and an index.
+
+    Shard ``s`` of ``world`` holds the contiguous rows ``bounds[s]:bounds[s + 1]`` of the
+    sorted image list; its ``.json`` is renamed into place last and marks it complete.
+    """
+
+    def __init__(self, encoding: _Encoding, cache_dir: Path, world: int):
+        self.encoding, self.world = encoding, world
+        self.fp = _fingerprint(encoding.encoder, encoding.unique)
+        self.folder = cache_dir / f"features-{self.fp}"
+        n = len(encoding.unique)
+        self.bounds = [s * n // world for s in range(world + 1)]
+
+    def open(self, rank: int, sync: Callable[[], None] | None, show_progress: bool) -> MemmapFeatureCache:
+        unique = self.encoding.unique
+        earlier = self._earlier()
+        if earlier is not None:
+            return earlier
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.write(rank, show_progress)
         if sync is not None:
             sync()
-        # Ranks that do not share this folder's file system find the others' shards missing.
         bad: dict[str, str] = {}
-        for s in range(world):
-            meta = _shard_meta(folder, s, world, fp)
-            if meta is None:
-                log.warning("feature cache: shard %d of %d not found in %s; encoding it here", s, world, folder)
-                _write_shard(*args, s, False)
-                meta = _shard_meta(folder, s, world, fp)
+        for s in range(self.world):
+            meta = self.meta(s, self.world)
+            if meta is None:  # a rank that does not share this folder's file system
+                log.warning("feature cache: shard %d of %d not found in %s; encoding it here", s, self.world,
+                            self.folder)
+                self.write(s, False)
+                meta = self.meta(s, self.world)
             bad.update(meta["bad"])
-        index = {"fingerprint": fp, "paths": unique, "world": world, "bounds": bounds, "shape": shape,
-                 "dtype": "float16", "bad": bad}
         if rank == 0:
-            _write_json(folder / INDEX_FILE, index)
-        return cls(folder, unique, bounds[:-1], [folder / _shard_name(s, world) for s in range(world)], bad)
+            _write_json(self.folder / INDEX_FILE, {
+                "fingerprint": self.fp, "paths": unique, "world": self.world, "bounds": self.bounds,
+                "shape": list(self.encoding.shape), "dtype": "float16", "bad": bad})
+        files = [self.folder / _shard_name(s, self.world) for s in range(self.world)]
+        return MemmapFeatureCache(self.folder, unique, self.bounds[:-1], files, bad)
+
+    def meta(self, s: int, world: int) -> dict | None:
+        """Shard ``s`` of ``world``'s completion record, if it is complete and of this fingerprint."""
+        meta = self.folder / (_shard_name(s, world)[:-4] + ".json")
+        if not meta.is_file() or not (self.folder / _shard_name(s, world)).is_file():
+            return None
+        data = json.loads(meta.read_text())
+        return data if data.get("fingerprint") == self.fp else None
+
+    def write(self, s: int, show_progress: bool) -> None:
+        """Encode shard ``s`` and write it sequentially under a temporary name, then rename it."""
+        if self.meta(s, self.world) is not None:
+            return
+        lo, hi = self.bounds[s], self.bounds[s + 1]
+        final = self.folder / _shard_name(s, self.world)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                  "shape": (hi - lo, *self.encoding.shape)}
+        try:
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for block in self.encoding.chunks(lo, hi, show_progress):
+                    f.write(block.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, final)
+        bad = {p: self.encoding.bad[p] for p in self.encoding.unique[lo:hi] if p in self.encoding.bad}
+        _write_json(final.with_suffix(".json"), {"fingerprint": self.fp, "lo": lo, "hi": hi, "bad": bad})
+
+    def _earlier(self) -> MemmapFeatureCache | None:
+        """A complete earlier build of this fingerprint (any world size), or None."""
+        file = self.folder / INDEX_FILE
+        if not file.is_file():
+            return None
+        index = json.loads(file.read_text())
+        world = index.get("world", 0)
+        if index.get("fingerprint") != self.fp or index.get("paths") != self.encoding.unique:
+            return None
+        if any(self.meta(s, world) is None for s in range(world)):
+            return None
+        files = [self.folder / _shard_name(s, world) for s in range(world)]
+        return MemmapFeatureCache(self.folder, self.encoding.unique, index["bounds"][:-1], files, index["bad"])
 
 
 def _shard_name(s: int, world: int) -> str:
     return f"shard-{s:05d}-of-{world:05d}.npy"
-
-
-def _shard_meta(folder: Path, s: int, world: int, fp: str) -> dict | None:
-    meta = folder / (_shard_name(s, world)[:-4] + ".json")
-    if not meta.is_file() or not (folder / _shard_name(s, world)).is_file():
-        return None
-    data = json.loads(meta.read_text())
-    return data if data.get("fingerprint") == fp else None
-
-
-def _write_shard(encoder: VisionEncoder, unique: list[str], folder: Path, fp: str, shape: list[int],
-                 bounds: list[int], world: int, batch_size: int, on_error: str,
-                 owners: Mapping[str, tuple[str | None, str | None]] | None, s: int, show_progress: bool) -> None:
-    """Encode shard ``s`` into a temporary ``.npy``, rename it, then its ``.json`` (the completion mark)."""
-    if _shard_meta(folder, s, world, fp) is not None:
-        return
-    lo, hi = bounds[s], bounds[s + 1]
-    final = folder / _shard_name(s, world)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(hi - lo, *shape))
-    try:
-        bad = _encode_rows(encoder, unique, lo, hi, out, batch_size, show_progress, on_error, owners)
-        out.flush()
-    except BaseException:
-        del out
-        tmp.unlink(missing_ok=True)
-        raise
-    del out
-    os.replace(tmp, final)
-    _write_json(final.with_suffix(".json"), {"fingerprint": fp, "lo": lo, "hi": hi, "bad": bad})
-
-
-def _read_index(folder: Path, fp: str, unique: list[str]) -> tuple[list[int], list[Path], dict[str, str]] | None:
-    """The shards of a complete earlier build (any world size) with this fingerprint, or None."""
-    file = folder / INDEX_FILE
-    if not file.is_file():
-        return None
-    index = json.loads(file.read_text())
-    if index.get("fingerprint") != fp or index.get("paths") != unique:
-        return None
-    world = index["world"]
-    if any(_shard_meta(folder, s, world, fp) is None for s in range(world)):
-        return None
-    return index["bounds"][:-1], [folder / _shard_name(s, world) for s in range(world)], index["bad"]
 
 
 def _map_npy(file: Path) -> tuple[mmap.mmap, np.ndarray, int]:
