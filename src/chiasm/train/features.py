@@ -7,10 +7,11 @@ never reused.
 
 On disk (``cache_dir`` given) the cache is a folder ``features-<fingerprint>/`` of shards:
 under DDP every rank encodes only its own contiguous block of the sorted image list and
-writes it as one ``.npy`` file of fp16 rows, so encoding a large data set is split across the
-ranks instead of repeated on each. Readers map every shard with ``numpy.load(mmap_mode="r")``:
-a lookup copies only the rows it asks for, and the pages stay in the OS page cache shared by
-all ranks on a node, instead of a full copy of the data set in every process's heap.
+writes it as one ``.npy`` file of fp16 rows, so encoding is split across the ranks rather
+than done by rank 0 while the others wait. After a barrier every rank memory-maps every
+shard (a rank that cannot see a shard, on a file system that is not shared, encodes it
+itself): a lookup copies only the rows it asks for, and the pages stay in the OS page cache
+shared by all ranks on a node, instead of a full copy of the data set in every process.
 Every file is written under a temporary name and renamed into place, and a shard's ``.json``
 is renamed last, so a run killed mid-write never leaves a shard that looks complete.
 """
@@ -45,10 +46,11 @@ def _fingerprint(encoder: VisionEncoder, paths: Sequence[str]) -> str:
     h.update(str(encoder.image_size).encode())
     # Options that change the features without changing the weights (feature layers, grid).
     h.update(f"{encoder.dim}|{encoder.grid()}|{getattr(encoder, 'cache_key', '')}".encode())
-    # A cheap weights fingerprint: sums of a few tensors change whenever weights do.
-    for name, t in list(encoder.state_dict().items())[:8]:
+    # A cheap weights fingerprint over every tensor (a last_n policy changes only the last blocks).
+    for name, t in encoder.state_dict().items():
+        t = t.detach().double()
         h.update(name.encode())
-        h.update(f"{float(t.double().sum()):.10e}".encode())
+        h.update(f"{float(t.sum()):.12e}|{float((t * t).sum()):.12e}".encode())
     for p in paths:
         st = Path(p).stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
