@@ -188,3 +188,25 @@ def test_estimated_lengths_follow_the_tokenised_lengths(tiny_model, tiny_world) 
     overhead = {r - e for r, e in zip(real, est, strict=True)}
     assert len(overhead) == 1 and overhead.pop() > 0
 
+
+
+def test_a_resumed_run_keeps_the_skips_recorded_before_its_checkpoint(tiny_model_config, tiny_world,
+                                                                     tmp_path) -> None:
+    stage = _stage(tiny_world.instruct, on_error="skip", max_steps=6)
+    plan = StagePlan(32, stage, world=1, seed=3 * 1000)  # the trainer's seed for stage 0 of seed 3
+    ids = [r["id"] for r in json.loads(tiny_world.instruct.read_text())]
+    bad = (ids[plan.indices(0, 0, 0)[1]], ids[plan.indices(4, 0, 0)[2]])  # one before the stop, one after
+    data = _corrupt_world(tiny_world, tmp_path, bad)
+    stage.data = str(data)
+    straight = Trainer(_run(tiny_model_config, stage, tmp_path / "a"), show_progress=False)
+    straight.run()
+    assert [(e["step"], e["sample"]) for e in straight.skipped["instruct"]] == [(0, bad[0]), (4, bad[1])]
+    cfg = _run(tiny_model_config, stage, tmp_path / "b")
+    with pytest.raises(Interrupted):
+        Trainer(cfg, show_progress=False).run(stop_after_steps=3)
+    resumed = Trainer(cfg, show_progress=False)
+    resumed.run(resume=True)
+    assert resumed.skipped["instruct"] == straight.skipped["instruct"]
+    assert json.loads((tmp_path / "b/stages/instruct/skipped.json").read_text()) == straight.skipped["instruct"]
+    last = json.loads((tmp_path / "b/stages/instruct/metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped"] == 2

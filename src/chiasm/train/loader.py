@@ -210,6 +210,7 @@ class StageLoader:
                                  collate_fn=Collator(model.tokenizer.pad_token_id, pack_length=stage.pack_length,
                                                      features=features is not None))
         self.skipped: list[dict] = _earlier_skips(stage_dir, start_step) if rank == 0 else []
+        self._logged = len(self.skipped)
 
     def __iter__(self) -> Iterator[LoaderBatch | None]:
         """One batch per (step, micro) in plan order; None where every sample of it was skipped."""
@@ -238,7 +239,11 @@ class StageLoader:
         return n
 
     def write_skipped(self) -> list[dict]:
-        """Gather every rank's skipped samples; rank 0 writes them to ``stage_dir/skipped.json``."""
+        """Gather every rank's skipped samples; rank 0 writes them to ``stage_dir/skipped.json``.
+
+        A collective (every rank must call it): the trainer calls it at every checkpoint, so
+        that a resumed run still lists the samples skipped before it.
+        """
         entries = self.skipped
         if dist.is_available() and dist.is_initialized():
             parts: list[list[dict] | None] = [None] * dist.get_world_size()
@@ -251,7 +256,9 @@ class StageLoader:
             tmp = self.stage_dir / f".{SKIPPED_FILE}.tmp"
             tmp.write_text(json.dumps(entries, indent=1) + "\n")
             os.replace(tmp, file)
-            log.warning("stage %s: %d samples skipped, listed in %s", self.stage.name, len(entries), file)
+            if len(entries) != self._logged:
+                log.warning("stage %s: %d samples skipped so far, listed in %s", self.stage.name, len(entries), file)
+                self._logged = len(entries)
         return entries
 
 

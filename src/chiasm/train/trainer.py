@@ -306,6 +306,8 @@ class Trainer:
             bar.update(1)
             done = step + 1 == plan.total
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
+                if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
+                    self.skipped[stage.name] = loader.write_skipped()
                 self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done))
             if self._steps_left is not None:
                 self._steps_left -= 1
@@ -313,8 +315,6 @@ class Trainer:
                     bar.close()
                     raise Interrupted(f"stopped after step {step + 1} of stage {stage.name}")
         bar.close()
-        if loader is not None:
-            self.skipped[stage.name] = loader.write_skipped()
         model.eval()
 
     def _replay_pool(self, stage: StageConfig, steps: int, seed: int, *, resuming: bool) -> torch.Tensor | None:
