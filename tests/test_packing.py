@@ -41,7 +41,7 @@ def _batches(model: VisionLanguageModel, world, n: int, pack_length: int):
     ds = SampleDataset(samples, enc, preprocess=model.encoder.preprocess)
     items = [ds[i] for i in range(n)]
     pad = model.tokenizer.pad_token_id
-    return Collator(pad, features=False)(items), Collator(pad, pack_length=pack_length, features=False)(items)
+    return Collator(pad, cached=False)(items), Collator(pad, pack_length=pack_length, cached=False)(items)
 
 
 def _loss(model: VisionLanguageModel, b, **kw) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_changing_one_sample_leaves_the_other_samples_logits_unchanged(tiny_mode
     assert not torch.allclose(leaky[0, b_start:b_end], logits(packed.input_ids, packed.pixels, None)[0, b_start:b_end])
 
 
-def test_packing_refuses_in_lm_bridges_and_lengths_past_the_lm(tiny_model_config, tiny_world) -> None:
+def test_packing_refuses_in_lm_bridges_flash_attention_and_lengths_past_the_lm(tiny_model_config, tiny_world) -> None:
     tiny_model_config.bridge = BridgeConfig("visual_expert")
     model = VisionLanguageModel.build(tiny_model_config)
     samples = load_llava(tiny_world.instruct).samples
@@ -104,6 +104,10 @@ def test_packing_refuses_in_lm_bridges_and_lengths_past_the_lm(tiny_model_config
     stage.pack_length = 4096
     with pytest.raises(ValueError, match="pack_length 4096 exceeds the LM's maximum length 512"):
         StageLoader(samples, model, stage, plan)
+    stage.pack_length = 256
+    model.base_lm.config._attn_implementation = "flash_attention_2"  # the name alone: no kernel runs here
+    with pytest.raises(ValueError, match="pack_length needs sdpa, eager or flex attention; flash_attention_2"):
+        StageLoader(samples, model, stage, plan)
 
 
 def test_a_sample_longer_than_the_packing_length_is_a_named_error(tiny_model, tiny_world) -> None:
@@ -111,7 +115,7 @@ def test_a_sample_longer_than_the_packing_length_is_a_named_error(tiny_model, ti
     n = plain.input_ids.shape[1]
     samples = load_llava(tiny_world.instruct).samples[:1]
     ds = SampleDataset(samples, conversation_encoder(tiny_model), preprocess=tiny_model.encoder.preprocess)
-    batch = Collator(0, pack_length=n - 1, features=False)([ds[0]])
+    batch = Collator(0, pack_length=n - 1, cached=False)([ds[0]])
     assert batch.sample_ids == [] and len(batch.skipped) == 1
     err = batch.skipped[0]
     assert err.sample_id == "instruct-00000" and err.source == str(tiny_world.instruct)

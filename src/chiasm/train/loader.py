@@ -35,7 +35,7 @@ from chiasm.data.sample import DataError, Sample
 from chiasm.model import VisionLanguageModel
 from chiasm.train.batches import Batch, conversation_encoder
 from chiasm.train.features import FeatureCache
-from chiasm.train.packing import build_rows, pack_rows
+from chiasm.train.packing import build_rows, check_packable, pack_rows
 
 if TYPE_CHECKING:
     from chiasm.train.trainer import StagePlan
@@ -59,6 +59,8 @@ class Item:
 
 @dataclass
 class Failed:
+    """A sample whose tokenising or image reading raised; the training process decides what to do."""
+
     index: int
     error: DataError
 
@@ -121,10 +123,11 @@ class Collator:
     (see :mod:`chiasm.train.packing`).
     """
 
-    def __init__(self, pad_id: int, *, pack_length: int = 0, features: bool = True):
-        self.pad_id, self.pack_length, self.features = pad_id, pack_length, features
+    def __init__(self, pad_id: int, *, pack_length: int = 0, cached: bool = True):
+        # cached: items carry feature-cache rows (else pixels for the encoder)
+        self.pad_id, self.pack_length, self.cached = pad_id, pack_length, cached
 
-    def __call__(self, got: list[Item | Failed]) -> LoaderBatch | None:
+    def __call__(self, got: list[Item | Failed]) -> LoaderBatch:
         items = [g for g in got if isinstance(g, Item)]
         skipped = [g.error for g in got if isinstance(g, Failed)]
         if self.pack_length:
@@ -133,8 +136,10 @@ class Collator:
         if not items:
             return LoaderBatch(*_empty(), [], skipped=skipped)
         seqs = [(it.input_ids, it.labels) for it in items]
-        rows = pack_rows([len(s[0]) for s in seqs], self.pack_length) if self.pack_length else [[i] for i in
-                                                                                                 range(len(items))]
+        if self.pack_length:
+            rows = pack_rows([len(ids) for ids, _ in seqs], self.pack_length)
+        else:
+            rows = [[i] for i in range(len(items))]
         ids, mask, labels, pos = build_rows(seqs, rows, self.pad_id, packed=bool(self.pack_length))
         # Images in placeholder order: row by row, sample by sample (the order embed() consumes).
         ordered = [items[i] for row in rows for i in row]
@@ -143,7 +148,7 @@ class Collator:
         stacked = torch.cat(images) if images else None
         batch = LoaderBatch(ids, mask, labels, paths, position_ids=pos, sample_ids=[it.sample_id for it in ordered],
                             skipped=skipped)
-        if self.features:
+        if self.cached:
             batch.features = stacked
         else:
             batch.pixels = stacked
@@ -191,13 +196,8 @@ class StageLoader:
     def __init__(self, samples: Sequence[Sample], model: VisionLanguageModel, stage: StageConfig, plan: StagePlan,
                  *, rank: int = 0, world: int = 1, start_step: int = 0, features: FeatureCache | None = None,
                  stage_dir: Path | None = None):
-        if stage.pack_length and model.bridge.in_lm:
-            raise ValueError(f"stage {stage.name!r}: pack_length needs a prefix bridge; "
-                             f"{type(model.bridge).__name__} works inside the LM's layers, where a packed "
-                             "row's samples would see each other's images")
-        if stage.pack_length > model.max_length:
-            raise ValueError(f"stage {stage.name!r}: pack_length {stage.pack_length} exceeds the LM's maximum "
-                             f"length {model.max_length}")
+        if stage.pack_length:
+            check_packable(model, stage.pack_length, stage.name)
         self.stage, self.rank, self.world, self.stage_dir = stage, rank, world, stage_dir
         encoder = conversation_encoder(model)
         dataset = SampleDataset(samples, encoder, features=features,
@@ -208,7 +208,7 @@ class StageLoader:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=stage.num_workers,
                                  collate_fn=Collator(model.tokenizer.pad_token_id, pack_length=stage.pack_length,
-                                                     features=features is not None))
+                                                     cached=features is not None))
         self.skipped: list[dict] = _earlier_skips(stage_dir, start_step) if rank == 0 else []
         self._logged = len(self.skipped)
 

@@ -4,9 +4,10 @@ Packing puts whole samples one after another in a row of at most ``capacity`` to
 batch of short conversations wastes no compute on padding. Attention stays inside each
 sample through the LM's own packed-sequence support: ``position_ids`` restart at 0 at every
 sample, and transformers derives a block-causal mask from them when it gets no 2D attention
-mask (sdpa, eager and flex attention build that mask; flash attention reads the same
-``position_ids`` as variable-length sequences). Trailing padding restarts at 0 too, so it
-forms a block of its own that no real token attends to.
+mask (sdpa, eager and flex attention build that mask). Flash attention reads packed
+``position_ids`` only in a batch of one row, so packing refuses it (see ``check_packable``).
+Trailing padding restarts at 0 too, so it forms a block of its own that no real token
+attends to.
 
 A sample is never split across rows, so its image tokens always stay together with the
 text that refers to them.
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from chiasm.conversation import IGNORE_INDEX
+from chiasm.model import VisionLanguageModel
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -72,3 +74,17 @@ def build_rows(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], rows: Sequen
         if pos is not None:
             pos[r, at:] = torch.arange(width - at)
     return ids, mask, labels, pos
+
+
+def check_packable(model: VisionLanguageModel, pack_length: int, stage: str) -> None:
+    """Refuse set-ups where packed samples would see each other, or rows would not fit the LM."""
+    if model.bridge.in_lm:
+        raise ValueError(f"stage {stage!r}: pack_length needs a prefix bridge; {type(model.bridge).__name__} works "
+                         "inside the LM's layers, where a packed row's samples would see each other's images")
+    attn = str(getattr(model.base_lm.config, "_attn_implementation", ""))
+    if "flash" in attn:
+        raise ValueError(f"stage {stage!r}: pack_length needs sdpa, eager or flex attention; {attn} keeps packed "
+                         "samples apart only in a batch of one row")
+    if pack_length > model.max_length:
+        raise ValueError(f"stage {stage!r}: pack_length {pack_length} exceeds the LM's maximum length "
+                         f"{model.max_length}")
