@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig
+from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig, save_config
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
 from chiasm.data.synthetic import WorldFiles
@@ -210,3 +214,32 @@ def test_a_resumed_run_keeps_the_skips_recorded_before_its_checkpoint(tiny_model
     assert json.loads((tmp_path / "b/stages/instruct/skipped.json").read_text()) == straight.skipped["instruct"]
     last = json.loads((tmp_path / "b/stages/instruct/metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped"] == 2
+
+
+def test_ddp_ranks_skip_pack_and_share_the_cache_like_one_process(tiny_model_config, tiny_world, tmp_path) -> None:
+    """torchrun with 2 gloo ranks x batch 4 == one process with batch 4 x 2 accumulation steps, with two
+    workers per rank, packed rows, a sharded feature cache and two corrupt samples skipped."""
+    data = _corrupt_world(tiny_world, tmp_path, ("instruct-00003", "instruct-00020"))
+    kw = {"on_error": "skip", "max_steps": 4, "checkpoint_every": 0, "num_workers": 2, "pack_length": 300}
+    ddp_cfg = _run(tiny_model_config, _stage(data, **kw), tmp_path / "ddp")
+    save_config(ddp_cfg, tmp_path / "ddp.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = Trainer(_run(tiny_model_config, _stage(data, grad_accum=2, **kw), tmp_path / "single"),
+                     show_progress=False)
+    model = single.run()
+    ddp_bridge = load_file(str(tmp_path / "ddp" / "model" / "bridge.safetensors"))
+    for k, v in model.bridge.state_dict().items():
+        torch.testing.assert_close(ddp_bridge[k], v, rtol=1e-4, atol=1e-5)
+    # Both corrupt samples were read (by whichever rank) and listed once, in the same steps.
+    ddp_skips = json.loads((tmp_path / "ddp/stages/instruct/skipped.json").read_text())
+    assert sorted((e["step"], e["sample"]) for e in ddp_skips) == sorted(
+        (e["step"], e["sample"]) for e in single.skipped["instruct"])
+    assert len(ddp_skips) == 2
+    shards = sorted(p.name for p in (tmp_path / "ddp" / "cache").glob("features-*/shard-*.npy"))
+    assert shards == ["shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+    last = [json.loads(x) for x in (tmp_path / "ddp/stages/instruct/metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 4 and last["skipped"] == 2
