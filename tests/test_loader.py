@@ -19,7 +19,7 @@ from chiasm.data.sample import DataError
 from chiasm.data.synthetic import WorldFiles
 from chiasm.train.batches import collate, prepare
 from chiasm.train.features import FeatureCache
-from chiasm.train.grouping import estimate_lengths, length_grouped_order
+from chiasm.train.grouping import estimate_lengths, length_grouped_order, stage_order
 from chiasm.train.loader import PlanBatchSampler, StageLoader
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer
 
@@ -243,3 +243,12 @@ def test_ddp_ranks_skip_pack_and_share_the_cache_like_one_process(tiny_model_con
     assert shards == ["shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
     last = [json.loads(x) for x in (tmp_path / "ddp/stages/instruct/metrics.jsonl").read_text().splitlines()][-1]
     assert last["step"] == 4 and last["skipped"] == 2
+
+
+def test_negative_data_path_options_are_named(tiny_model, tiny_world) -> None:
+    samples = load_llava(tiny_world.instruct).samples
+    plan = StagePlan(len(samples), _stage(tiny_world.instruct), world=1, seed=0)
+    with pytest.raises(ValueError, match=r"pack_length \(0\) and num_workers \(-1\) must be 0 or more"):
+        StageLoader(samples, tiny_model, _stage(tiny_world.instruct, num_workers=-1), plan)
+    with pytest.raises(ValueError, match="group_by_length is a number of optimizer steps \\(0: off\\), not -2"):
+        stage_order(_stage(tiny_world.instruct, group_by_length=-2), samples, tiny_model, 1, 0)

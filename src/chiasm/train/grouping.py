@@ -60,6 +60,9 @@ def length_grouped_order(lengths: Sequence[int], micro_batch: int, mega_batch: i
 def stage_order(stage: StageConfig, samples: Sequence[Sample], model: VisionLanguageModel, world: int,
                 seed: int) -> Callable[[list[int], int], list[int]] | None:
     """The stage's ``group_by_length`` reordering for ``StagePlan``, or None when it is off."""
+    if stage.group_by_length < 0:
+        raise ValueError(f"stage {stage.name!r}: group_by_length is a number of optimizer steps (0: off), "
+                         f"not {stage.group_by_length}")
     if not stage.group_by_length:
         return None
     per_step = stage.batch_size * stage.grad_accum * world

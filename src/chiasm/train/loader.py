@@ -196,6 +196,9 @@ class StageLoader:
     def __init__(self, samples: Sequence[Sample], model: VisionLanguageModel, stage: StageConfig, plan: StagePlan,
                  *, rank: int = 0, world: int = 1, start_step: int = 0, features: FeatureCache | None = None,
                  stage_dir: Path | None = None):
+        if stage.pack_length < 0 or stage.num_workers < 0:
+            raise ValueError(f"stage {stage.name!r}: pack_length ({stage.pack_length}) and num_workers "
+                             f"({stage.num_workers}) must be 0 or more")
         if stage.pack_length:
             check_packable(model, stage.pack_length, stage.name)
         self.stage, self.rank, self.world, self.stage_dir = stage, rank, world, stage_dir
