@@ -1,7 +1,7 @@
 """Peak resident memory of the frozen-encoder feature cache: memory-mapped shards vs one in-memory tensor.
 
 Writes a cache of ``--n`` images x ``--tokens`` x ``--dim`` fp16 features (default 100,000 x
-196 x 768, a ViT-B/16 at 224 px: about 29 GB) in the on-disk layout ``chiasm.train.features``
+196 x 768, a ViT-B/16 at 224 px: about 29 GB) in the on-disk layout ``chiasm.features``
 reads, then reads ``--batches`` random batches of ``--batch`` images in a fresh process per
 mode, so each peak (``VmHWM``, the resident high-water mark of the process's own memory map;
 ``ru_maxrss`` would carry over the parent's peak from writing the file) is that mode's own:
@@ -67,7 +67,7 @@ def measure(mode: str, file: Path, n: int, batch: int, batches: int, seed: int) 
     """Run in a fresh process: open the cache in ``mode`` and read random batches."""
     import torch
 
-    from chiasm.train.features import FeatureCache, MemmapFeatureCache
+    from chiasm.features import FeatureCache, MemmapFeatureCache
 
     paths = [f"img{i}" for i in range(n)]
     fd = os.open(file, os.O_RDONLY)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from chiasm import features as features_module
 from chiasm.config import PolicyConfig, RunConfig, StageConfig
 from chiasm.data.images import load_image
-from chiasm.train import features as features_module
-from chiasm.train.features import FeatureCache, MemmapFeatureCache, _fingerprint
+from chiasm.features import FeatureCache, MemmapFeatureCache, _fingerprint
 from chiasm.train.trainer import Trainer
 
 
@@ -27,7 +27,7 @@ def _paths(world) -> list[str]:
 def _encoded(encoder, paths: list[str]) -> torch.Tensor:
     encoder.eval()
     with torch.no_grad():
-        return encoder(torch.stack([encoder.preprocess(load_image(Path(p))) for p in paths]))
+        return encoder(torch.stack([encoder.preprocessing(load_image(Path(p))) for p in paths]))
 
 
 def _close(cached: torch.Tensor, encoded: torch.Tensor) -> None:
@@ -94,7 +94,7 @@ def test_a_rank_that_cannot_see_the_other_shards_encodes_them_itself(tiny_model,
                                                                     caplog) -> None:
     paths = _paths(tiny_world)
     calls = _count_calls(tiny_model.encoder)
-    with caplog.at_level(logging.WARNING, logger="chiasm.train.features"):
+    with caplog.at_level(logging.WARNING, logger="chiasm.features"):
         cache = FeatureCache.build(tiny_model.encoder, paths, cache_dir=tmp_path, show_progress=False, rank=1,
                                    world=2)
     assert sum(n for _, n in calls) == 32 and "shard 0 of 2 not found" in caplog.text
@@ -163,7 +163,7 @@ def test_a_stale_cache_is_never_reused(tiny_model, tiny_world, tmp_path) -> None
     finally:
         os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     # A shard whose completion mark is missing (a killed writer) is rebuilt, not read.
-    folder = tmp_path / f"features-{_fingerprint(tiny_model.encoder, sorted(paths))}"
+    folder = tmp_path / f"features-{_fingerprint(tiny_model.encoder, sorted(paths), tiny_model.encoder.preprocessing)}"
     for name in ("index.json", "shard-00000-of-00001.json"):
         (folder / name).unlink()
     FeatureCache.build(tiny_model.encoder, paths, cache_dir=tmp_path, show_progress=False)

@@ -17,8 +17,8 @@ from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig, sav
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
 from chiasm.data.synthetic import WorldFiles
+from chiasm.features import FeatureCache
 from chiasm.train.batches import collate, prepare
-from chiasm.train.features import FeatureCache
 from chiasm.train.grouping import estimate_lengths, length_grouped_order, stage_order
 from chiasm.train.loader import PlanBatchSampler, StageLoader
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer

@@ -38,7 +38,7 @@ def test_rows_restart_positions_and_ignore_each_samples_first_label() -> None:
 def _batches(model: VisionLanguageModel, world, n: int, pack_length: int):
     samples = load_llava(world.instruct).samples[:n]
     enc = conversation_encoder(model)
-    ds = SampleDataset(samples, enc, preprocess=model.encoder.preprocess)
+    ds = SampleDataset(samples, enc, preprocess=model.processor.image)
     items = [ds[i] for i in range(n)]
     pad = model.tokenizer.pad_token_id
     return Collator(pad, cached=False)(items), Collator(pad, pack_length=pack_length, cached=False)(items)
@@ -114,7 +114,7 @@ def test_a_sample_longer_than_the_packing_length_is_a_named_error(tiny_model, ti
     plain, _ = _batches(tiny_model, tiny_world, 1, 512)
     n = plain.input_ids.shape[1]
     samples = load_llava(tiny_world.instruct).samples[:1]
-    ds = SampleDataset(samples, conversation_encoder(tiny_model), preprocess=tiny_model.encoder.preprocess)
+    ds = SampleDataset(samples, conversation_encoder(tiny_model), preprocess=tiny_model.processor.image)
     batch = Collator(0, pack_length=n - 1, cached=False)([ds[0]])
     assert batch.sample_ids == [] and len(batch.skipped) == 1
     err = batch.skipped[0]

@@ -32,9 +32,9 @@ from chiasm.config import StageConfig
 from chiasm.conversation import ConversationEncoder
 from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
+from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
-from chiasm.train.batches import Batch, conversation_encoder
-from chiasm.train.features import FeatureCache
+from chiasm.train.batches import Batch
 from chiasm.train.packing import build_rows, check_packable, pack_rows
 
 if TYPE_CHECKING:
@@ -202,15 +202,15 @@ class StageLoader:
         if stage.pack_length:
             check_packable(model, stage.pack_length, stage.name)
         self.stage, self.rank, self.world, self.stage_dir = stage, rank, world, stage_dir
-        encoder = conversation_encoder(model)
-        dataset = SampleDataset(samples, encoder, features=features,
-                                preprocess=None if features is not None else model.encoder.preprocess)
+        processor = model.processor  # the tokenizer and image steps inference uses too
+        dataset = SampleDataset(samples, processor.conversation, features=features,
+                                preprocess=None if features is not None else processor.image)
         self.sampler = PlanBatchSampler(plan, rank, start_step)
         if stage.num_workers:
             # Fast tokenizers warn (and turn their threads off) in forked workers; say so up front.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=stage.num_workers,
-                                 collate_fn=Collator(model.tokenizer.pad_token_id, pack_length=stage.pack_length,
+                                 collate_fn=Collator(processor.pad_token_id, pack_length=stage.pack_length,
                                                      cached=features is not None))
         self.skipped: list[dict] = _earlier_skips(stage_dir, start_step) if rank == 0 else []
         self._logged = len(self.skipped)

@@ -205,7 +205,8 @@ class Trainer:
         # Each rank encodes its own shard; all then read every shard memory-mapped.
         return FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=self.show_progress,
                                   rank=self.dist.rank, world=self.dist.world, sync=barrier, on_error=stage.on_error,
-                                  owners={str(p): (s.source, s.id) for s in samples for p in s.images})
+                                  owners={str(p): (s.source, s.id) for s in samples for p in s.images},
+                                  preprocess=self.model.processor.image)
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
