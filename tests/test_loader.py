@@ -252,3 +252,18 @@ def test_negative_data_path_options_are_named(tiny_model, tiny_world) -> None:
         StageLoader(samples, tiny_model, _stage(tiny_world.instruct, num_workers=-1), plan)
     with pytest.raises(ValueError, match="group_by_length is a number of optimizer steps \\(0: off\\), not -2"):
         stage_order(_stage(tiny_world.instruct, group_by_length=-2), samples, tiny_model, 1, 0)
+
+
+def test_length_grouping_cuts_the_padding_of_a_real_stage(tiny_model, tiny_world) -> None:
+    samples = load_llava(tiny_world.instruct).samples
+    real = [len(p.encoded.input_ids) for p in prepare(samples, tiny_model)[0]]
+    stage = _stage(tiny_world.instruct, max_steps=None, epochs=1.0, group_by_length=4)
+
+    def padding(plan: StagePlan) -> int:
+        batches = [[real[i] for i in plan.indices(s, 0, 0)] for s in range(plan.total)]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    plain = StagePlan(32, stage, world=1, seed=4)
+    grouped = StagePlan(32, stage, world=1, seed=4, order=stage_order(stage, samples, tiny_model, 1, 4))
+    assert sorted(i for s in range(8) for i in grouped.indices(s, 0, 0)) == list(range(32))
+    assert padding(grouped) < padding(plain) / 2
