@@ -25,12 +25,13 @@ _CORPUS = [
 ]
 
 
-def make_tiny_lm(folder: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                 kv_heads: int = 2, seed: int = 0) -> Path:
-    """Write a tiny Llama-family causal LM + BPE tokenizer with a ChatML template to ``folder``."""
+def make_tiny_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
+    """Train a tiny byte-level BPE tokenizer with a ChatML template and save it to ``folder``.
+
+    Byte-level, so it encodes any text; its vocabulary is a few hundred entries, which also
+    lets randomly initialised LMs of any vocabulary size use it (benchmarks feed token ids).
+    """
     folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -43,6 +44,16 @@ def make_tiny_lm(folder: str | Path, *, hidden: int = 64, layers: int = 2, heads
                                    bos_token="<|endoftext|>")
     fast.chat_template = CHATML
     fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny_lm(folder: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                 kv_heads: int = 2, seed: int = 0) -> Path:
+    """Write a tiny Llama-family causal LM + BPE tokenizer with a ChatML template to ``folder``."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    fast = make_tiny_tokenizer(folder)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
