@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,8 @@ def format_table(result: dict) -> str:
     for target, ok in result["targets"].items():
         lines.append(f"target {target}: {'met' if ok else 'NOT met'}")
     lines.append(result["note"])
+    if "wall_s" in result:
+        lines.append(f"whole run: {result['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -289,9 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.size, device=device, bf16=use_bf16(args.precision, device), lm_mode=args.lm_mode,
                      warmup=args.warmup, repeats=args.repeats, workdir=Path(tmp))
+    result["wall_s"] = time.perf_counter() - t0
     print(format_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

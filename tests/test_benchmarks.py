@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModel, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the benchmarks folder is a package of the repository, not of chiasm
@@ -136,6 +137,19 @@ def test_parameter_counts_cover_the_lm(tmp_path: Path) -> None:
     vectors = sum(p.numel() for p in model.lm.parameters() if p.ndim < 2)  # norms: no matmul
     assert c.lm_blocks + c.head + vectors == sum(p.numel() for p in model.lm.parameters())  # tied head
     assert (c.tower_seq, c.patches, c.tower_layers) == (17, 16, 2)  # CLIP's class token + a 4 x 4 grid
+
+
+@pytest.mark.parametrize(("shape", "causal", "params"), [
+    (gpu_check.LMS["smollm2-360m"], True, 361_821_120),
+    (gpu_check.LMS["qwen2-0.5b"], True, 494_032_768),
+    (step_vs_llava.SIZES["real"].lm, True, 134_515_008),  # SmolLM2-135M
+    (gpu_check.SIGLIP_B16, False, 92_884_224),  # siglip-base-patch16-224's vision tower
+    (step_vs_llava.SIZES["real"].tower, False, 85_799_424),  # clip-vit-base-patch16's vision tower
+])
+def test_shapes_match_the_checkpoints_they_stand_for(shape, causal: bool, params: int) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(shape.config())
+    assert sum(p.numel() for p in model.parameters()) == params
 
 
 @pytest.mark.parametrize(("name", "peak"), [
