@@ -4,6 +4,8 @@ Both models hold the same weights (a CLIP tower read at layer -2 without its cla
 LLaVA-1.5's two-layer GELU projector, the same causal LM), see the same batch and train the
 same parameters with the same optimizer and precision. Before any timing the losses and
 gradients are checked equal in fp32: the comparison is of two implementations of one model.
+The reference is called with ``use_cache=False``, as chiasm's training forward is, so that
+neither builds a KV cache it will not use.
 
 Rows:
 * align: bridge trains, tower and LM frozen (pixels through the tower every step);
