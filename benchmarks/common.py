@@ -97,7 +97,7 @@ def build_vlm(tower: TowerShape, lm: LMShape, workdir: Path, *, seed: int = 0,
                             image_size=tower.image_size, options={"pretrained": False})
     encoder = build_encoder(enc_cfg)
     language_model = AutoModelForCausalLM.from_config(lm.config(), dtype=torch.float32)
-    tokenizer = make_tiny_tokenizer(workdir / "tokenizer")
+    tokenizer = make_tiny_tokenizer()  # ids are made up directly: any tokenizer that knows <image> will do
     bridge_cfg = BridgeConfig(name="mlp")
     bridge = build_bridge(bridge_cfg, encoder.dim, lm.hidden)
     config = ModelConfig(encoder=enc_cfg, bridge=bridge_cfg, lm=LMConfig(source=f"random:{lm.family}"))

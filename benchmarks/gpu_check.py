@@ -51,10 +51,11 @@ from benchmarks.common import (
     synthetic_batch,
     time_interleaved,
 )
+from chiasm.checkpointing import enable_checkpointing
 from chiasm.config import PolicyConfig
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
-from chiasm.train.policy import apply_policy
+from chiasm.train.policy import apply_policy, set_train_modes
 
 FLOP_FORMULA = (
     "per step: 2*N_tower*patches + 6*N_bridge*patches + m_lm*N_lm_blocks*tokens + m_lm*N_head*supervised "
@@ -160,22 +161,29 @@ STAGES = (  # (name, LM policy, tower run every step)
 
 
 def set_checkpointing(model: VisionLanguageModel, on: bool) -> None:
-    """Activation checkpointing of the LM's layers (non-reentrant, which LoRA and frozen inputs need)."""
+    """Switch activation checkpointing as ``ModelConfig.gradient_checkpointing`` does (LM and tower), or off."""
     if on:
-        model.base_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.base_lm.activation_checkpointing_disable()
+        enable_checkpointing(model.base_lm, model.encoder)
+        return
+    model.base_lm.activation_checkpointing_disable()
+    for module in model.encoder.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = False
 
 
 def measure_stage(model: VisionLanguageModel, batch: SyntheticBatch, *, name: str, lm_mode: str, tower_runs: bool,
                   checkpointing: bool, device: torch.device, bf16: bool, warmup: int, repeats: int,
                   counts: Counts, peak: float | None) -> dict:
-    apply_policy(model, "encoder", PolicyConfig(mode="frozen"))
-    apply_policy(model, "bridge", PolicyConfig(mode="full"))
-    apply_policy(model, "lm", PolicyConfig(mode=lm_mode))
+    policies = {"encoder": PolicyConfig(mode="frozen"), "bridge": PolicyConfig(mode="full"),
+                "lm": PolicyConfig(mode=lm_mode)}
+    for component, policy in policies.items():
+        apply_policy(model, component, policy)
     set_checkpointing(model, checkpointing)
-    model.train()  # checkpointing acts only in training mode
-    model.encoder.eval()
+    # As the trainer does: train mode where a policy trains, and the LM too when it is checkpointed
+    # (transformers recomputes layers only in train mode, also for a frozen LM the gradient crosses).
+    set_train_modes(model, policies)
+    if checkpointing:
+        model.lm.train()
     b = batch
     if tower_runs:
         def loss() -> torch.Tensor:
@@ -220,13 +228,10 @@ def measure_generation(model: VisionLanguageModel, prompts: SyntheticBatch, *, n
 
     def generate(n: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            try:
-                embeds = model.embed(prompts.input_ids, model.encode_images(prompts.pixels))
-            finally:
-                model.bridge.release()
+            embeds, layer_inputs = model.lm_inputs(prompts.input_ids, model.encode_images(prompts.pixels))
             model.lm.generate(inputs_embeds=embeds, attention_mask=prompts.attention_mask, do_sample=False,
                               max_new_tokens=n, min_new_tokens=n, use_cache=True,
-                              pad_token_id=model.tokenizer.pad_token_id)
+                              pad_token_id=model.tokenizer.pad_token_id, **layer_inputs)
 
     times = time_interleaved({"prefill": lambda: generate(1), "all": lambda: generate(new_tokens)},
                              warmup=1, repeats=3, device=device)

@@ -21,6 +21,7 @@ Run: ``python benchmarks/step_vs_llava.py --size small --out results.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from chiasm.config import PolicyConfig
 from chiasm.encoders.hf_vision import _vision_part
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
-from chiasm.train.policy import _lora_config, apply_policy
+from chiasm.train.policy import apply_policy, set_train_modes
 from chiasm.train.trainer import use_bf16
 
 
@@ -112,13 +113,18 @@ def copy_weights(model: VisionLanguageModel, ref: LlavaForConditionalGeneration)
 
 def set_stage(model: VisionLanguageModel, ref: LlavaForConditionalGeneration, lm_mode: str) -> None:
     """Tower frozen, bridge trained and the LM ``frozen``/``lora``/``full`` in both models."""
-    apply_policy(model, "encoder", PolicyConfig(mode="frozen"))
-    apply_policy(model, "bridge", PolicyConfig(mode="full"))
-    lm_policy = PolicyConfig(mode=lm_mode)
-    apply_policy(model, "lm", lm_policy)
+    policies = {"encoder": PolicyConfig(mode="frozen"), "bridge": PolicyConfig(mode="full"),
+                "lm": PolicyConfig(mode=lm_mode)}
+    for component, policy in policies.items():
+        apply_policy(model, component, policy)
+    set_train_modes(model, policies)  # as the trainer does; the reference below mirrors it
     text = ref.model.language_model
     if lm_mode == "lora" and not any("lora_" in n for n, _ in text.named_parameters()):
-        inject_adapter_in_model(_lora_config(lm_policy), text)
+        # chiasm's own adapter config (rank, alpha, target layers), so both adapt the same layers.
+        inject_adapter_in_model(copy.deepcopy(model.lm.peft_config["default"]), text)
+    ref.eval()
+    ref.model.multi_modal_projector.train()
+    text.train(lm_mode != "frozen")
     for name, p in ref.named_parameters():
         if name.startswith("model.multi_modal_projector."):
             p.requires_grad_(True)
@@ -201,8 +207,6 @@ def run(size_name: str, *, device: torch.device, bf16: bool, lm_mode: str, warmu
     size = SIZES[size_name]
     model = build_vlm(size.tower, size.lm, workdir, seed=seed).to(device)
     ref = build_reference(model, size)
-    model.train()
-    ref.train()
     batch = synthetic_batch(size.rows, image_tokens=model.tokens_per_image, text_tokens=size.text_tokens,
                             vocab=size.lm.vocab, image_id=model.image_token_id, image_size=size.tower.image_size,
                             pad_id=model.tokenizer.pad_token_id, seed=seed).to(device)

@@ -28,7 +28,7 @@ from chiasm.train.batches import Prepared, collate, prepare
 from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from chiasm.train.features import FeatureCache
-from chiasm.train.policy import COMPONENTS, apply_stage_policies
+from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.word_targets import WordTargetObjective
 
@@ -170,7 +170,10 @@ class Trainer:
                 self.trained = ckpt.load_model_state(self.checkpoint_dir, self.model) | self.trained
                 start = state.step
                 log.info("resuming stage %s at step %d", stage.name, start)
-            self._train_stage(i, stage, start_step=start, resume_from=self.checkpoint_dir if start else None)
+            try:
+                self._train_stage(i, stage, start_step=start, resume_from=self.checkpoint_dir if start else None)
+            finally:
+                self.model.eval()  # also when a stage stops early: nothing after it should run dropout
             state = None
             if on_stage_end is not None and self.dist.is_main:
                 on_stage_end(self.model, stage, i)
@@ -218,7 +221,11 @@ class Trainer:
         # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP.
         inner = model.bridge if prealign is not None else model
         wrapped = DDP(inner) if self.dist.world > 1 else inner
-        model.encoder.train(stage.encoder.mode != "frozen")
+        set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
+        if model.config.gradient_checkpointing:
+            # transformers recomputes layers only in training mode, also for a frozen LM whose
+            # activations carry the bridge's gradient (dropout of current LMs is zero).
+            model.lm.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
         if self.dist.is_main:
