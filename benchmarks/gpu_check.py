@@ -274,6 +274,7 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
     }
     result["generation"] = measure_generation(model, prompts, new_tokens=args.new_tokens, device=device, bf16=bf16)
     rows = []
+    print(HEADER, flush=True)
     for name, lm_mode, tower_runs in STAGES:
         if lm_mode not in args.lm_modes and lm_mode != "frozen":
             continue
