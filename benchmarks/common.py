@@ -48,6 +48,11 @@ class TowerShape:
     def patches(self) -> int:
         return (self.image_size // self.patch) ** 2
 
+    @property
+    def normalize(self) -> str:
+        """The normalisation the family's checkpoints were trained with (chiasm's encoder option)."""
+        return {"clip": "clip", "siglip": "half"}[self.family]
+
     def config(self) -> PretrainedConfig:
         kinds = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}
         if self.family not in kinds:
@@ -94,7 +99,7 @@ def build_vlm(tower: TowerShape, lm: LMShape, workdir: Path, *, seed: int = 0,
     tower_dir = workdir / f"tower-{tower.family}"
     tower.config().save_pretrained(tower_dir)
     enc_cfg = EncoderConfig(name="hf-vision", source=str(tower_dir), feature_layer=feature_layer,
-                            image_size=tower.image_size, options={"pretrained": False})
+                            image_size=tower.image_size, options={"pretrained": False, "normalize": tower.normalize})
     encoder = build_encoder(enc_cfg)
     language_model = AutoModelForCausalLM.from_config(lm.config(), dtype=torch.float32)
     tokenizer = make_tiny_tokenizer()  # ids are made up directly: any tokenizer that knows <image> will do
