@@ -1,0 +1,160 @@
+"""Two gloo processes under torchrun: DDP with parameters that get no gradient, FSDP2 against DDP.
+
+Every run goes through one torchrun launch (``tests/dist_worker.py``), which takes a few
+seconds per config on a CPU instead of a launch per test.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from chiasm.config import (
+    BridgeConfig,
+    EncoderConfig,
+    LMConfig,
+    ModelConfig,
+    PolicyConfig,
+    RunConfig,
+    StageConfig,
+    save_config,
+)
+from chiasm.data.synthetic import WorldFiles
+
+FROZEN = PolicyConfig(mode="frozen")
+LORA = PolicyConfig(mode="lora", lora_r=4, lora_alpha=8)
+FULL = PolicyConfig(mode="full")
+
+
+def make_tiny_clip_tower(folder: Path) -> Path:
+    """A randomly initialised 2-layer CLIP vision tower (32 px, 8 px patches) saved as a transformers folder."""
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _stage(name: str, world: WorldFiles, *, encoder: PolicyConfig = FROZEN, lm: PolicyConfig = FROZEN,
+           steps: int = 3, **kw) -> StageConfig:
+    data = world.align if name == "align" else world.instruct
+    return StageConfig(name=name, data=str(data), encoder=encoder, lm=lm, lr=1e-2, batch_size=2, max_steps=steps,
+                       checkpoint_every=0, **kw)
+
+
+def _write(folder: Path, name: str, model: ModelConfig, stages: list[StageConfig], **run_kw) -> str:
+    cfg = RunConfig(model=copy.deepcopy(model), stages=stages, output_dir=str(folder / name), seed=3,
+                    precision="fp32", **run_kw)
+    save_config(cfg, folder / f"{name}.json")
+    return str(folder / f"{name}.json")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train every config below with 2 gloo ranks; return the folder of run folders and weights."""
+    root = tmp_path_factory.mktemp("parallel")
+    base = ModelConfig(encoder=EncoderConfig(name="tiny-vit", image_size=64, options={"patch": 16, "dim": 32}),
+                       bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=str(tiny_lm_dir)))
+    tower = copy.deepcopy(base)
+    tower.encoder = EncoderConfig(name="hf-vision", source=str(make_tiny_clip_tower(root / "clip")),
+                                  feature_layer=-2, image_size=32)
+    expert = copy.deepcopy(base)
+    expert.bridge = BridgeConfig(name="visual_expert")
+    two = [_stage("align", tiny_world, steps=2), _stage("instruct", tiny_world, lm=FULL, steps=2)]
+    resumable = [dataclasses.replace(s, checkpoint_every=1) for s in two]
+    specs = [
+        _write(root, "tower_ddp", tower, [_stage("instruct", tiny_world, encoder=FULL)]),
+        _write(root, "tower_fsdp", tower, [_stage("instruct", tiny_world, encoder=FULL)], strategy="fsdp"),
+        _write(root, "expert_lora_ddp", expert, [_stage("instruct", tiny_world, lm=LORA)]),
+        _write(root, "expert_full_fsdp", expert, [_stage("instruct", tiny_world, lm=FULL)], strategy="fsdp"),
+        _write(root, "two_ddp", base, two),
+        _write(root, "two_fsdp", base, two, strategy="fsdp"),
+        _write(root, "two_fsdp_resumed", base, resumable, strategy="fsdp") + "@3",
+        _write(root, "lora_ddp", base, [_stage("instruct", tiny_world, lm=LORA)]),
+        _write(root, "lora_fsdp", base, [_stage("instruct", tiny_world, lm=LORA)], strategy="fsdp"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).parent / "dist_worker.py"), str(root), *specs]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def _weights(root: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return load_file(str(root / f"{name}.rank0.safetensors")), load_file(str(root / f"{name}.rank1.safetensors"))
+
+
+def _losses(root: Path, name: str, stage: str = "instruct") -> list[float]:
+    lines = (root / name / "stages" / stage / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines]
+
+
+def _assert_ranks_equal(root: Path, name: str) -> dict[str, torch.Tensor]:
+    a, b = _weights(root, name)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{name}: ranks differ at {k}"
+    return a
+
+
+@pytest.mark.parametrize("name", ["tower_ddp", "tower_fsdp", "expert_lora_ddp", "expert_full_fsdp"])
+def test_parameters_without_gradient_train_on_two_ranks(runs: Path, name: str, tiny_lm_dir: Path) -> None:
+    """A tower read at layer -2 (its last layer gets no gradient) and visual experts train in step."""
+    weights = _assert_ranks_equal(runs, name)
+    losses = _losses(runs, name)
+    assert len(losses) == 3 and all(x > 0 for x in losses)
+    initial = load_file(str(tiny_lm_dir / "model.safetensors"))
+    if name.startswith("tower"):
+        # The last tower layer reaches no loss and stays as loaded; the layer below it trains.
+        tower = load_file(str(runs / "clip" / "model.safetensors"))
+        last, below = "encoder.layers.1.mlp.fc1.weight", "encoder.layers.0.mlp.fc1.weight"
+        assert torch.equal(weights["encoder.tower.encoder.layers.1.mlp.fc1.weight"], tower[last])
+        assert not torch.equal(weights["encoder.tower.encoder.layers.0.mlp.fc1.weight"], tower[below])
+    else:
+        # The first layer's experts train; the text path of a LoRA-trained LM keeps its base weights.
+        start = initial["model.layers.0.mlp.up_proj.weight"]
+        assert not torch.equal(weights["bridge.experts.0.mlp.up_proj.weight"], start)
+        if name == "expert_lora_ddp":
+            base = next(k for k in weights if k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+            assert torch.equal(weights[base], initial["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("ddp,fsdp", [("two_ddp", "two_fsdp"), ("lora_ddp", "lora_fsdp")])
+def test_fsdp_matches_ddp_step_by_step(runs: Path, ddp: str, fsdp: str) -> None:
+    """Same data, same seed: FSDP's loss per step and final weights are DDP's within float tolerance."""
+    stages = ["align", "instruct"] if ddp == "two_ddp" else ["instruct"]
+    for stage in stages:
+        torch.testing.assert_close(torch.tensor(_losses(runs, fsdp, stage)), torch.tensor(_losses(runs, ddp, stage)),
+                                   rtol=1e-4, atol=1e-6)
+    a = _assert_ranks_equal(runs, ddp)
+    b = _assert_ranks_equal(runs, fsdp)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_fsdp_resume_matches_uninterrupted_run(runs: Path) -> None:
+    """Killed after step 3 (one step into the second stage) and resumed from the gathered checkpoint."""
+    state = json.loads((runs / "two_fsdp_resumed" / "checkpoint" / "state.json").read_text())
+    assert (state["stage_index"], state["step"], state["stage_done"]) == (1, 2, True)
+    opt = load_file(str(runs / "two_fsdp_resumed" / "checkpoint" / "optimizer.safetensors"))
+    ckpt = load_file(str(runs / "two_fsdp_resumed" / "checkpoint" / "model.safetensors"))
+    final = _assert_ranks_equal(runs, "two_fsdp_resumed")
+    for k, v in ckpt.items():  # whole tensors, as one process writes them
+        assert v.shape == final[k].shape, k
+    assert any(k.endswith("exp_avg") for k in opt)
+    straight = _weights(runs, "two_fsdp")[0]
+    for k in straight:
+        torch.testing.assert_close(final[k], straight[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert _losses(runs, "two_fsdp_resumed") == pytest.approx(_losses(runs, "two_fsdp"), rel=1e-5)
