@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from chiasm.config import (
     BridgeConfig,
@@ -30,19 +29,11 @@ from chiasm.config import (
     save_config,
 )
 from chiasm.data.synthetic import WorldFiles
+from chiasm.testing import make_tiny_vision_tower
 
 FROZEN = PolicyConfig(mode="frozen")
 LORA = PolicyConfig(mode="lora", lora_r=4, lora_alpha=8)
 FULL = PolicyConfig(mode="full")
-
-
-def make_tiny_clip_tower(folder: Path) -> Path:
-    """A randomly initialised 2-layer CLIP vision tower (32 px, 8 px patches) saved as a transformers folder."""
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def _stage(name: str, world: WorldFiles, *, encoder: PolicyConfig = FROZEN, lm: PolicyConfig = FROZEN,
@@ -66,7 +57,7 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
     base = ModelConfig(encoder=EncoderConfig(name="tiny-vit", image_size=64, options={"patch": 16, "dim": 32}),
                        bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=str(tiny_lm_dir)))
     tower = copy.deepcopy(base)
-    tower.encoder = EncoderConfig(name="hf-vision", source=str(make_tiny_clip_tower(root / "clip")),
+    tower.encoder = EncoderConfig(name="hf-vision", source=str(make_tiny_vision_tower(root / "clip")),
                                   feature_layer=-2, image_size=32)
     expert = copy.deepcopy(base)
     expert.bridge = BridgeConfig(name="visual_expert")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -50,4 +50,20 @@ def make_tiny_lm(folder: str | Path, *, hidden: int = 64, layers: int = 2, heads
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                          pad_token_id=fast.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_vision_tower(folder: str | Path, *, seed: int = 0) -> Path:
+    """Write a randomly initialised 2-layer CLIP vision tower (32 px, 8 px patches) to ``folder``.
+
+    It loads through the ``hf-vision`` encoder like a hub checkpoint, for tests of a trainable
+    transformers tower (e.g. read at ``feature_layer = -2``).
+    """
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
     return folder
