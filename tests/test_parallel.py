@@ -38,7 +38,7 @@ FULL = PolicyConfig(mode="full")
 
 def _stage(name: str, world: WorldFiles, *, encoder: PolicyConfig = FROZEN, lm: PolicyConfig = FROZEN,
            steps: int = 3, **kw) -> StageConfig:
-    data = world.align if name == "align" else world.instruct
+    data = world.instruct if name == "instruct" else world.align
     return StageConfig(name=name, data=str(data), encoder=encoder, lm=lm, lr=1e-2, batch_size=2, max_steps=steps,
                        checkpoint_every=0, **kw)
 
@@ -61,16 +61,18 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
                                   feature_layer=-2, image_size=32)
     expert = copy.deepcopy(base)
     expert.bridge = BridgeConfig(name="visual_expert")
-    two = [_stage("align", tiny_world, steps=2), _stage("instruct", tiny_world, lm=FULL, steps=2)]
-    resumable = [dataclasses.replace(s, checkpoint_every=1) for s in two]
+    # A contrastive pre-alignment stage wraps the bridge alone, the next ones the whole model.
+    three = [_stage("prealign", tiny_world, steps=2, objective="contrastive", phrase_span=2),
+             _stage("align", tiny_world, steps=2), _stage("instruct", tiny_world, lm=FULL, steps=2)]
+    resumable = [dataclasses.replace(s, checkpoint_every=1) for s in three]
     specs = [
         _write(root, "tower_ddp", tower, [_stage("instruct", tiny_world, encoder=FULL)]),
         _write(root, "tower_fsdp", tower, [_stage("instruct", tiny_world, encoder=FULL)], strategy="fsdp"),
         _write(root, "expert_lora_ddp", expert, [_stage("instruct", tiny_world, lm=LORA)]),
         _write(root, "expert_full_fsdp", expert, [_stage("instruct", tiny_world, lm=FULL)], strategy="fsdp"),
-        _write(root, "two_ddp", base, two),
-        _write(root, "two_fsdp", base, two, strategy="fsdp"),
-        _write(root, "two_fsdp_resumed", base, resumable, strategy="fsdp") + "@3",
+        _write(root, "three_ddp", base, three),
+        _write(root, "three_fsdp", base, three, strategy="fsdp"),
+        _write(root, "three_fsdp_resumed", base, resumable, strategy="fsdp") + "@5",
         _write(root, "lora_ddp", base, [_stage("instruct", tiny_world, lm=LORA)]),
         _write(root, "lora_fsdp", base, [_stage("instruct", tiny_world, lm=LORA)], strategy="fsdp"),
     ]
@@ -121,31 +123,33 @@ def test_parameters_without_gradient_train_on_two_ranks(runs: Path, name: str, t
             assert torch.equal(weights[base], initial["model.layers.0.self_attn.q_proj.weight"])
 
 
-@pytest.mark.parametrize("ddp,fsdp", [("two_ddp", "two_fsdp"), ("lora_ddp", "lora_fsdp")])
+@pytest.mark.parametrize("ddp,fsdp", [("three_ddp", "three_fsdp"), ("lora_ddp", "lora_fsdp")])
 def test_fsdp_matches_ddp_step_by_step(runs: Path, ddp: str, fsdp: str) -> None:
     """Same data, same seed: FSDP's loss per step and final weights are DDP's within float tolerance."""
-    stages = ["align", "instruct"] if ddp == "two_ddp" else ["instruct"]
+    stages = ["prealign", "align", "instruct"] if ddp == "three_ddp" else ["instruct"]
     for stage in stages:
         torch.testing.assert_close(torch.tensor(_losses(runs, fsdp, stage)), torch.tensor(_losses(runs, ddp, stage)),
                                    rtol=1e-4, atol=1e-6)
     a = _assert_ranks_equal(runs, ddp)
     b = _assert_ranks_equal(runs, fsdp)
     assert a.keys() == b.keys()
+    # Adam divides by the gradient's own size, so a near-zero gradient summed in another order can
+    # move its weight by a visible fraction of one step (lr 1e-2): 1% of a step is allowed.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_fsdp_resume_matches_uninterrupted_run(runs: Path) -> None:
-    """Killed after step 3 (one step into the second stage) and resumed from the gathered checkpoint."""
-    state = json.loads((runs / "two_fsdp_resumed" / "checkpoint" / "state.json").read_text())
-    assert (state["stage_index"], state["step"], state["stage_done"]) == (1, 2, True)
-    opt = load_file(str(runs / "two_fsdp_resumed" / "checkpoint" / "optimizer.safetensors"))
-    ckpt = load_file(str(runs / "two_fsdp_resumed" / "checkpoint" / "model.safetensors"))
-    final = _assert_ranks_equal(runs, "two_fsdp_resumed")
+    """Killed after step 5 (one step into the last stage) and resumed from the gathered checkpoint."""
+    state = json.loads((runs / "three_fsdp_resumed" / "checkpoint" / "state.json").read_text())
+    assert (state["stage_index"], state["step"], state["stage_done"]) == (2, 2, True)
+    opt = load_file(str(runs / "three_fsdp_resumed" / "checkpoint" / "optimizer.safetensors"))
+    ckpt = load_file(str(runs / "three_fsdp_resumed" / "checkpoint" / "model.safetensors"))
+    final = _assert_ranks_equal(runs, "three_fsdp_resumed")
     for k, v in ckpt.items():  # whole tensors, as one process writes them
         assert v.shape == final[k].shape, k
     assert any(k.endswith("exp_avg") for k in opt)
-    straight = _weights(runs, "two_fsdp")[0]
+    straight = _weights(runs, "three_fsdp")[0]
     for k in straight:
         torch.testing.assert_close(final[k], straight[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-    assert _losses(runs, "two_fsdp_resumed") == pytest.approx(_losses(runs, "two_fsdp"), rel=1e-5)
+    assert _losses(runs, "three_fsdp_resumed") == pytest.approx(_losses(runs, "three_fsdp"), rel=1e-5)

@@ -68,7 +68,7 @@ def gather_state(model: VisionLanguageModel, trained: set[str],
         return params, optimizer.state_dict()
     from chiasm.train.fsdp import full_optimizer_state, full_tensors
 
-    return {k: v.cpu() for k, v in full_tensors(params).items()}, full_optimizer_state(optimizer)
+    return full_tensors(params), full_optimizer_state(optimizer)
 
 
 def cuda_rng_state() -> dict[str, torch.Tensor]:

@@ -93,8 +93,11 @@ def unshard_for_good(root: nn.Module) -> None:
 
 
 def full_tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """Whole tensors for DTensor values (a collective: every rank calls it, same keys, same order)."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+    """Whole tensors, on the CPU, for DTensor values (a collective: every rank calls it, same keys, same order).
+
+    One tensor at a time goes whole on the device, so a checkpoint never needs the whole model there.
+    """
+    return {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
