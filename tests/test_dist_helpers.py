@@ -81,7 +81,7 @@ def test_collectives_on_a_real_gloo_group(gloo_group) -> None:
 
 # ---- the config check ---------------------------------------------------------------------
 def _cfg(tiny_model_config: ModelConfig, tmp_path, **kw) -> RunConfig:
-    stage = StageConfig(name="instruct", data="x.json", lm=PolicyConfig(mode="full"), text_replay=2)
+    stage = StageConfig(name="instruct", data="x.json", lm=PolicyConfig(mode="full"))
     return RunConfig(model=tiny_model_config, stages=[stage], output_dir=str(tmp_path / "run"), **kw)
 
 
@@ -94,12 +94,23 @@ def test_config_check_refuses_before_any_model_is_built(tiny_model_config, tmp_p
     with pytest.raises(ValueError, match=r"backend 'nccl' needs CUDA GPUs, and torch sees none"):
         Trainer(_cfg(tiny_model_config, tmp_path, backend="nccl"), dist_info=DistInfo(0, 2, 0, torch.device("cpu")))
     fsdp = _cfg(tiny_model_config, tmp_path, strategy="fsdp")
-    with pytest.raises(ValueError, match=r"stage 'instruct': text_replay .* strategy 'fsdp' does not support"):
-        Trainer(fsdp, dist_info=DistInfo(0, 2, 0, torch.device("cpu")))
-    # One process ignores the strategy; DDP takes text replay.
-    check_parallel_config(fsdp, world=1, cuda=False)
-    check_parallel_config(_cfg(tiny_model_config, tmp_path), world=2, cuda=False)
+    with monkeypatch.context() as m:
+        m.setattr(dist, "is_available", lambda: False)
+        with pytest.raises(ValueError, match=r"2 processes need torch.distributed, which this torch build lacks "
+                                             r"\(strategy 'fsdp'\); run one process"):
+            Trainer(fsdp, dist_info=DistInfo(0, 2, 0, torch.device("cpu")))
+        check_parallel_config(fsdp, world=1, cuda=False)  # one process ignores the strategy
+    check_parallel_config(fsdp, world=2, cuda=False)
     check_parallel_config(_cfg(tiny_model_config, tmp_path, backend="nccl"), world=2, cuda=True)
+
+
+def test_fsdp_names_an_lm_whose_layers_it_cannot_find(tiny_model) -> None:
+    from chiasm.train.fsdp import shard_groups
+
+    tiny_model.base_lm.model.layers = nn.Sequential(*tiny_model.base_lm.model.layers)  # not a ModuleList
+    with pytest.raises(NotImplementedError, match=r"strategy 'fsdp' shards the LM layer by layer and can't find "
+                                                  r"its layers: LlamaForCausalLM: .*use strategy 'ddp'"):
+        shard_groups(tiny_model, tiny_model)
 
 
 # ---- parameters that reach no loss ----------------------------------------------------------

@@ -64,6 +64,8 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
     # A contrastive pre-alignment stage wraps the bridge alone, the next ones the whole model.
     three = [_stage("prealign", tiny_world, steps=2, objective="contrastive", phrase_span=2),
              _stage("align", tiny_world, steps=2), _stage("instruct", tiny_world, lm=FULL, steps=2)]
+    # LoRA with self-replay rows (the LM run again outside the model's forward) and accumulation.
+    replay = [_stage("instruct", tiny_world, lm=LORA, grad_accum=2, text_replay=2, replay_tokens=12, replay_pool=5)]
     resumable = [dataclasses.replace(s, checkpoint_every=1) for s in three]
     specs = [
         _write(root, "tower_ddp", tower, [_stage("instruct", tiny_world, encoder=FULL)]),
@@ -73,8 +75,8 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
         _write(root, "three_ddp", base, three),
         _write(root, "three_fsdp", base, three, strategy="fsdp"),
         _write(root, "three_fsdp_resumed", base, resumable, strategy="fsdp") + "@5",
-        _write(root, "lora_ddp", base, [_stage("instruct", tiny_world, lm=LORA)]),
-        _write(root, "lora_fsdp", base, [_stage("instruct", tiny_world, lm=LORA)], strategy="fsdp"),
+        _write(root, "lora_ddp", base, replay),
+        _write(root, "lora_fsdp", base, replay, strategy="fsdp"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -32,7 +32,11 @@ def shard_groups(module: nn.Module, model: VisionLanguageModel) -> list[nn.Modul
     """The submodules that get an FSDP group of their own, bottom-up, before the root's."""
     if module is not model:  # a bridge-only stage: one group is enough
         return []
-    groups: list[nn.Module] = list(decoder_layers(model.base_lm))
+    try:
+        groups: list[nn.Module] = list(decoder_layers(model.base_lm))
+    except NotImplementedError as exc:
+        raise NotImplementedError(f"strategy 'fsdp' shards the LM layer by layer and can't find its layers: {exc}; "
+                                  "use strategy 'ddp'") from None
     if any(p.requires_grad for p in model.encoder.parameters()):
         try:
             groups += model.encoder.blocks()

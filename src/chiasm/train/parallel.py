@@ -29,16 +29,15 @@ def check_parallel_config(cfg: RunConfig, world: int, cuda: bool) -> None:
     """Refuse, before any model is built, a parallel set-up that cannot run, saying why.
 
     One process ignores ``strategy`` (there is nothing to shard over), so a config written
-    for torchrun also runs alone.
+    for torchrun also runs alone. FSDP takes every stage kind and policy the trainer has
+    (bridge-only pre-alignment, frozen/full/LoRA/last-N, in-LM bridges, text replay, gradient
+    accumulation); an LM whose decoder layers can't be found is refused once it is loaded.
     """
     if cfg.backend == "nccl" and not cuda:
         raise ValueError("backend 'nccl' needs CUDA GPUs, and torch sees none; use backend 'gloo' or 'auto'")
-    if cfg.strategy != "fsdp" or world == 1:
-        return
-    for stage in cfg.stages:
-        if stage.text_replay:
-            raise ValueError(f"stage {stage.name!r}: text_replay runs the LM a second time outside the model's "
-                             "forward, which strategy 'fsdp' does not support; use strategy 'ddp'")
+    if world > 1 and not torch.distributed.is_available():
+        raise ValueError(f"{world} processes need torch.distributed, which this torch build lacks "
+                         f"(strategy {cfg.strategy!r}); run one process")
 
 
 def unused_parameters(loss: torch.Tensor, module: nn.Module) -> list[str]:
