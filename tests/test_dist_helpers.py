@@ -166,6 +166,10 @@ def test_probe_keeps_the_rng_and_obeys_the_config(tiny_model_config, tiny_world,
     never = lambda m: pytest.fail("the config decided: no probe")  # noqa: E731
     assert needs_unused_search(model, never, False, torch.device("cpu")) is False
     assert needs_unused_search(model, never, True, torch.device("cpu")) is True
+    # Text-only samples: some batch will skip the encoder and bridge, whatever the first batch used.
+    with caplog.at_level(logging.INFO, logger="chiasm.train.parallel"):
+        assert needs_unused_search(model, never, None, torch.device("cpu"), text_only_samples=True) is True
+    assert "samples without images" in caplog.text
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -26,10 +26,12 @@ from chiasm.config import (
     PolicyConfig,
     RunConfig,
     StageConfig,
+    load_config,
     save_config,
 )
 from chiasm.data.synthetic import WorldFiles
 from chiasm.testing import make_tiny_vision_tower
+from chiasm.train.trainer import StagePlan
 
 FROZEN = PolicyConfig(mode="frozen")
 LORA = PolicyConfig(mode="lora", lora_r=4, lora_alpha=8)
@@ -37,8 +39,8 @@ FULL = PolicyConfig(mode="full")
 
 
 def _stage(name: str, world: WorldFiles, *, encoder: PolicyConfig = FROZEN, lm: PolicyConfig = FROZEN,
-           steps: int = 3, **kw) -> StageConfig:
-    data = world.instruct if name == "instruct" else world.align
+           steps: int = 3, data: Path | None = None, **kw) -> StageConfig:
+    data = data or (world.instruct if name == "instruct" else world.align)
     return StageConfig(name=name, data=str(data), encoder=encoder, lm=lm, lr=1e-2, batch_size=2, max_steps=steps,
                        checkpoint_every=0, **kw)
 
@@ -64,6 +66,10 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
     # A contrastive pre-alignment stage wraps the bridge alone, the next ones the whole model.
     three = [_stage("prealign", tiny_world, steps=2, objective="contrastive", phrase_span=2),
              _stage("align", tiny_world, steps=2), _stage("instruct", tiny_world, lm=FULL, steps=2)]
+    # Every other conversation without its image: some micro-batches leave the trainable encoder
+    # and the bridge out on one rank and not on the other.
+    mixed = _text_only_every_other(tiny_world, root / "mixed.json")
+    textmix = [_stage("instruct", tiny_world, encoder=FULL, lm=LORA, data=mixed, steps=4)]
     # LoRA with self-replay rows (the LM run again outside the model's forward) and accumulation.
     replay = [_stage("instruct", tiny_world, lm=LORA, grad_accum=2, text_replay=2, replay_tokens=12, replay_pool=5)]
     resumable = [dataclasses.replace(s, checkpoint_every=1) for s in three]
@@ -75,6 +81,8 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
         _write(root, "three_ddp", base, three),
         _write(root, "three_fsdp", base, three, strategy="fsdp"),
         _write(root, "three_fsdp_resumed", base, resumable, strategy="fsdp") + "@5",
+        _write(root, "textmix_ddp", base, textmix),
+        _write(root, "textmix_fsdp", base, textmix, strategy="fsdp"),
         _write(root, "lora_ddp", base, replay),
         _write(root, "lora_fsdp", base, replay, strategy="fsdp"),
     ]
@@ -84,6 +92,18 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
+
+
+def _text_only_every_other(world: WorldFiles, out: Path) -> Path:
+    records = json.loads(world.instruct.read_text())
+    for i, rec in enumerate(records):
+        image = rec.pop("image")
+        if i % 2:
+            rec["conversations"][0]["value"] = rec["conversations"][0]["value"].replace("<image>\n", "")
+        else:
+            rec["image"] = str(world.instruct.parent / image)
+    out.write_text(json.dumps(records))
+    return out
 
 
 def _weights(root: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -125,7 +145,8 @@ def test_parameters_without_gradient_train_on_two_ranks(runs: Path, name: str, t
             assert torch.equal(weights[base], initial["model.layers.0.self_attn.q_proj.weight"])
 
 
-@pytest.mark.parametrize("ddp,fsdp", [("three_ddp", "three_fsdp"), ("lora_ddp", "lora_fsdp")])
+@pytest.mark.parametrize("ddp,fsdp", [("three_ddp", "three_fsdp"), ("lora_ddp", "lora_fsdp"),
+                                      ("textmix_ddp", "textmix_fsdp")])
 def test_fsdp_matches_ddp_step_by_step(runs: Path, ddp: str, fsdp: str) -> None:
     """Same data, same seed: FSDP's loss per step and final weights are DDP's within float tolerance."""
     stages = ["prealign", "align", "instruct"] if ddp == "three_ddp" else ["instruct"]
@@ -139,6 +160,17 @@ def test_fsdp_matches_ddp_step_by_step(runs: Path, ddp: str, fsdp: str) -> None:
     # move its weight by a visible fraction of one step (lr 1e-2): 1% of a step is allowed.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_some_rank_meets_a_batch_without_images(runs: Path) -> None:
+    """The mixed-data runs above do exercise a rank whose whole batch has no image."""
+    cfg = load_config(runs / "textmix_ddp.json")
+    stage = cfg.stages[0]
+    records = json.loads(Path(stage.data).read_text())
+    plan = StagePlan(len(records), stage, world=2, seed=cfg.seed * 1000)
+    batches = [plan.indices(step, 0, rank) for step in range(plan.total) for rank in (0, 1)]
+    assert any(all("image" not in records[i] for i in b) for b in batches)
+    assert any(any("image" in records[i] for i in b) for b in batches)
 
 
 def test_fsdp_resume_matches_uninterrupted_run(runs: Path) -> None:

@@ -14,6 +14,7 @@ from the modules; its test checks that the result is a plain, trainable module.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -23,13 +24,23 @@ from torch.distributed._composable_state import _module_state_mapping
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.hooks import RemovableHandle
 
 from chiasm.bridges.gated_xattn import decoder_layers
 from chiasm.model import VisionLanguageModel
 
+# Forward hooks that make the LM's input embeddings require grad while a model is sharded.
+_INPUT_GRAD_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
 
-def shard_groups(module: nn.Module, model: VisionLanguageModel) -> list[nn.Module]:
-    """The submodules that get an FSDP group of their own, bottom-up, before the root's."""
+
+def shard_groups(module: nn.Module, model: VisionLanguageModel, *, text_only_samples: bool = False) -> list[nn.Module]:
+    """The submodules that get an FSDP group of their own, bottom-up, before the root's.
+
+    A trainable encoder's blocks get groups only if every sample has an image: a rank whose
+    batch has none never runs them, FSDP would reduce their gradients at the end of its
+    backward while the other ranks do it in the middle, and the ranks' collectives would no
+    longer pair up. In the root group the encoder is reduced with the root on every rank.
+    """
     if module is not model:  # a bridge-only stage: one group is enough
         return []
     try:
@@ -37,7 +48,7 @@ def shard_groups(module: nn.Module, model: VisionLanguageModel) -> list[nn.Modul
     except NotImplementedError as exc:
         raise NotImplementedError(f"strategy 'fsdp' shards the LM layer by layer and can't find its layers: {exc}; "
                                   "use strategy 'ddp'") from None
-    if any(p.requires_grad for p in model.encoder.parameters()):
+    if not text_only_samples and any(p.requires_grad for p in model.encoder.parameters()):
         try:
             groups += model.encoder.blocks()
         except NotImplementedError:
@@ -46,12 +57,18 @@ def shard_groups(module: nn.Module, model: VisionLanguageModel) -> list[nn.Modul
 
 
 def shard(module: nn.Module, model: VisionLanguageModel, device: torch.device, world: int,
-          unused_parameters: bool) -> nn.Module:
+          unused_parameters: bool, *, text_only_samples: bool = False) -> nn.Module:
     """Apply ``fully_shard`` in place to ``module`` (the model, or the bridge of a pre-alignment stage)."""
     mesh = init_device_mesh(device.type, (world,))
-    for group in shard_groups(module, model):
+    for group in shard_groups(module, model, text_only_samples=text_only_samples):
         fully_shard(group, mesh=mesh)
     fully_shard(module, mesh=mesh)
+    if module is model:
+        # FSDP reduces a layer's gradients once they reach its input. With frozen embeddings and
+        # no image in a rank's batch, the first layer's input needs no gradient, so that rank
+        # would reduce the layer only at the end of backward, out of step with the others.
+        _INPUT_GRAD_HOOKS[module] = model.lm.get_input_embeddings().register_forward_hook(
+            lambda _m, _inputs, out: out.requires_grad_(True))
     if unused_parameters:
         # Zero gradients for parameters a rank did not use keep every rank's reduce-scatters matched.
         module.set_reduce_scatter_unused_params(True)
@@ -64,6 +81,9 @@ def unshard_for_good(root: nn.Module) -> None:
 
     Every rank must call it (the gathers are collectives), in the same state.
     """
+    hook = _INPUT_GRAD_HOOKS.pop(root, None)
+    if hook is not None:
+        hook.remove()
     fsdp_modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.reshard()  # the registered parameters are the sharded DTensors from here on

@@ -58,15 +58,21 @@ def unused_parameters(loss: torch.Tensor, module: nn.Module) -> list[str]:
 
 
 def needs_unused_search(module: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], setting: bool | None,
-                        device: torch.device) -> bool:
+                        device: torch.device, *, text_only_samples: bool = False) -> bool:
     """Whether the wrapper must expect parameters without a gradient; the same answer on every rank.
 
-    ``setting`` (the config's ``find_unused_parameters``) decides if given; otherwise one
-    forward pass of ``loss_fn`` on the bare module is traced, with the RNG state put back
-    afterwards so that the probe changes no dropout mask of the training steps.
+    ``setting`` (the config's ``find_unused_parameters``) decides if given. A stage with
+    text-only samples does expect them: a micro-batch without images leaves the encoder and
+    the bridge out, whatever the first one did. Otherwise one forward pass of ``loss_fn`` on
+    the bare module is traced, with the RNG state put back afterwards so that the probe
+    changes no dropout mask of the training steps.
     """
     if setting is not None:
         return setting
+    if any_rank(text_only_samples):
+        log.info("this stage has samples without images, whose batches give the encoder and bridge no gradient: "
+                 "the data-parallel wrapper will expect unused parameters")
+        return True
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -81,14 +87,14 @@ def needs_unused_search(module: nn.Module, loss_fn: Callable[[nn.Module], torch.
 
 
 def wrap(module: nn.Module, model: VisionLanguageModel, strategy: str, info: DistInfo,
-         unused: bool) -> nn.Module:
+         unused: bool, *, text_only_samples: bool = False) -> nn.Module:
     """``module`` ready for data-parallel training (itself in one process)."""
     if info.world == 1:
         return module
     if strategy == "fsdp":
         from chiasm.train.fsdp import shard
 
-        return shard(module, model, info.device, info.world, unused)
+        return shard(module, model, info.device, info.world, unused, text_only_samples=text_only_samples)
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=unused)
 

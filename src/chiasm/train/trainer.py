@@ -227,8 +227,10 @@ class Trainer:
                     return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
                                   features=batch.features).loss
 
-            unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device)
-            wrapped = wrap(inner, model, self.cfg.strategy, self.dist, unused)
+            text_only = any(not it.sample.images for it in prepared)
+            unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device,
+                                         text_only_samples=text_only)
+            wrapped = wrap(inner, model, self.cfg.strategy, self.dist, unused, text_only_samples=text_only)
         else:
             wrapped = inner
         # After wrapping: FSDP replaces the parameters the optimizer must hold.
