@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chiasm.bridges.layer_inputs import IMAGE_POSITIONS
 from chiasm.config import BridgeConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig
 from chiasm.model import VisionLanguageModel
 from chiasm.train.trainer import Trainer
@@ -25,9 +26,9 @@ def test_experts_start_as_copies_of_the_lm(model_config: ModelConfig) -> None:
     img = model.image_token_id
     ids = torch.tensor([[5, 6] + [img] * 16 + [7, 8]])
     with torch.no_grad():
-        embeds = model.embed(ids, torch.randn(1, 16, model.encoder.dim))
-        with_experts = model.lm(inputs_embeds=embeds).logits
-        model.bridge.release()
+        embeds, layer_inputs = model.lm_inputs(ids, torch.randn(1, 16, model.encoder.dim))
+        assert layer_inputs[IMAGE_POSITIONS].tolist() == [[False] * 2 + [True] * 16 + [False] * 2]
+        with_experts = model.lm(inputs_embeds=embeds, **layer_inputs).logits
         bare = model.lm(inputs_embeds=embeds).logits
     torch.testing.assert_close(with_experts, bare, rtol=0, atol=1e-5)
 

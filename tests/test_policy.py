@@ -40,12 +40,15 @@ def test_lora_on_lm_trains_only_adapters(tiny_model: VisionLanguageModel) -> Non
     lm_total = _total(tiny_model.lm)
     counts = apply_stage_policies(tiny_model, _policies(lm="lora", lora_r=8))
     assert isinstance(tiny_model.lm, PeftModel)
-    # Tiny Llama: hidden 64, 4 heads of 16, 2 KV heads -> k/v project 64 -> 32. Per layer, r * (in + out):
-    # q: 8 * (64 + 64), k: 8 * (64 + 32), v: 8 * (64 + 32), o: 8 * (64 + 64) = 3584; two layers.
-    assert counts["lm"] == {"trainable": 2 * 3584, "frozen": lm_total}
+    # Tiny Llama: hidden 64, 4 heads of 16, 2 KV heads -> k/v project 64 -> 32, MLP 64 -> 128 -> 64.
+    # The default adapts every linear layer but the head. Per layer, r * (in + out):
+    # q: 8 * (64 + 64), k: 8 * (64 + 32), v: 8 * (64 + 32), o: 8 * (64 + 64) = 3584;
+    # gate, up, down: 3 * 8 * (64 + 128) = 4608; two layers.
+    assert counts["lm"] == {"trainable": 2 * (3584 + 4608), "frozen": lm_total}
     names = _trainable_names(tiny_model.lm)
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
-    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     # The model still finds the transformers LM underneath the wrapper.
     assert not isinstance(tiny_model.base_lm, PeftModel)
     assert tiny_model.base_lm.model.layers[0].self_attn.q_proj is not None

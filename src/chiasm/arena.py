@@ -39,6 +39,12 @@ DEFAULT_BRIDGES: dict[str, dict] = {
 }
 
 
+# The arena's parts are Llama-family (SmolLM2, or the tiny Llama of --quick); its README table
+# was measured with LoRA on the attention projections, so the recipe names them rather than
+# taking the all-linear default.
+ARENA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 @dataclass
 class ArenaBudget:
     """What every bridge gets: the same steps, batch and learning rates.
@@ -98,7 +104,8 @@ def arena_recipe(model: ModelConfig, world: WorldFiles, out: Path, budget: Arena
             StageConfig(name="align", data=str(world.align), encoder=frozen, lm=frozen, max_steps=budget.align_steps,
                         batch_size=budget.batch_size, lr=budget.align_lr),
             StageConfig(name="instruct", data=str(world.instruct), encoder=frozen,
-                        lm=PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=budget.lora_lr),
+                        lm=PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=budget.lora_lr,
+                                        lora_targets=ARENA_LORA_TARGETS),
                         max_steps=budget.instruct_steps, batch_size=budget.batch_size, lr=budget.instruct_lr)],
         eval=replace(budget.eval, data=str(world.eval)))
 

@@ -56,6 +56,10 @@ class ModelConfig:
     # Where each visual token sits, told to the LM: "raster" (bridge order, no text) or
     # "quadrants" (tokens grouped by quadrant after its name in words; see chiasm.layout).
     image_layout: Literal["raster", "quadrants"] = "raster"
+    # Activation checkpointing of the LM and of a transformers vision tower: each layer's
+    # activations are recomputed in the backward pass instead of kept, which trades about one
+    # more forward pass for memory (longer sequences, bigger batches); gradients are unchanged.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -68,7 +72,9 @@ class PolicyConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # None: every linear layer but the output head (peft's "all-linear"), whatever the family
+    # names them; a list: these module names (each must match a module).
+    lora_targets: list[str] | None = None
 
 
 @dataclass

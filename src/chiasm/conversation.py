@@ -1,9 +1,12 @@
 """Turn a :class:`Sample` into token ids and labels using the LM's own chat template.
 
-Assistant spans are found by rendering the conversation twice per assistant turn, once
-up to the generation prompt and once including the answer, and taking the difference. No
-offsets are hand-counted, so any chat template (ChatML, Llama, Qwen...) works as long as
-rendering a longer conversation extends the shorter one.
+Assistant answers are located by :class:`chiasm.chat_template.ChatTemplate`: the whole
+conversation is rendered once, and the answers' characters (plus the turn closing the
+template writes after each) are known from a render with marker answers. Nothing is
+hand-counted and rendering need not be incremental, so ChatML, Llama-3, Gemma (no system
+role: the system prompt goes into the first user turn) and Qwen3 (think blocks on the last
+turn only) all work. The generation prompt is the text the template writes before an
+answer, so generation starts exactly where training put the answers.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from chiasm.chat_template import ChatTemplate, TemplateProblem
 from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
 from chiasm.layout import image_text
 
@@ -41,8 +45,7 @@ class ConversationEncoder:
         system_prompt: str | None = None,
         image_layout: str = "raster",
     ):
-        if tokenizer.chat_template is None:
-            raise ValueError("the tokenizer has no chat template; chiasm needs an instruct/chat LM")
+        self.template = ChatTemplate(tokenizer)
         self.tok = tokenizer
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
@@ -59,36 +62,29 @@ class ConversationEncoder:
             msgs.append({"role": _ROLES[t.role], "content": text})
         return msgs
 
-    def _render(self, msgs: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        out = self.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
-        ids = out["input_ids"] if not isinstance(out, list) else out
-        return list(ids)
-
     def encode(self, sample: Sample) -> Encoded:
-        """Ids and labels for training: every assistant turn is supervised, nothing else."""
-        msgs = self._messages(sample.conversations)
-        ids = self._render(msgs, generation_prompt=False)
-        labels = [IGNORE_INDEX] * len(ids)
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prefix = self._render(msgs[:i], generation_prompt=True)
-            upto = self._render(msgs[: i + 1], generation_prompt=False)
-            if upto[: len(prefix)] != prefix or ids[: len(upto)] != upto:
-                raise DataError("the chat template does not render conversations incrementally; "
-                                "cannot locate assistant turns", source=sample.source, sample_id=sample.id)
-            labels[len(prefix) : len(upto)] = upto[len(prefix) :]
+        """Ids and labels for training: every assistant answer and its turn end are supervised, nothing else."""
+        try:
+            text, spans = self.template.answer_spans(self.template.fit(self._messages(sample.conversations)))
+        except TemplateProblem as exc:
+            raise DataError(str(exc), source=sample.source, sample_id=sample.id) from None
+        ids, supervised = self.template.tokenize(text, spans)
+        labels = [i if on else IGNORE_INDEX for i, on in zip(ids, supervised, strict=True)]
         self._check(sample, ids)
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError("no trainable (assistant) token in this sample", source=sample.source, sample_id=sample.id)
         return Encoded(ids, labels, len(sample.images))
 
     def encode_prompt(self, sample: Sample) -> Encoded:
-        """Ids for generation: the conversation so far plus the assistant prompt."""
+        """Ids for generation: the conversation so far plus what the template writes before an answer."""
         turns = sample.conversations
         if turns and turns[-1].role == "gpt":
             turns = turns[:-1]
-        ids = self._render(self._messages(turns), generation_prompt=True)
+        try:
+            text = self.template.prompt_text(self.template.fit(self._messages(turns)))
+        except TemplateProblem as exc:
+            raise DataError(str(exc), source=sample.source, sample_id=sample.id) from None
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
         self._check(sample, ids)
         return Encoded(ids, [IGNORE_INDEX] * len(ids), len(sample.images))
 

@@ -2,7 +2,8 @@
 
 Read top to bottom this file is the data path: ``encode_images`` (pixels -> features),
 ``visual_tokens`` (features -> LM-width tokens), ``embed`` (token ids + visual tokens ->
-one embedded sequence), ``forward`` (loss on assistant tokens) and ``generate``.
+one embedded sequence), ``lm_inputs`` (that sequence and what in-LM bridges read inside the
+LM's layers), ``forward`` (loss on assistant tokens) and ``generate``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chiasm.bridges.base import Bridge, build_bridge
+from chiasm.checkpointing import enable_checkpointing
 from chiasm.config import ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.layout import token_order
@@ -49,6 +51,8 @@ class VisionLanguageModel(nn.Module):
         self.token_order = token_order(config.image_layout, bridge.token_grid(encoder.grid()),
                                        image_token_count(encoder, bridge))
         bridge.attach(self.base_lm)
+        if config.gradient_checkpointing:
+            enable_checkpointing(self.base_lm, encoder)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -97,7 +101,8 @@ class VisionLanguageModel(nn.Module):
         """Embed ``input_ids`` and put visual tokens where the image placeholders stand.
 
         Images are consumed in row-major order of their placeholders across the batch,
-        which is the order the collator lists them in.
+        which is the order the collator lists them in. In-LM bridges also need the keyword
+        arguments that ``lm_inputs`` returns beside this sequence.
         """
         is_image = input_ids == self.image_token_id
         safe_ids = input_ids.masked_fill(is_image, 0)
@@ -116,8 +121,16 @@ class VisionLanguageModel(nn.Module):
                 f" but the sequence holds {n_positions} image-token positions")
         embeds = embeds.clone()
         embeds[is_image] = vis.reshape(-1, vis.shape[-1])
-        self.bridge.bind(is_image)
         return embeds
+
+    def lm_inputs(self, input_ids: torch.Tensor,
+                  features: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The embedded sequence and the keyword arguments that in-LM bridges read in the LM's layers."""
+        embeds = self.embed(input_ids, features)
+        if features is None or features.shape[0] == 0:
+            return embeds, {}
+        return embeds, self.bridge.layer_inputs(features.to(self.bridge_dtype), self.encoder.grid(),
+                                                input_ids == self.image_token_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, *, pixels: torch.Tensor | None = None,
@@ -130,22 +143,21 @@ class VisionLanguageModel(nn.Module):
         """
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        try:
-            return self._forward(self.embed(input_ids, features), attention_mask, labels, return_logits)
-        finally:
-            self.bridge.release()
+        embeds, layer_inputs = self.lm_inputs(input_ids, features)
+        return self._forward(embeds, attention_mask, labels, return_logits, layer_inputs)
 
     def _forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                 return_logits: bool) -> VLMOutput:
+                 return_logits: bool, layer_inputs: dict[str, torch.Tensor]) -> VLMOutput:
         if labels is None or return_logits or not self._can_split_head():
-            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                             **layer_inputs).logits
             loss = None
             if labels is not None:
                 loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                    labels[:, 1:].flatten(), ignore_index=-100)
             return VLMOutput(loss, logits)
         hidden = self.base_lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            use_cache=False).last_hidden_state
+                                            use_cache=False, **layer_inputs).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         picked = self.base_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -164,18 +176,17 @@ class VisionLanguageModel(nn.Module):
         """Greedy continuation of left-padded prompts; returns the new token ids per row."""
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        try:
-            return self._generate(self.embed(input_ids, features), attention_mask, max_new_tokens, use_cache)
-        finally:
-            self.bridge.release()
+        embeds, layer_inputs = self.lm_inputs(input_ids, features)
+        return self._generate(embeds, attention_mask, max_new_tokens, use_cache, layer_inputs)
 
     def _generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  use_cache: bool) -> list[list[int]]:
-        stop = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-                if isinstance(i, int) and i >= 0]
+                  use_cache: bool, layer_inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+        from chiasm.chat_template import stop_token_ids  # the LM's own turn ends, not hard-coded names
+
+        stop = stop_token_ids(self.base_lm, self.tokenizer)
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
                                max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=use_cache,
-                               pad_token_id=self.tokenizer.pad_token_id)
+                               pad_token_id=self.tokenizer.pad_token_id, **layer_inputs)
         rows = []
         for row in out.tolist():
             cut = next((k for k, t in enumerate(row) if t in stop), len(row))
@@ -188,7 +199,7 @@ class VisionLanguageModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
-        save_file(_contiguous(self.bridge.state_dict()), str(folder / "bridge.safetensors"))
+        save_file(_contiguous(self.bridge.export_state(self.base_lm)), str(folder / "bridge.safetensors"))
         save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
         lm = self.lm
         if hasattr(lm, "merge_and_unload"):

@@ -6,13 +6,15 @@ Two families share this one interface:
   ``num_tokens(grid)`` vectors of the LM's width per image; the model splices them into
   the embedded sequence where the image placeholder tokens stand.
 * *in-LM bridges* (gated cross-attention, visual experts) change the LM's layers. They
-  override ``attach`` to install their modules into the LM, and ``num_tokens`` says how
-  many placeholder positions (e.g. one marker per image) they still need in the sequence.
+  override ``attach`` to install their modules into the LM, ``layer_inputs`` to say what
+  those modules read per batch, and ``num_tokens`` says how many placeholder positions
+  (e.g. one marker per image) they still need in the sequence.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -60,15 +62,29 @@ class Bridge(nn.Module, ABC):
     def attach(self, lm: nn.Module) -> None:
         """Install modules inside the LM's layers; prefix bridges need nothing."""
 
-    def bind(self, is_image: torch.Tensor) -> None:
-        """Learn where this batch's image positions are (``(B, L)`` bool), before the LM runs.
+    def layer_inputs(self, features: torch.Tensor, grid: tuple[int, int],
+                     is_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch tensors that the bridge's modules inside the LM read; prefix bridges need none.
 
-        In-LM bridges use it to let each text token see only its own image; prefix
-        bridges need nothing.
+        ``features`` are the batch's encoder features ``(n_images, h*w, vision_dim)`` and
+        ``is_image`` the ``(B, L)`` image-token positions. The model passes the result as
+        keyword arguments of the LM's forward and ``generate`` (see
+        ``chiasm.bridges.layer_inputs``), so nothing about a batch is kept on the module:
+        recomputation under activation checkpointing and beam search see their own call's
+        tensors. Every tensor has the batch as its first dimension.
         """
+        return {}
 
-    def release(self) -> None:
-        """Forget the batch bound by ``bind`` once the LM call is over (text-only calls see no image)."""
+    def bypassed(self) -> AbstractContextManager[None]:
+        """A context in which the LM computes what the bare LM computes on text.
+
+        Prefix bridges and bridges that leave text-only calls untouched need nothing.
+        """
+        return nullcontext()
+
+    def export_state(self, lm: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights to save beside a LoRA-merged copy of ``lm`` (see ``VisionLanguageModel.save``)."""
+        return self.state_dict()
 
 
 BRIDGES: Registry[Bridge] = Registry("bridge")

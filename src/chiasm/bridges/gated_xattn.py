@@ -7,7 +7,9 @@ The image enters as a Perceiver-resampled memory; the sequence holds one learned
 token per image, and each token attends only to the most recent image before it.
 
 The blocks are installed with forward pre-hooks on the LM's decoder layers, so the LM's
-own modules and checkpoint stay untouched (Llama, Mistral, Qwen2, SmolLM2 layouts).
+own modules and checkpoint stay untouched (Llama, Mistral, Qwen2, SmolLM2 layouts). The
+image memory and each token's image reach the hooks as keyword arguments of the LM's
+forward (``chiasm.bridges.layer_inputs``); a call without them is a text-only call.
 """
 
 from __future__ import annotations
@@ -16,21 +18,20 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from chiasm.bridges.base import BRIDGES, Bridge
+from chiasm.bridges.layer_inputs import (
+    IMAGE_MEMORY,
+    IMAGE_OF_TOKEN,
+    accept_in_generate,
+    call_positions,
+)
 from chiasm.bridges.resamplers import PerceiverResampler
+from chiasm.lm.layers import decoder_layers
 
-
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family LM, or a clear error for other layouts."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(
-            hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
-        raise NotImplementedError(
-            f"{type(lm).__name__}: in-LM bridges support Llama-family decoders (get_decoder().layers of blocks "
-            "with self_attn and mlp: Llama, Mistral, Qwen2, SmolLM2)")
-    return layers
+__all__ = ["GatedCrossAttentionBridge", "GatedXAttnDense", "decoder_layers"]
 
 
 class GatedXAttnDense(nn.Module):
@@ -50,23 +51,31 @@ class GatedXAttnDense(nn.Module):
 
     def forward(self, h: torch.Tensor, memory: torch.Tensor | None,
                 image_of_token: torch.Tensor | None) -> torch.Tensor:
-        """``h`` (B, L, D); ``memory`` (n_images, M, D) or None; ``image_of_token`` (B, L), -1 for none."""
+        """``h`` (B, L, D); ``memory`` (B, K, M, D) or None; ``image_of_token`` (B, L): index into K, -1 for none."""
         if memory is not None:
             h = h + torch.tanh(self.gate_attn) * self._attend(h, memory, image_of_token)
         return h + torch.tanh(self.gate_ff) * self.ff(self.ln_ff(h))
 
     def _attend(self, h: torch.Tensor, memory: torch.Tensor, image_of_token: torch.Tensor) -> torch.Tensor:
+        """Each token attends to the M vectors of its own image only.
+
+        Keys and values are projected once per image; a mask over the row's K images picks
+        each token's own, so nothing of size tokens x M x D is ever built.
+        """
         b, n, d = h.shape
+        k_images, m = memory.shape[1], memory.shape[2]
         hd = d // self.heads
-        has = image_of_token >= 0
-        mem = memory[image_of_token.clamp(min=0)]  # (B, L, M, D): each token's own image
-        k, v = self.kv(mem.to(h.dtype)).chunk(2, dim=-1)
-        q = self.q(self.ln_attn(h)).view(b, n, self.heads, hd)
-        k = k.view(b, n, -1, self.heads, hd)
-        v = v.view(b, n, -1, self.heads, hd)
-        weights = torch.einsum("blhd,blmhd->blhm", q, k).mul(hd**-0.5).softmax(-1)
-        attn = torch.einsum("blhm,blmhd->blhd", weights, v).reshape(b, n, d)
-        return self.out(attn) * has[..., None].to(h.dtype)  # tokens before any image see nothing
+        k, v = self.kv(memory.to(h.dtype)).chunk(2, dim=-1)  # (B, K, M, D) each
+        k = k.reshape(b, k_images * m, self.heads, hd).transpose(1, 2)
+        v = v.reshape(b, k_images * m, self.heads, hd).transpose(1, 2)
+        q = self.q(self.ln_attn(h)).view(b, n, self.heads, hd).transpose(1, 2)
+        # Tokens before any image point at image 0 (never a fully masked row); their output is zeroed.
+        own = image_of_token.clamp(min=0)
+        image_of_key = torch.arange(k_images, device=h.device).repeat_interleave(m)
+        allowed = own[:, None, :, None] == image_of_key  # (B, 1, L, K*M)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        attn = attn.transpose(1, 2).reshape(b, n, d)
+        return self.out(attn) * (image_of_token >= 0)[..., None].to(h.dtype)
 
 
 @BRIDGES.register("gated_xattn")
@@ -81,26 +90,34 @@ class GatedCrossAttentionBridge(Bridge):
         self.resampler = PerceiverResampler(vision_dim, lm_dim, num_queries=num_latents, depth=depth, heads=heads)
         self.marker = nn.Parameter(torch.randn(1, lm_dim) * 0.02)
         self.blocks = nn.ModuleList()
-        self._handles: list = []
-        self._memory: torch.Tensor | None = None
-        self._image_of_token: torch.Tensor | None = None
         self._enabled = True
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return 1  # one marker per image; the image itself arrives through cross-attention
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        self._memory = self.resampler(features, grid)
         return self.marker.expand(features.shape[0], 1, -1)
 
-    def bind(self, is_image: torch.Tensor) -> None:
-        counts = is_image.long().cumsum(1)  # images seen so far in the row
-        offsets = is_image.long().sum(1).cumsum(0) - is_image.long().sum(1)  # first global image index per row
-        self._image_of_token = torch.where(counts > 0, counts - 1 + offsets[:, None], -1)
+    def layer_inputs(self, features: torch.Tensor, grid: tuple[int, int],
+                     is_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The resampled image memory per row ``(B, K, M, D)`` and each token's latest image in its row.
 
-    def release(self) -> None:
-        self._memory = None
-        self._image_of_token = None
+        Images are listed in row-major order of their markers (the collator's order); a row
+        with fewer than K images leaves its last slots zero, which no token points at.
+        """
+        memory = self.resampler(features, grid)  # (n_images, M, D)
+        per_row = is_image.long().sum(1)
+        if int(per_row.sum()) != memory.shape[0]:
+            raise ValueError(f"gated_xattn: {memory.shape[0]} image(s) but {int(per_row.sum())} image markers "
+                             "in the batch")
+        rows = torch.repeat_interleave(torch.arange(is_image.shape[0], device=is_image.device), per_row)
+        first = per_row.cumsum(0) - per_row
+        slots = torch.arange(memory.shape[0], device=is_image.device) - first[rows]
+        k_max = max(int(per_row.max()), 1)
+        by_row = memory.new_zeros(is_image.shape[0], k_max, *memory.shape[1:])
+        by_row = by_row.index_put((rows, slots), memory)
+        image_of_token = is_image.long().cumsum(1) - 1  # the latest image so far; -1 before the first
+        return {IMAGE_MEMORY: by_row, IMAGE_OF_TOKEN: image_of_token}
 
     def attach(self, lm: nn.Module) -> None:
         layers = decoder_layers(lm)
@@ -109,23 +126,25 @@ class GatedCrossAttentionBridge(Bridge):
         if not len(self.blocks):
             self.blocks.extend(GatedXAttnDense(dim, self.heads) for _ in chosen)
         for block, idx in zip(self.blocks, chosen, strict=True):
-            self._handles.append(layers[idx].register_forward_pre_hook(self._hook(block), with_kwargs=True))
+            layers[idx].register_forward_pre_hook(self._hook(block, idx), with_kwargs=True)
+        accept_in_generate(lm, (IMAGE_MEMORY, IMAGE_OF_TOKEN))
 
-    def _hook(self, block: GatedXAttnDense):
-        def run(module: nn.Module, args: tuple, kwargs: dict):
+    def _hook(self, block: GatedXAttnDense, layer_idx: int):
+        def run(layer: nn.Module, args: tuple, kwargs: dict):
             if not self._enabled:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            if self._image_of_token is None:  # a text-only call: the dense blocks still run, no image
-                hidden = block(hidden, None, None)
+            memory = kwargs.get(IMAGE_MEMORY)
+            images = kwargs.get(IMAGE_OF_TOKEN)
+            if memory is not None:
+                # Positions past the prompt (decoding steps, cached or not) see the last image of their row.
+                pos = call_positions(kwargs, layer_idx, hidden.shape[1], images.device)
+                images = images[:, pos.clamp(max=images.shape[1] - 1)]
+            if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+                # The LM's checkpointing covers the layer's forward, not its hooks: recompute the block too.
+                hidden = checkpoint(block, hidden, memory, images, use_reentrant=False)
             else:
-                images = self._image_of_token.to(hidden.device)
-                n, known = hidden.shape[1], images.shape[1]
-                # Decoding steps (with or without a KV cache) come after the prompt: they see the
-                # last image of their row.
-                last = images[:, -1:]
-                images = torch.cat([images, last.expand(-1, n - known)], 1) if n >= known else last.expand(-1, n)
-                hidden = block(hidden, self._memory, images)
+                hidden = block(hidden, memory, images)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}

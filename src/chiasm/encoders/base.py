@@ -37,6 +37,10 @@ class VisionEncoder(nn.Module, ABC):
         """Ordered trunk blocks, used by the ``last_n`` training policy."""
         raise NotImplementedError(f"{type(self).__name__} does not expose blocks for the last_n policy")
 
+    def enable_checkpointing(self) -> bool:
+        """Recompute this encoder's layer activations in the backward pass; False if it has no such mode."""
+        return False
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A PIL image -> normalised ``(3, S, S)`` tensor at this encoder's resolution."""
         img = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from chiasm.checkpointing import enable_module_checkpointing
 from chiasm.config import EncoderConfig
 from chiasm.encoders.base import ENCODERS, VisionEncoder
 
@@ -63,6 +64,9 @@ class HFVisionTower(VisionEncoder):
         if extra < 0 or (extra and math.isqrt(hidden.shape[1] - extra) ** 2 != n_grid):
             raise ValueError(f"tower returned {hidden.shape[1]} tokens, expected {n_grid} (+ class tokens)")
         return hidden[:, extra:]
+
+    def enable_checkpointing(self) -> bool:
+        return enable_module_checkpointing(self.tower) > 0
 
     def blocks(self) -> list[nn.Module]:
         encoder = getattr(self.tower, "encoder", None)

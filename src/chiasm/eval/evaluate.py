@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -20,27 +21,33 @@ log = logging.getLogger(__name__)
 
 
 class BaseLM:
-    """The untrained LM to compare against: the LoRA-disabled view if possible, else a fresh load."""
+    """The untrained LM to compare against: the LoRA-disabled view if possible, else a fresh load.
+
+    The LoRA-disabled view is still the LM with the bridge's modules installed in it, so the
+    bridge is bypassed too (gated cross-attention's dense blocks act on text alone).
+    """
 
     def __init__(self, model: VisionLanguageModel):
         self.model = model
         self._loaded = None
+        self._stack: ExitStack | None = None
 
     def __enter__(self):
         lm = self.model.lm
         if hasattr(lm, "disable_adapter"):
-            self._ctx = lm.disable_adapter()
-            self._ctx.__enter__()
+            self._stack = ExitStack()
+            self._stack.enter_context(lm.disable_adapter())
+            self._stack.enter_context(self.model.bridge.bypassed())
             return lm
-        self._ctx = None
         if self._loaded is None:
             self._loaded, _ = load_language_model(self.model.config.lm.source)
             self._loaded.to(self.model.device).eval()
         return self._loaded
 
     def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+        if self._stack is not None:
+            self._stack.__exit__(*exc)
+            self._stack = None
 
 
 def retention_report(model: VisionLanguageModel, cfg: EvalConfig, base: dict | None = None) -> dict:

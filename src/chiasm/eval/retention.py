@@ -12,6 +12,8 @@ import math
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from chiasm.chat_template import ChatTemplate, stop_token_ids
+
 TEXT_PROMPTS = [
     "What is the capital of France?",
     "Name three primary colours.",
@@ -63,18 +65,22 @@ def perplexity(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: st
 @torch.no_grad()
 def greedy_answers(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
                    max_new_tokens: int = 24, system_prompt: str | None = None) -> list[str]:
-    """Greedy chat answers to text-only prompts (left-padded batch)."""
+    """Greedy chat answers to text-only prompts (left-padded batch), stopped at the LM's turn end.
+
+    Prompts are built as training builds them (:mod:`chiasm.chat_template`): a system prompt
+    the template rejects goes into the user turn.
+    """
+    template = ChatTemplate(tokenizer)
     rows = []
     for p in prompts:
         msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
             [{"role": "user", "content": p}]
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
-        rows.append(list(out["input_ids"] if not isinstance(out, list) else out))
+        rows.append(tokenizer(template.prompt_text(template.fit(msgs)), add_special_tokens=False)["input_ids"])
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     device = next(lm.parameters()).device
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                      pad_token_id=pad)
+                      pad_token_id=pad, eos_token_id=stop_token_ids(lm, tokenizer))
     return [tokenizer.decode(r[width:], skip_special_tokens=True).strip() for r in out.tolist()]

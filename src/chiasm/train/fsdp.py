@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.hooks import RemovableHandle
 
-from chiasm.bridges.gated_xattn import decoder_layers
+from chiasm.lm.layers import decoder_layers
 from chiasm.model import VisionLanguageModel
 
 # Forward hooks that make the LM's input embeddings require grad while a model is sharded.

@@ -12,23 +12,21 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 from chiasm.config import PolicyConfig
+from chiasm.lm.layers import decoder_layers, final_norm
 from chiasm.model import VisionLanguageModel
+from chiasm.train.lora_targets import lora_targets
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("encoder", "bridge", "lm")
 
 
 def _lm_blocks(model: VisionLanguageModel) -> list[nn.Module]:
-    inner = getattr(model.base_lm, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise NotImplementedError(f"{type(model.base_lm).__name__} has no .model.layers for the last_n policy")
-    return list(layers)
+    return list(decoder_layers(model.lm))
 
 
-def _lora_config(policy: PolicyConfig) -> LoraConfig:
+def _lora_config(policy: PolicyConfig, module: nn.Module, component: str) -> LoraConfig:
     return LoraConfig(r=policy.lora_r, lora_alpha=policy.lora_alpha, lora_dropout=policy.lora_dropout,
-                      target_modules=list(policy.lora_targets), bias="none")
+                      target_modules=lora_targets(module, policy.lora_targets, component), bias="none")
 
 
 def _has_lora(module: nn.Module) -> bool:
@@ -54,7 +52,7 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
             for p in block.parameters():
                 p.requires_grad_(True)
         if component == "lm":
-            norm = getattr(getattr(model.base_lm, "model", None), "norm", None)
+            norm = final_norm(model.lm)
             if norm is not None:
                 for p in norm.parameters():
                     p.requires_grad_(True)
@@ -64,13 +62,34 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
             raise ValueError("LoRA applies to the encoder or the LM; train the bridge with 'full'")
         if component == "lm":
             if not isinstance(model.lm, PeftModel):
-                model.lm = get_peft_model(model.lm, _lora_config(policy))
+                model.lm = get_peft_model(model.lm, _lora_config(policy, model.lm, component))
         elif not _has_lora(module):
-            inject_adapter_in_model(_lora_config(policy), module)
+            inject_adapter_in_model(_lora_config(policy, module, component), module)
         for name, p in getattr(model, component).named_parameters():
             p.requires_grad_("lora_" in name)
         return
     raise ValueError(f"unknown policy mode {policy.mode!r}")
+
+
+def set_train_modes(model: VisionLanguageModel, policies: dict[str, PolicyConfig]) -> None:
+    """Train mode exactly where a policy trains: dropout (LoRA's included) acts only there.
+
+    A transformers LM loads in eval mode and an evaluation leaves it there, so without this
+    a trained LM would run with its dropout off; a frozen part in train mode would instead
+    see dropout noise it never learns from. ``last_n`` trains only its blocks (and the final
+    norm), so only those go to train mode.
+    """
+    model.eval()
+    for comp in COMPONENTS:
+        policy = policies[comp]
+        module: nn.Module = getattr(model, comp)
+        if policy.mode in ("full", "lora"):
+            module.train()
+        elif policy.mode == "last_n":
+            blocks = _lm_blocks(model) if comp == "lm" else model.encoder.blocks()
+            norm = final_norm(model.lm) if comp == "lm" else None
+            for part in [*blocks[-policy.last_n:], *([norm] if norm is not None else [])]:
+                part.train()
 
 
 def apply_stage_policies(model: VisionLanguageModel, policies: dict[str, PolicyConfig]) -> dict[str, dict[str, int]]:

@@ -28,7 +28,7 @@ from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
 from chiasm.train.features import FeatureCache
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
-from chiasm.train.policy import COMPONENTS, apply_stage_policies
+from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.word_targets import WordTargetObjective
 
@@ -171,7 +171,10 @@ class Trainer:
                 self.trained = ckpt.load_model_state(self.checkpoint_dir, self.model) | self.trained
                 start = state.step
                 log.info("resuming stage %s at step %d", stage.name, start)
-            self._train_stage(i, stage, start_step=start, resume_from=self.checkpoint_dir if start else None)
+            try:
+                self._train_stage(i, stage, start_step=start, resume_from=self.checkpoint_dir if start else None)
+            finally:
+                self.model.eval()  # also when a stage stops early: nothing after it should run dropout
             state = None
             if on_stage_end is not None and self.dist.is_main:
                 on_stage_end(self.model, stage, i)
@@ -215,7 +218,11 @@ class Trainer:
         pad = model.tokenizer.pad_token_id
         # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP/FSDP.
         inner = model.bridge if prealign is not None else model
-        model.encoder.train(stage.encoder.mode != "frozen")
+        set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
+        if model.config.gradient_checkpointing:
+            # transformers recomputes layers only in training mode, also for a frozen LM whose
+            # activations carry the bridge's gradient (dropout of current LMs is zero).
+            model.lm.train()
         if self.dist.world > 1:
             def first_loss(module: torch.nn.Module) -> torch.Tensor:
                 indices = plan.indices(start_step, 0, self.dist.rank)

@@ -1,0 +1,75 @@
+"""LoRA targets default to the LM's own linear layers (all but the output head), for any family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chiasm.config import ModelConfig, PolicyConfig
+from chiasm.model import VisionLanguageModel
+from chiasm.testing import make_tiny_lm
+from chiasm.train.policy import apply_policy, parameter_counts
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: make_tiny_lm(root / f, family=f) for f in ("gpt_neox", "phi3")}
+
+
+def _model(config: ModelConfig, lm_dir: Path | None = None) -> VisionLanguageModel:
+    if lm_dir is not None:
+        config.lm.source = str(lm_dir)
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(config)
+
+
+def _adapted(module: torch.nn.Module) -> set[str]:
+    """Leaf names of the modules that carry a LoRA adapter."""
+    return {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in module.named_parameters() if ".lora_A" in n}
+
+
+@pytest.mark.parametrize(("family", "expected"), [
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("gpt_neox", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    ("phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+])
+def test_default_lora_adapts_every_linear_layer_but_the_head(tiny_model_config, family_dirs, family, expected) -> None:
+    model = _model(tiny_model_config, family_dirs.get(family))
+    assert PolicyConfig().lora_targets is None
+    apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=2))
+    assert _adapted(model.lm) == expected
+    head = model.base_lm.get_output_embeddings()
+    assert not any("lora" in n for n, _ in head.named_parameters())
+    layers = model.base_lm.config.num_hidden_layers
+    # r * (in + out) per adapted linear layer, summed over the layers' linear layers.
+    linears = [m for n, m in model.base_lm.named_modules() if n.rsplit(".", 1)[-1] in expected
+               and hasattr(m, "base_layer")]
+    assert len(linears) == layers * len(expected)
+    assert parameter_counts(model)["lm"]["trainable"] == sum(
+        2 * (m.base_layer.in_features + m.base_layer.out_features) for m in linears)
+
+
+def test_explicit_targets_still_work(tiny_model_config, family_dirs) -> None:
+    model = _model(tiny_model_config, family_dirs["phi3"])
+    apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=2, lora_targets=["qkv_proj"]))
+    assert _adapted(model.lm) == {"qkv_proj"}
+
+
+def test_a_target_that_matches_nothing_names_the_linear_layers(tiny_model_config, family_dirs) -> None:
+    model = _model(tiny_model_config, family_dirs["gpt_neox"])
+    with pytest.raises(ValueError) as err:
+        apply_policy(model, "lm", PolicyConfig(mode="lora", lora_targets=["q_proj", "dense"]))
+    assert str(err.value) == (
+        "lora_targets ['q_proj'] match no module of the lm (GPTNeoXForCausalLM); its linear layers are named: "
+        "['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'lm_head', 'query_key_value'] (the output head lm_head "
+        "is left out of the default)")
+    assert parameter_counts(model)["lm"]["trainable"] == 0  # nothing half-applied
+
+
+def test_default_on_the_encoder_skips_attention_that_never_calls_its_linear(tiny_model) -> None:
+    apply_policy(tiny_model, "encoder", PolicyConfig(mode="lora", lora_r=2))
+    # nn.MultiheadAttention reads out_proj.weight directly, so an adapter there would do nothing.
+    assert _adapted(tiny_model.encoder) == {"linear1", "linear2"}
