@@ -63,6 +63,7 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
                                   feature_layer=-2, image_size=32)
     expert = copy.deepcopy(base)
     expert.bridge = BridgeConfig(name="visual_expert")
+    checkpointed = dataclasses.replace(expert, gradient_checkpointing=True)  # recomputed sharded layers
     # A contrastive pre-alignment stage wraps the bridge alone, the next ones the whole model.
     three = [_stage("prealign", tiny_world, steps=2, objective="contrastive", phrase_span=2),
              _stage("align", tiny_world, steps=2), _stage("instruct", tiny_world, lm=FULL, steps=2)]
@@ -77,7 +78,7 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
         _write(root, "tower_ddp", tower, [_stage("instruct", tiny_world, encoder=FULL)]),
         _write(root, "tower_fsdp", tower, [_stage("instruct", tiny_world, encoder=FULL)], strategy="fsdp"),
         _write(root, "expert_lora_ddp", expert, [_stage("instruct", tiny_world, lm=LORA)]),
-        _write(root, "expert_full_fsdp", expert, [_stage("instruct", tiny_world, lm=FULL)], strategy="fsdp"),
+        _write(root, "expert_full_fsdp", checkpointed, [_stage("instruct", tiny_world, lm=FULL)], strategy="fsdp"),
         _write(root, "three_ddp", base, three),
         _write(root, "three_fsdp", base, three, strategy="fsdp"),
         _write(root, "three_fsdp_resumed", base, resumable, strategy="fsdp") + "@5",
