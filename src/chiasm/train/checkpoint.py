@@ -27,6 +27,7 @@ from chiasm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TrainState:
     stage_index: int
