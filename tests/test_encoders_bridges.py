@@ -121,13 +121,24 @@ TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "nu
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     root = tmp_path_factory.mktemp("towers")
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(**TOWER)).save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip")
     SiglipVisionModel(SiglipVisionConfig(**TOWER)).save_pretrained(root / "siglip")
-    return {"clip": root / "clip", "siglip": root / "siglip"}
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
+    SiglipVisionModel(SiglipVisionConfig(**TOWER)).save_pretrained(root / "bare")  # no image processor
+    return {"clip": root / "clip", "siglip": root / "siglip", "bare": root / "bare"}
 
 
 def _reference(kind: str, folder: Path, pixels: torch.Tensor, layer: int) -> torch.Tensor:
@@ -158,11 +169,15 @@ def test_hf_vision_shape_and_feature_layer(towers: dict[str, Path], kind: str) -
     assert not torch.allclose(outs[-2], outs[0])
 
 
-def test_hf_vision_blocks_and_default_normalisation(towers: dict[str, Path]) -> None:
+def test_hf_vision_blocks_and_no_silent_normalisation(towers: dict[str, Path]) -> None:
     enc = build_encoder(EncoderConfig(name="hf-vision", source=str(towers["clip"])))
     assert len(enc.blocks()) == 2
-    assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)  # no image processor saved
     assert enc.preprocess(Image.new("RGB", (20, 20))).shape == (3, 32, 32)
+    # A tower folder with no image processor: an error, never a guessed mean = std = 0.5.
+    with pytest.raises(ValueError, match=r"has no preprocessor_config\.json.*normalize"):
+        build_encoder(EncoderConfig(name="hf-vision", source=str(towers["bare"])))
+    half = build_encoder(EncoderConfig(name="hf-vision", source=str(towers["bare"]), options={"normalize": "half"}))
+    assert half.preprocessing.mean == (0.5, 0.5, 0.5) and half.preprocessing.std == (0.5, 0.5, 0.5)
 
 
 def test_hf_vision_reads_normalisation_from_processor(towers: dict[str, Path], tmp_path: Path) -> None:
@@ -176,7 +191,7 @@ def test_hf_vision_reads_normalisation_from_processor(towers: dict[str, Path], t
     CLIPImageProcessor(image_mean=mean, image_std=std, size={"shortest_edge": 32},
                        crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     enc = build_encoder(EncoderConfig(name="hf-vision", source=str(folder)))
-    assert enc.mean == pytest.approx(tuple(mean)) and enc.std == pytest.approx(tuple(std))
+    assert enc.preprocessing.mean == pytest.approx(tuple(mean)) and enc.preprocessing.std == pytest.approx(tuple(std))
 
 
 def test_hf_vision_needs_a_source() -> None:

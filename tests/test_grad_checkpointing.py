@@ -109,7 +109,8 @@ def test_a_trainable_transformers_tower_is_checkpointed(tiny_model_config: Model
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=64, patch_size=16)).save_pretrained(tmp_path)
-    tiny_model_config.encoder = EncoderConfig(name="hf-vision", source=str(tmp_path), image_size=64)
+    tiny_model_config.encoder = EncoderConfig(name="hf-vision", source=str(tmp_path), image_size=64,
+                                             options={"normalize": "clip"})
     policies = {"encoder": PolicyConfig(mode="full"), "bridge": PolicyConfig(mode="full"),
                 "lm": PolicyConfig(mode="frozen")}
     grads, calls = {}, {}

@@ -9,7 +9,6 @@ import torch
 from chiasm.data.images import load_image
 from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from chiasm.model import VisionLanguageModel
-from chiasm.train.batches import collate, prepare
 
 
 @torch.no_grad()
@@ -23,8 +22,7 @@ def ask(model: VisionLanguageModel, question: str, images: list[Path], *, histor
         text = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [question])
     turns = [*(history or []), Turn("human", text)]
     sample = Sample(id="chat", conversations=turns, images=[Path(p) for p in images], source="<chat>")
-    prepared, _ = prepare([sample], model, for_generation=True)
-    batch = collate(prepared, model.tokenizer.pad_token_id, left_pad=True, model=model).to(model.device)
+    batch = model.processor([sample], for_generation=True).to(model.device)
     rows = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, max_new_tokens=max_new_tokens)
     return model.tokenizer.decode(rows[0], skip_special_tokens=True).strip()
 

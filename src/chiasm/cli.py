@@ -47,7 +47,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.eval.table import print_summary
     from chiasm.model import VisionLanguageModel
 
-    model = VisionLanguageModel.load(args.model)
+    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
@@ -63,7 +63,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from chiasm.chat import ask, interactive
     from chiasm.model import VisionLanguageModel
 
-    model = VisionLanguageModel.load(args.model)
+    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     images = [Path(p) for p in args.image]
     if args.question:
         print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
@@ -84,6 +84,12 @@ def _cmd_arena(args: argparse.Namespace) -> int:
     rows = run_arena(out, base, world, budget, {n: DEFAULT_BRIDGES[n] for n in names})
     print((out / "arena.md").read_text())
     return 0 if rows else 1
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help="weights dtype of the LM (default: the dtype the model was saved in)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-root")
     e.add_argument("--max-samples", type=int)
     e.add_argument("--out")
+    _add_load_options(e)
     e.set_defaults(func=_cmd_eval)
 
     a = sub.add_parser("arena", help="train every bridge on the same budget and compare them")
@@ -125,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", action="append", default=[], help="repeat for several images")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("question", nargs="?", help="omit for an interactive session")
+    _add_load_options(c)
     c.set_defaults(func=_cmd_chat)
     return p
 

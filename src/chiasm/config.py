@@ -26,8 +26,9 @@ class EncoderConfig:
     name: str = "efficientnet-lite0"
     source: str | None = None  # hub id or folder, for encoders that load a checkpoint
     feature_layer: int = -1  # hidden-state index for transformer towers (-2: LLaVA's choice)
-    image_size: int = 224
+    image_size: int | None = None  # None: the encoder's own (a tower's config; 224 for the others)
     options: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False  # run code shipped with a hub tower: only when asked
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LMConfig:
     """The causal language model: hub id, folder, or ``packaged:NAME``."""
 
     source: str = "packaged:smollm2-135m-instruct"
+    trust_remote_code: bool = False  # run code shipped with a hub model: only when asked
 
 
 @dataclass
@@ -56,6 +58,11 @@ class ModelConfig:
     # Where each visual token sits, told to the LM: "raster" (bridge order, no text) or
     # "quadrants" (tokens grouped by quadrant after its name in words; see chiasm.layout).
     image_layout: Literal["raster", "quadrants"] = "raster"
+    # Weights dtype of the LM (and of in-LM bridges, which run inside its layers); a saved model
+    # records the dtype it was saved in and loads back in it.
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The LM's attention kernel ("sdpa", "eager", "flash_attention_2"...); None: transformers' default.
+    attn_implementation: str | None = None
     # Activation checkpointing of the LM and of a transformers vision tower: each layer's
     # activations are recomputed in the backward pass instead of kept, which trades about one
     # more forward pass for memory (longer sequences, bigger batches); gradients are unchanged.
@@ -189,7 +196,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, where)
+        errors = []
+        for arg in args:  # the first member the value fits, e.g. `int | list[int]`
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
     if origin is dict and not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a table, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):  # bool is an int subclass: `true` is no number
@@ -199,6 +212,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+coerce = _coerce
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -215,7 +231,11 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     text = path.read_text()
     data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    from chiasm.options import check_model_options  # the registries import this module
+
+    check_model_options(cfg.model, "RunConfig.model")
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,10 +24,12 @@ from chiasm.checkpointing import enable_checkpointing
 from chiasm.config import ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.layout import token_order
-from chiasm.lm.loader import load_language_model
+from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
+from chiasm.processor import PROCESSOR_FILE, Processor
 from chiasm.tokens import add_image_token, image_token_count
 
 CONFIG_FILE = "chiasm_config.json"
+ENCODER_FOLDER = "encoder"  # what rebuilding the encoder needs beyond its weights (a tower's configs)
 
 
 @dataclass
@@ -56,12 +59,25 @@ class VisionLanguageModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def build(cls, config: ModelConfig, *, lm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+    def build(cls, config: ModelConfig) -> VisionLanguageModel:
         """Assemble from the config: pretrained encoder and LM, a freshly initialised bridge."""
         encoder = build_encoder(config.encoder)
-        lm, tokenizer = load_language_model(config.lm.source, dtype=lm_dtype)
+        lm, tokenizer = load_language_model(config.lm.source, dtype=config.dtype,
+                                            attn_implementation=config.attn_implementation,
+                                            trust_remote_code=config.lm.trust_remote_code)
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
-        return cls(config, encoder, bridge, lm, tokenizer)
+        return _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
+
+    @property
+    def processor(self) -> Processor:
+        """Sample -> inputs for this model (tokenizer, image preprocessing, tokens per image, layout)."""
+        key = (self.encoder.preprocessing, self.tokens_per_image, self.max_length, self.config.system_prompt,
+               self.config.image_layout)
+        cached = getattr(self, "_processor", None)
+        if cached is None or cached[0] != key:  # rebuilt only when one of its parts changed
+            cached = (key, Processor.from_model(self))
+            self._processor = cached
+        return cached[1]
 
     @property
     def base_lm(self) -> PreTrainedModel:
@@ -195,39 +211,83 @@ class VisionLanguageModel(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write config, encoder, bridge and a plain (LoRA-merged) transformers LM folder."""
+        """Write a self-contained folder: config, processor, encoder, bridge and a plain transformers LM.
+
+        The LM is LoRA-merged and keeps its weights' dtype, which the saved config records. The
+        encoder's own configs (a tower's config and image processor) go into ``encoder/``, so the
+        folder loads with the original tower gone.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
-        save_file(_contiguous(self.bridge.export_state(self.base_lm)), str(folder / "bridge.safetensors"))
-        save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
         lm = self.lm
         if hasattr(lm, "merge_and_unload"):
             lm = copy.deepcopy(lm).merge_and_unload()
+        config = replace(self.config, dtype=dtype_name(next(lm.parameters()).dtype))
+        (folder / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        save_file(_contiguous(self.bridge.export_state(self.base_lm)), str(folder / "bridge.safetensors"))
+        save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
+        shutil.rmtree(folder / ENCODER_FOLDER, ignore_errors=True)  # never a stale tower config from an older save
+        self.encoder.export(folder / ENCODER_FOLDER)
         lm.save_pretrained(folder / "lm", safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "lm")
+        self.processor.save_pretrained(folder)  # processor_config.json, and the tokenizer into lm/
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, lm_dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
-        """Load a folder written by :meth:`save`."""
+    def load(cls, folder: str | Path, *, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None, attn_implementation: str | None = None) -> VisionLanguageModel:
+        """Load a folder written by :meth:`save`, in its saved dtype unless ``dtype`` says otherwise.
+
+        ``attn_implementation`` replaces the saved one (e.g. a kernel only the serving GPU has).
+        """
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
         config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
-        enc_cfg = copy.deepcopy(config.encoder)
-        enc_cfg.options = {**enc_cfg.options, "pretrained": False}  # weights come from the folder
-        encoder = build_encoder(enc_cfg)
+        if dtype is not None:
+            config = replace(config, dtype=dtype_name(torch_dtype(dtype)))
+        if attn_implementation is not None:
+            config = replace(config, attn_implementation=attn_implementation)
+        enc_cfg = config.encoder
+        if (folder / ENCODER_FOLDER).is_dir():  # rebuilt from the folder, never from the original source
+            enc_cfg = replace(enc_cfg, source=str(folder / ENCODER_FOLDER))
+        encoder = build_encoder(enc_cfg, pretrained=False)  # weights come from the folder
         encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
-        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=lm_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "lm")
+        check_attn_implementation(config.attn_implementation)
+        extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+        processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder / "lm")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
-        model = cls(config, encoder, bridge, lm, tokenizer)
+        model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
         bridge.load_state_dict(load_file(str(folder / "bridge.safetensors")))
+        if processor is not None:
+            _adopt_processor(model, processor, folder)
+        if device is not None:
+            model.to(device)
         return model.eval()
+
+
+def _in_lm_dtype(model: VisionLanguageModel) -> VisionLanguageModel:
+    """In-LM bridges run inside the LM's layers, on its hidden states: they take the LM's dtype.
+
+    Cast after ``attach``, which creates their per-layer modules. Prefix bridges stay in
+    float32: they are small, trained with AdamW (whose updates bf16 weights would round
+    away), and their output is cast to the LM's dtype anyway.
+    """
+    if model.bridge.in_lm:
+        model.bridge.to(model.base_lm.dtype)
+    return model
+
+
+def _adopt_processor(model: VisionLanguageModel, processor: Processor, folder: Path) -> None:
+    """Feed the model as its folder says; refuse a processor that contradicts the model's parts."""
+    if processor.tokens_per_image != model.tokens_per_image:
+        raise ValueError(f"{folder / PROCESSOR_FILE} says {processor.tokens_per_image} tokens per image, "
+                         f"the saved encoder and bridge make {model.tokens_per_image}")
+    model.encoder.preprocessing = processor.image
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -97,10 +97,12 @@ def build_bridge(cfg: BridgeConfig, vision_dim: int, lm_dim: int, *, pretrained:
     for callers that load the bridge's own saved weights next.
     """
     import chiasm.bridges  # noqa: F401  (registration)
+    from chiasm.options import check_options, option_types
 
     cls = BRIDGES.get(cfg.name)
+    options = check_options("bridge", cfg.name, cfg.options, option_types(cls, skip=("vision_dim", "lm_dim")))
     try:
-        bridge = cls(vision_dim, lm_dim, **cfg.options)
+        bridge = cls(vision_dim, lm_dim, **options)
     except TypeError as exc:
         raise ValueError(f"bridge {cfg.name!r}: bad options {cfg.options}: {exc}") from None
     if pretrained:

@@ -16,6 +16,8 @@ the grid matches how the content is laid out.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -28,6 +30,8 @@ class EfficientNetLite0(VisionEncoder):
     dim = 1280
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
+    OPTIONS: ClassVar[dict[str, Any]] = {"pretrained": bool, "extra_blocks": list[int], "final": bool,
+                                         "grid": int | list[int]}
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -47,9 +51,9 @@ class EfficientNetLite0(VisionEncoder):
             self.net = EfficientNet.from_name("efficientnet-lite0")
         # The classifier head is never used; dropping it keeps checkpoints honest.
         self.net._fc = nn.Identity()
-        self.image_size = cfg.image_size
-        if cfg.image_size % 32:
-            raise ValueError(f"efficientnet-lite0 needs an image size divisible by 32, got {cfg.image_size}")
+        self.image_size = size = cfg.image_size or 224
+        if size % 32:
+            raise ValueError(f"efficientnet-lite0 needs an image size divisible by 32, got {size}")
         self.extra_blocks = [int(b) for b in cfg.options.get("extra_blocks", [])]
         n_blocks = len(self.net._blocks)
         bad = [b for b in self.extra_blocks if not 0 <= b < n_blocks]
@@ -58,11 +62,11 @@ class EfficientNetLite0(VisionEncoder):
         self.use_final = bool(cfg.options.get("final", True))
         if not self.use_final and not self.extra_blocks:
             raise ValueError("final = false needs at least one entry in extra_blocks")
-        native = cfg.image_size // 32
+        native = size // 32
         grid = cfg.options.get("grid", native)
         h, w = (grid, grid) if isinstance(grid, int) else tuple(int(g) for g in grid)
         if not (1 <= h <= native and 1 <= w <= native):
-            raise ValueError(f"grid {grid!r} must be between 1 and {native} per side at {cfg.image_size} px "
+            raise ValueError(f"grid {grid!r} must be between 1 and {native} per side at {size} px "
                              "(the last map's own grid; a finer grid would only repeat features)")
         self._grid = (h, w)
         self.dim = 1280 * self.use_final + sum(self.net._blocks[b]._bn2.num_features for b in self.extra_blocks)

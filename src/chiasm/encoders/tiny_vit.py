@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -13,10 +15,12 @@ from chiasm.encoders.base import ENCODERS, VisionEncoder
 class TinyViT(VisionEncoder):
     """Patch embedding + a few pre-norm transformer layers; options: patch, dim, depth, heads."""
 
+    OPTIONS: ClassVar[dict[str, Any]] = {"patch": int, "dim": int, "depth": int, "heads": int}
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         opts = {"patch": 16, "dim": 64, "depth": 2, "heads": 4, **cfg.options}
-        self.image_size = cfg.image_size
+        self.image_size = cfg.image_size or 224
         self.patch = int(opts["patch"])
         if self.image_size % self.patch:
             raise ValueError(f"image size {self.image_size} is not divisible by patch {self.patch}")

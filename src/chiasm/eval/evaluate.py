@@ -13,9 +13,9 @@ import torch
 from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
 from chiasm.eval import retention, vqa
+from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
 from chiasm.model import VisionLanguageModel
-from chiasm.train.features import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ class BaseLM:
             self._stack.enter_context(self.model.bridge.bypassed())
             return lm
         if self._loaded is None:
-            self._loaded, _ = load_language_model(self.model.config.lm.source)
+            cfg = self.model.config
+            self._loaded, _ = load_language_model(cfg.lm.source, dtype=self.model.base_lm.dtype,
+                                                  attn_implementation=cfg.attn_implementation,
+                                                  trust_remote_code=cfg.lm.trust_remote_code)
             self._loaded.to(self.model.device).eval()
         return self._loaded
 
@@ -83,7 +86,8 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
-            feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False)
+            feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
+                                       preprocess=model.processor.image)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,

@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from chiasm.data.sample import Sample
 from chiasm.data.synthetic import answer_matches
+from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
-from chiasm.train.batches import collate, prepare
-from chiasm.train.features import FeatureCache
 
 RELIANCE_MARGIN = 0.10  # with-image accuracy must beat blank-image accuracy by this much
 
@@ -35,13 +34,13 @@ def answer(model: VisionLanguageModel, samples: list[Sample], *, batch_size: int
            desc: str = "answering") -> list[str]:
     """Greedy answers to the last question of each sample (its gpt turn, if any, is dropped)."""
     model.eval()
-    prepared, _ = prepare(samples, model, for_generation=True)
+    processor = model.processor
+    prepared, _ = processor.prepare(samples, for_generation=True)
     out: list[str] = []
-    pad = model.tokenizer.pad_token_id
     for i in tqdm(range(0, len(prepared), batch_size), desc=desc, unit="batch", leave=False):
         items = prepared[i : i + batch_size]
-        batch = collate(items, pad, left_pad=True, features=features, model=model,
-                        override_images=[override_image] if override_image else None).to(model.device)
+        batch = processor.collate(items, left_pad=True, features=features,
+                                  override_images=[override_image] if override_image else None).to(model.device)
         rows = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, features=batch.features,
                               max_new_tokens=max_new_tokens)
         out.extend(model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows)

@@ -8,6 +8,7 @@ other transformers checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chiasm.packaged import PACKAGED_PREFIX, package_folder
+from chiasm.sources import check_source, hub_errors
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +89,59 @@ def resolve_lm_path(source: str) -> str:
     return source
 
 
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Attention kernels transformers selects by name, and the package each needs beyond torch.
+ATTENTION: dict[str, str | None] = {"eager": None, "sdpa": None, "flex_attention": None,
+                                    "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16"`` (or a torch dtype) -> the torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a torch dtype (the inverse of :func:`torch_dtype`)."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} has no config name; known: {', '.join(DTYPES)}")
+
+
+def check_attn_implementation(name: str | None) -> None:
+    """Refuse an attention kernel transformers does not know, or one whose package is missing."""
+    if name is None:
+        return
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attn_implementation {name!r}; known: {', '.join(ATTENTION)}")
+    package = ATTENTION[name]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(f"attn_implementation {name!r} needs the {package!r} package (and a GPU that it "
+                         "supports); install it or use 'sdpa'")
+
+
 def load_language_model(
-    source: str, *, dtype: torch.dtype = torch.float32
+    source: str, *, dtype: torch.dtype | str = torch.float32, attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for any transformers causal LM.
 
     ``source`` is a hub id (needs a network the first time), a local folder, or
     ``packaged:smollm2-135m-instruct`` for the offline default.
     """
-    path = resolve_lm_path(source)
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_attn_implementation(attn_implementation)
+    path = check_source(resolve_lm_path(source), "language model source")
+    kwargs = {"trust_remote_code": trust_remote_code}
+    with hub_errors(path, "language model"):
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

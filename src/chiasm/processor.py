@@ -1,0 +1,219 @@
+"""The processor: a sample (conversation, ``<image>`` placeholders, images) -> model inputs.
+
+One object does it for training, evaluation, chat and serving alike, so the four can never
+disagree on how an image is resized or how many positions it takes. It holds the tokenizer
+(with its chat template and the image token), the image preprocessing, the number of visual
+tokens per image and their layout; it is saved into every model folder
+(``processor_config.json`` beside the LM's tokenizer) and read back from it, so a saved
+model is always fed the way it was trained.
+
+Samples are tokenised once up front (so a bad sample fails before hours of training, not
+in the middle), and a batch lists its images in placeholder order, which is the order
+:meth:`VisionLanguageModel.embed` consumes them in. Collation needs only the processor and,
+for frozen encoders, a feature cache: never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from chiasm.conversation import IGNORE_INDEX, ConversationEncoder, Encoded
+from chiasm.data.images import load_image
+from chiasm.data.sample import DataError, Sample
+from chiasm.encoders.preprocessing import ImagePreprocessing
+from chiasm.layout import LAYOUTS
+from chiasm.tokens import IMAGE_TOKEN, add_image_token
+
+if TYPE_CHECKING:
+    from chiasm.features import FeatureCache
+    from chiasm.model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+PROCESSOR_FILE = "processor_config.json"
+TOKENIZER_FOLDER = "lm"  # the tokenizer is saved with the LM it belongs to
+
+
+@dataclass
+class Prepared:
+    """A sample that tokenised cleanly, with the image paths its placeholders refer to."""
+
+    sample: Sample
+    encoded: Encoded
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image_paths: list[str]
+    features: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device) -> Batch:
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), self.image_paths,
+                     move(self.features), move(self.pixels))
+
+
+class Processor:
+    """Tokenizer + image preprocessing + visual-token count and layout of one model."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image: ImagePreprocessing, *, tokens_per_image: int,
+                 max_length: int, system_prompt: str | None = None, image_layout: str = "raster"):
+        if image_layout not in LAYOUTS:
+            raise ValueError(f"unknown image layout {image_layout!r}; known: {', '.join(LAYOUTS)}")
+        self.tokenizer = tokenizer
+        self.image_token_id = add_image_token(tokenizer)
+        self.image = image
+        self.tokens_per_image = tokens_per_image
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.image_layout = image_layout
+        self._conversation: ConversationEncoder | None = None
+
+    # ---- construction and persistence -------------------------------------------------
+    @classmethod
+    def from_model(cls, model: VisionLanguageModel) -> Processor:
+        """The processor of a built model: its tokenizer, its encoder's preprocessing, its token count."""
+        return cls(model.tokenizer, model.encoder.preprocessing, tokens_per_image=model.tokens_per_image,
+                   max_length=model.max_length, system_prompt=model.config.system_prompt,
+                   image_layout=model.config.image_layout)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None) -> Processor:
+        """Read ``processor_config.json`` (and the tokenizer beside the LM) from a model folder."""
+        folder = Path(folder)
+        file = folder / PROCESSOR_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder} has no {PROCESSOR_FILE}")
+        data = json.loads(file.read_text())
+        known = {"image", "tokens_per_image", "max_length", "system_prompt", "image_layout", "image_token"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{file}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        if data.get("image_token", IMAGE_TOKEN) != IMAGE_TOKEN:
+            raise ValueError(f"{file}: image token {data['image_token']!r}; this chiasm uses {IMAGE_TOKEN!r}")
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_FOLDER)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        return cls(tokenizer, ImagePreprocessing.from_dict(data["image"]),
+                   tokens_per_image=int(data["tokens_per_image"]), max_length=int(data["max_length"]),
+                   system_prompt=data.get("system_prompt"), image_layout=data.get("image_layout", "raster"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image.to_dict(), "tokens_per_image": self.tokens_per_image,
+                "max_length": self.max_length, "system_prompt": self.system_prompt,
+                "image_layout": self.image_layout, "image_token": IMAGE_TOKEN}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``processor_config.json`` and the tokenizer (into ``lm/``) of a model folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.tokenizer.save_pretrained(folder / TOKENIZER_FOLDER)
+        return folder
+
+    # ---- text ------------------------------------------------------------------------
+    @property
+    def conversation(self) -> ConversationEncoder:
+        """The chat-template tokeniser (built on first use: it needs a chat template)."""
+        if self._conversation is None:
+            self._conversation = ConversationEncoder(
+                self.tokenizer, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
+                max_length=self.max_length, system_prompt=self.system_prompt, image_layout=self.image_layout)
+        return self._conversation
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def prepare(self, samples: Sequence[Sample], *, on_error: str = "raise",
+                for_generation: bool = False) -> tuple[list[Prepared], list[tuple[str, str]]]:
+        """Tokenise every sample; on ``skip`` bad ones are counted and logged instead of raised."""
+        enc = self.conversation
+        out, skipped = [], []
+        for s in samples:
+            try:
+                e = enc.encode_prompt(s) if for_generation else enc.encode(s)
+            except DataError as exc:
+                if on_error != "skip":
+                    raise
+                skipped.append((s.id, str(exc)))
+                continue
+            out.append(Prepared(s, e))
+        if skipped:
+            log.warning("skipped %d of %d samples (first: %s)", len(skipped), len(samples), skipped[0][1])
+        return out, skipped
+
+    # ---- images ----------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> the ``(3, H, W)`` pixels the encoder takes."""
+        return self.image(image)
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images already in memory (e.g. received by a server) -> ``(n, 3, H, W)``, in placeholder order."""
+        return torch.stack([self.image(im) for im in images])
+
+    def collate(self, items: list[Prepared], *, left_pad: bool = False, features: FeatureCache | None = None,
+                override_images: list[str] | None = None) -> Batch:
+        """Pad (right for training, left for generation) and attach pixels or cached features."""
+        return collate_items(items, self.pad_token_id, left_pad=left_pad, features=features,
+                             preprocess=self.image, override_images=override_images)
+
+    def __call__(self, samples: Sequence[Sample], *, for_generation: bool = False,
+                 features: FeatureCache | None = None) -> Batch:
+        """Samples -> one batch (left-padded prompts for generation); a bad sample raises."""
+        prepared, _ = self.prepare(samples, for_generation=for_generation)
+        return self.collate(prepared, left_pad=for_generation, features=features)
+
+
+def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
+                  features: FeatureCache | None = None,
+                  preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
+                  override_images: list[str] | None = None) -> Batch:
+    """Pad to the longest row and attach images, from the feature cache or through ``preprocess``.
+
+    ``override_images`` replaces every image (used to test image reliance with a blank picture).
+    """
+    width = max(len(it.encoded.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    paths: list[str] = []
+    for r, it in enumerate(items):
+        n = len(it.encoded.input_ids)
+        sl = slice(width - n, width) if left_pad else slice(0, n)
+        ids[r, sl] = torch.tensor(it.encoded.input_ids)
+        labels[r, sl] = torch.tensor(it.encoded.labels)
+        mask[r, sl] = 1
+        paths.extend(str(p) for p in it.sample.images)
+    if override_images is not None:
+        paths = [override_images[0]] * len(paths)
+    batch = Batch(ids, mask, labels, paths)
+    if not paths:
+        return batch
+    if features is not None:
+        batch.features = features.lookup(paths)
+    elif preprocess is not None:
+        owner = {str(p): it.sample for it in items for p in it.sample.images}
+        batch.pixels = torch.stack([
+            preprocess(load_image(Path(p), sample_id=owner[p].id if p in owner else None,
+                                  source=owner[p].source if p in owner else None)) for p in paths])
+    else:
+        raise ValueError("collate needs a feature cache or an image preprocessing to load images")
+    return batch

@@ -1,0 +1,54 @@
+"""Where pretrained parts come from: a local folder or a hub id, and errors that say which.
+
+transformers treats any string that is not an existing folder as a hub id, so a mistyped
+local path comes back as a complaint about a malformed repository name, and a hub id on a
+machine without network as a connection error deep in huggingface_hub. Both are turned
+here into a sentence that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def looks_like_path(source: str) -> bool:
+    """A source written as a path (absolute, relative with ./ or ../, ~, or with a separator)."""
+    return (source.startswith(("/", "./", "../", "~")) or os.sep in source
+            or (os.altsep is not None and os.altsep in source)) and not _hub_like(source)
+
+
+def _hub_like(source: str) -> bool:
+    """``owner/name`` with exactly one separator and no leading dot or slash: a hub id."""
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+            and not Path(source).exists())
+
+
+def check_source(source: str, what: str) -> str:
+    """``source`` itself, or FileNotFoundError "folder not found" when it is a path that does not exist."""
+    if looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{what}: folder not found: {source}")
+        return str(path)
+    return source
+
+
+@contextmanager
+def hub_errors(source: str, what: str) -> Iterator[None]:
+    """Turn a failed hub lookup of ``source`` into an error that says how to use a local copy."""
+    try:
+        yield
+    except OSError as exc:
+        if Path(source).expanduser().exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "offline" in str(exc).lower() \
+            or "connect" in str(exc).lower()
+        why = "no network access to the Hugging Face hub" if offline else "the hub could not serve it"
+        raise FileNotFoundError(
+            f"{what} {source!r} is not a local folder and could not be fetched ({why}: "
+            f"{str(exc).splitlines()[0]}). Download it once where a network exists "
+            f"(`hf download {source} --local-dir DIR`) and set the source to that folder") from None
