@@ -267,7 +267,9 @@ def test_unshard_for_good_leaves_a_plain_trainable_model(tiny_model, tiny_world,
     assert all(not isinstance(v, DTensor) for st in saved["state"].values() for v in st.values())
     opt.load_state_dict(shard_optimizer_state(saved, opt))
     assert all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in opt.param_groups[0]["params"])
+    hooks = len(model.lm.get_input_embeddings()._forward_hooks)
     unshard_for_good(model)
+    assert len(model.lm.get_input_embeddings()._forward_hooks) == hooks - 1  # the input-grad hook is gone
     assert not any(isinstance(m, FSDPModule) for m in model.modules())
     assert not any(isinstance(p, DTensor) for p in model.parameters())
     lm = model.base_lm

@@ -1,11 +1,14 @@
 """How a stage's module is spread over ranks: DDP or FSDP2, and parameters that get no gradient.
 
 Some trainable parameters never reach a stage's loss: a vision tower read at ``feature_layer
-= -2`` leaves its last layer (and any pooling head) out, a visual expert's last-layer query,
-output and MLP copies only change image positions that no label reads. DDP waits for a
-gradient of every parameter and fails at the next step; FSDP's reduce-scatters go out of step
-between ranks. :func:`needs_unused_search` finds such parameters with one forward pass of the
-stage's first micro-batch (no backward), and the wrapper is then told to expect them.
+= -2`` leaves its last layer (and CLIP's pooling norm) out, and a micro-batch without images
+leaves the encoder and the bridge out on its rank. DDP waits for a gradient of every
+parameter and fails at the next step; FSDP's reduce-scatters go out of step between ranks.
+:func:`needs_unused_search` finds such parameters with one forward pass of the stage's first
+micro-batch (no backward) or from the stage's text-only samples, and the wrapper is then told
+to expect them. A parameter on the loss's graph counts as used even where its gradient is
+zero (a visual expert's last-layer copies, whose image positions no label reads): DDP gets
+that zero from autograd.
 """
 
 from __future__ import annotations
