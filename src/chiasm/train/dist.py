@@ -59,8 +59,9 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(process_group_backend(backend, cuda),
-                                device_id=device if device.type == "cuda" else None)
+        name = process_group_backend(backend, cuda)
+        # Binding the device lets NCCL set up eagerly and know each rank's GPU for barriers.
+        dist.init_process_group(name, device_id=device if "nccl" in name else None)
     return DistInfo(rank, world, local_rank, device)
 
 
