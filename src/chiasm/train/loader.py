@@ -215,6 +215,10 @@ class StageLoader:
         self.skipped: list[dict] = _earlier_skips(stage_dir, start_step) if rank == 0 else []
         self._logged = len(self.skipped)
 
+    def batch(self, indices: Sequence[int]) -> LoaderBatch:
+        """The batch of ``indices``, read in this process (e.g. a trial forward before wrapping the model)."""
+        return self.loader.collate_fn([self.loader.dataset[i] for i in indices])
+
     def __iter__(self) -> Iterator[LoaderBatch | None]:
         """One batch per (step, micro) in plan order; None where every sample of it was skipped."""
         for (step, micro), batch in zip(self.sampler.positions(), self.loader, strict=True):
