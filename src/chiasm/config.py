@@ -124,6 +124,15 @@ class StageConfig:
     text_replay: int = 0
     replay_tokens: int = 64
     replay_pool: int = 256  # distinct rows drawn; steps cycle through them
+    # LM stages' data path (chiasm.train.loader): DataLoader worker processes (0: in this process).
+    num_workers: int = 0
+    # A frozen encoder's features computed once and read from a memory-mapped cache; false: the
+    # encoder runs on the pixels every step (pre-alignment objectives need the cache).
+    feature_cache: bool = True
+    # Length-grouped batching: 0 off; k: sort samples by length within mega-batches of k optimizer steps.
+    group_by_length: int = 0
+    # Sequence packing: 0 off; N: a micro-batch's samples packed into rows of at most N tokens.
+    pack_length: int = 0
 
 
 @dataclass
