@@ -61,8 +61,8 @@ def test_arena_rejects_unknown_bridge(tmp_path: Path, capsys) -> None:
 
 def test_real_arena_compares_bridges_on_the_native_grid_in_raster_order(tmp_path: Path) -> None:
     from chiasm.arena import arena_model
-    from chiasm.data.synthetic import WorldFiles
     from chiasm.demo import DemoSize, demo_config
+    from chiasm.synthetic.world import WorldFiles
 
     world = WorldFiles(tmp_path, tmp_path / "images", tmp_path / "a.json", tmp_path / "i.json", tmp_path / "e.json")
     demo = demo_config(tmp_path, world, DemoSize()).model

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig, save_config
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
-from chiasm.data.synthetic import WorldFiles
 from chiasm.features import FeatureCache
+from chiasm.synthetic.world import WorldFiles
 from chiasm.train.batches import collate, prepare
 from chiasm.train.grouping import estimate_lengths, length_grouped_order, stage_order
 from chiasm.train.loader import PlanBatchSampler, StageLoader

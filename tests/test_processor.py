@@ -16,10 +16,10 @@ from chiasm.conversation import IGNORE_INDEX
 from chiasm.data.images import load_image
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError, Sample, Turn
-from chiasm.data.synthetic import WorldFiles
 from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
 from chiasm.processor import PROCESSOR_FILE, Processor
+from chiasm.synthetic.world import WorldFiles
 from chiasm.train import batches
 
 
@@ -130,7 +130,7 @@ def test_processor_config_rejects_unknown_keys(tiny_model: VisionLanguageModel, 
     del data["image"]["size_"]
     data["image_layout"] = "spiral"
     (folder / PROCESSOR_FILE).write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="unknown image layout 'spiral'; known: raster, quadrants"):
+    with pytest.raises(ValueError, match="unknown image layout 'spiral'; known: quadrants, raster"):
         Processor.from_pretrained(folder)
 
 

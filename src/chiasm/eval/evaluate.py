@@ -92,10 +92,10 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                  features=feats, override_image=str(blank), desc="VQA blank image")
-        scored, blank_scored = vqa.score(samples, preds), vqa.score(samples, blank_preds)
+        scored, blank_scored = vqa.score(samples, preds, cfg.scorer), vqa.score(samples, blank_preds, cfg.scorer)
         results["chance"] = vqa.chance(samples)
-        results["vqa"] = {k: v for k, v in scored.items() if k != "hits"}
-        results["blank"] = {k: v for k, v in blank_scored.items() if k != "hits"}
+        results["vqa"] = {k: v for k, v in scored.items() if k not in ("hits", "scores")}
+        results["blank"] = {k: v for k, v in blank_scored.items() if k not in ("hits", "scores")}
         results["reliance"] = vqa.reliance_verdict(scored["overall"], blank_scored["overall"],
                                                    results["chance"]["overall"])
         step = max(1, len(samples) // n_examples)

@@ -23,15 +23,14 @@ from chiasm.config import RunConfig, StageConfig, save_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
 from chiasm.train.features import FeatureCache
 from chiasm.train.grouping import stage_order
 from chiasm.train.loader import StageLoader
+from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
-from chiasm.train.word_targets import WordTargetObjective
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -213,8 +212,7 @@ class Trainer:
         model = self.model
         samples = _stage_samples(stage)
         # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
-        kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
-        prealign = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
+        prealign = build_prealign(model, samples, stage)
         if prealign is not None:
             n_items, paths = len(prealign), prealign.paths
         else:
