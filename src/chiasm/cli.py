@@ -14,7 +14,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from chiasm.demo import DemoSize, check_targets, format_checks, run_demo
 
     size = DemoSize(n_train=args.n_train, n_eval=args.n_eval)
-    checks = check_targets(run_demo(Path(args.out), size))
+    checks = check_targets(run_demo(Path(args.out), size, precision=args.precision))
     print(format_checks(checks))
     return 0 if all(c.passed for c in checks) else 1
 
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--n-train", type=int, default=DemoSize.n_train, help="synthetic training images")
     d.add_argument("--n-eval", type=int, default=DemoSize.n_eval, help="held-out images (5 questions each)")
+    d.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training precision (auto: bf16 where the hardware runs it natively; fp32 elsewhere)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="run a recipe from a TOML/JSON config (works under torchrun)")
