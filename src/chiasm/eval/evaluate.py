@@ -12,6 +12,7 @@ import torch
 
 from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
+from chiasm.data.sample import DataError
 from chiasm.eval import retention, vqa
 from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
@@ -80,6 +81,8 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     if cfg.data:
         t0 = time.perf_counter()
         samples = load_llava(cfg.data, cfg.image_root).samples
+        if not samples:  # an accuracy over nothing would read as a result
+            raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
         if cfg.max_samples:
             samples = samples[: cfg.max_samples]
         work = Path(out_dir or Path(cfg.data).parent) / "cache"

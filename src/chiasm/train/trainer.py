@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from chiasm.config import RunConfig, StageConfig, save_config
+from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
@@ -129,6 +130,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model: VisionLanguageModel | None = None,
                  dist_info: DistInfo | None = None, show_progress: bool = True):
+        check_run_config(cfg)  # before the model is built: a bad value costs no loading time
         self.cfg = cfg
         self.dist = dist_info or init_distributed()
         self.run_dir = Path(cfg.output_dir)

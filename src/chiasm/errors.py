@@ -1,0 +1,60 @@
+"""Which exceptions are a user's mistake, and the one line the ``chiasm`` command prints for them.
+
+A missing file, a corrupt checkpoint or an out-of-range config value is not a bug: the person
+running the command needs the file's name and what to do, not forty lines of stack. A bug in
+chiasm (an AssertionError, a TypeError, a ValueError raised deep inside PyTorch) must keep
+its traceback, so only the classes below count as a user's mistake, and a bare ValueError
+or KeyError only when chiasm itself raised it (chiasm raises them for bad input, with a
+message written for the user).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from types import TracebackType
+
+from safetensors import SafetensorError
+
+from chiasm.config import ConfigError
+from chiasm.data.sample import DataError
+
+
+class ModelFolderError(ValueError):
+    """A saved model folder (or a pretrained part's folder) that is missing a piece or holds a corrupt one."""
+
+
+_ALWAYS = (ConfigError, DataError, ModelFolderError, json.JSONDecodeError, tomllib.TOMLDecodeError, SafetensorError)
+
+_HINTS = {
+    PermissionError: "check its permissions or choose a path you can write to",
+    IsADirectoryError: "give a file, not a folder",
+    NotADirectoryError: "a part of the path is a file, not a folder",
+}
+
+
+def _raised_by_chiasm(tb: TracebackType | None) -> bool:
+    """Whether the innermost frame of ``tb`` is chiasm's own code."""
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and str(last.tb_frame.f_globals.get("__name__", "")).split(".")[0] == "chiasm"
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The message for a user's mistake (config errors keep one line per problem); None for a bug."""
+    if isinstance(exc, _ALWAYS) or (isinstance(exc, (ValueError, KeyError)) and _raised_by_chiasm(exc.__traceback__)):
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return str(text) if isinstance(exc, ConfigError) else one_line(str(text))
+    if isinstance(exc, OSError):  # a missing file, no permission, a disk that is full...
+        text = str(exc)
+        if exc.filename is not None and exc.strerror:
+            text = f"{exc.strerror}: {exc.filename}"
+        hint = next((h for cls, h in _HINTS.items() if isinstance(exc, cls)), None)
+        return one_line(f"{text}; {hint}" if hint else text)
+    return None
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined, so that an error reads as one line whatever it wraps."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
