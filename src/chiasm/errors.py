@@ -27,7 +27,7 @@ class ModelFolderError(ValueError):
 _ALWAYS = (ConfigError, DataError, ModelFolderError, json.JSONDecodeError, tomllib.TOMLDecodeError, SafetensorError)
 
 _HINTS = {
-    PermissionError: "check its permissions or choose a path you can write to",
+    PermissionError: "check its permissions, or choose a path this user may read or write",
     IsADirectoryError: "give a file, not a folder",
     NotADirectoryError: "a part of the path is a file, not a folder",
 }

@@ -263,7 +263,7 @@ class VisionLanguageModel(nn.Module):
             raise ModelFolderError(f"{folder / 'lm'}: folder missing; the model folder is incomplete (save it again)")
         try:
             lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
         processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder / "lm")

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from chiasm.errors import ModelFolderError
 
 
@@ -45,10 +47,10 @@ def hub_errors(source: str, what: str) -> Iterator[None]:
     """Turn a failed hub lookup of ``source`` into an error that says how to use a local copy."""
     try:
         yield
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         if Path(source).expanduser().exists():  # a local folder that is not a (complete) checkpoint
             raise ModelFolderError(f"{what} {source}: cannot load it from this folder: {exc}") from exc
-        if not isinstance(exc, OSError):  # e.g. a name that is no valid hub id either
+        if isinstance(exc, ValueError):  # e.g. a name that is no valid hub id either
             raise ModelFolderError(f"{what} {source!r} is not a local folder, nor usable as a hub id: {exc}") from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "offline" in str(exc).lower() \
             or "connect" in str(exc).lower()
