@@ -160,8 +160,8 @@ def test_good_stage_names_pass() -> None:
 
 def test_replay_settings_that_contradict_each_other() -> None:
     lora = PolicyConfig(mode="lora")
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.text_replay: .*needs objective 'lm' and an LM that trains "
-                                          r"\(got objective 'lm', lm.mode 'frozen'\)"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.text_replay: set to 2, but .*needs objective 'lm' and "
+                                          r"an LM that trains \(got objective 'lm', lm.mode 'frozen'\)"):
         check_run_config(_run(text_replay=2))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.replay_pool: must hold one step's replay rows "
                                           r"\(text_replay = 4\), got 2"):

@@ -131,8 +131,9 @@ def stage_problems(stages: list[StageConfig]) -> list[str]:
         if not s.data.strip():
             problems.append(f"{where}.data: must name a data file, got ''")
         if s.text_replay > 0 and (s.objective != "lm" or s.lm.mode == "frozen"):
-            problems.append(f"{where}.text_replay: keeps a trained LM's language; needs objective 'lm' and "
-                            f"an LM that trains (got objective {s.objective!r}, lm.mode {s.lm.mode!r})")
+            problems.append(f"{where}.text_replay: set to {s.text_replay}, but text_replay keeps a trained LM's "
+                            f"language; it needs objective 'lm' and an LM that trains (got objective "
+                            f"{s.objective!r}, lm.mode {s.lm.mode!r})")
         if 0 < s.replay_pool < s.text_replay:
             problems.append(f"{where}.replay_pool: must hold one step's replay rows (text_replay = "
                             f"{s.text_replay}), got {s.replay_pool}")
