@@ -36,7 +36,8 @@ def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str], *named:
     assert rc == 2, err
     assert "Traceback" not in err
     # transformers draws a progress bar while it loads a model folder: not part of the error.
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("Loading weights", "Writing model"))]
+    lines = [line for line in err.strip().splitlines()
+             if line.strip() and not line.startswith(("Loading weights", "Writing model"))]
     assert len(lines) == 1, err
     assert lines[0].startswith("chiasm: error: ")
     for thing in named:
@@ -289,3 +290,42 @@ def test_a_value_error_from_outside_chiasm_keeps_its_traceback(saved_model: Path
     monkeypatch.setattr("chiasm.chat.ask", broken)
     with pytest.raises(RuntimeError):
         main(_chat(saved_model, image))
+
+
+# ---- other tensor files: a processor config, a checkpoint, a feature cache ---------------------
+def test_processor_config_that_is_not_json(saved_model: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = saved_model / "processor_config.json"
+    path.write_text("{")
+    line = _one_error_line(_chat(saved_model, image), capsys, path)
+    assert "not valid JSON" in line
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "rng.safetensors", "state.json"])
+def test_resume_from_a_corrupt_checkpoint(name: str, tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from chiasm.config import load_config
+    from chiasm.train.trainer import Interrupted, Trainer
+
+    path = _train_config(tmp_path, str(tiny_lm_dir), tiny_world)
+    path.write_text(path.read_text().replace("max_steps = 1", "max_steps = 4\nbatch_size = 4\ncheckpoint_every = 1"))
+    with pytest.raises(Interrupted):
+        Trainer(load_config(path), show_progress=False).run(stop_after_steps=2)
+    broken = tmp_path / "run" / "checkpoint" / name
+    broken.write_bytes(broken.read_bytes()[:10])
+    line = _one_error_line(["train", "--config", str(path), "--resume", "--no-eval"], capsys, broken)
+    assert "unreadable checkpoint file" in line and "run without --resume" in line
+
+
+def test_corrupt_feature_cache_is_computed_again(tiny_model: VisionLanguageModel, image: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from chiasm.features import FeatureCache
+
+    first = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
+    (file,) = tmp_path.glob("features-*.safetensors")
+    file.write_bytes(b"\0" * 16)
+    again = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
+    assert str(file) in caplog.text and "computing the features again" in caplog.text
+    assert again.lookup([str(image)]).equal(first.lookup([str(image)]))
+    # ...and the rewritten file is whole again.
+    third = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
+    assert third.lookup([str(image)]).equal(first.lookup([str(image)]))

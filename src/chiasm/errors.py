@@ -4,8 +4,8 @@ A missing file, a corrupt checkpoint or an out-of-range config value is not a bu
 running the command needs the file's name and what to do, not forty lines of stack. A bug in
 chiasm (an AssertionError, a TypeError, a ValueError raised deep inside PyTorch) must keep
 its traceback, so only the classes below count as a user's mistake, and a bare ValueError
-or KeyError only when chiasm itself raised it (chiasm raises them for bad input, with a
-message written for the user).
+only when chiasm itself raised it (chiasm raises them for bad input, with a message written
+for the user); a bare KeyError is a lookup bug.
 """
 
 from __future__ import annotations
@@ -20,11 +20,19 @@ from chiasm.config import ConfigError
 from chiasm.data.sample import DataError
 
 
+class UnknownNameError(KeyError):
+    """A name (encoder, bridge, packaged model) that no table knows; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError's own would print the message as a quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 class ModelFolderError(ValueError):
     """A saved model folder (or a pretrained part's folder) that is missing a piece or holds a corrupt one."""
 
 
-_ALWAYS = (ConfigError, DataError, ModelFolderError, json.JSONDecodeError, tomllib.TOMLDecodeError, SafetensorError)
+_ALWAYS = (ConfigError, DataError, ModelFolderError, UnknownNameError, json.JSONDecodeError,
+           tomllib.TOMLDecodeError, SafetensorError)
 
 _HINTS = {
     PermissionError: "check its permissions, or choose a path this user may read or write",
@@ -43,9 +51,8 @@ def _raised_by_chiasm(tb: TracebackType | None) -> bool:
 
 def user_message(exc: BaseException) -> str | None:
     """The message for a user's mistake (config errors keep one line per problem); None for a bug."""
-    if isinstance(exc, _ALWAYS) or (isinstance(exc, (ValueError, KeyError)) and _raised_by_chiasm(exc.__traceback__)):
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        return str(text) if isinstance(exc, ConfigError) else one_line(str(text))
+    if isinstance(exc, _ALWAYS) or (isinstance(exc, ValueError) and _raised_by_chiasm(exc.__traceback__)):
+        return str(exc) if isinstance(exc, ConfigError) else one_line(str(exc))
     if isinstance(exc, OSError):  # a missing file, no permission, a disk that is full...
         text = str(exc)
         if exc.filename is not None and exc.strerror:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from chiasm.data.images import load_image
 from chiasm.encoders.base import VisionEncoder
 from chiasm.encoders.preprocessing import ImagePreprocessing
+
+log = logging.getLogger(__name__)
 
 
 def _fingerprint(encoder: VisionEncoder, paths: Sequence[str],
@@ -69,7 +73,10 @@ class FeatureCache:
         if cache_dir is not None:
             file = Path(cache_dir) / f"features-{_fingerprint(encoder, unique, preprocess)}.safetensors"
             if file.exists():
-                return cls(index, load_file(str(file))["features"])
+                try:
+                    return cls(index, load_file(str(file))["features"])
+                except (OSError, SafetensorError, KeyError) as exc:  # a cache is derived: recompute it
+                    log.warning("feature cache %s is unreadable (%s); computing the features again", file, exc)
         was_training = encoder.training
         encoder.eval()
         device = next(encoder.parameters()).device

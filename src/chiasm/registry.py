@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from chiasm.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -35,7 +37,7 @@ class Registry(Generic[T]):
         try:
             return self._table[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._table))}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._table))}") from None
 
     def names(self) -> list[str]:
         return sorted(self._table)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from chiasm.errors import ModelFolderError
 from chiasm.model import VisionLanguageModel
 
 
@@ -84,13 +86,13 @@ def read_state(folder: Path) -> TrainState | None:
     f = Path(folder) / "state.json"
     if not f.exists():
         return None
-    meta = json.loads(f.read_text())
+    meta = _read_json(f)
     return TrainState(meta["stage_index"], meta["step"], meta["stage_done"])
 
 
 def load_model_state(folder: Path, model: VisionLanguageModel) -> set[str]:
     """Load trained parameters into ``model``; every checkpointed name must exist in it."""
-    params = load_file(str(Path(folder) / "model.safetensors"))
+    params = _read_tensors(Path(folder) / "model.safetensors")
     own = model.state_dict()
     missing = sorted(set(params) - set(own))
     if missing:
@@ -101,10 +103,30 @@ def load_model_state(folder: Path, model: VisionLanguageModel) -> set[str]:
 
 def load_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) -> None:
     folder = Path(folder)
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    scalars = json.loads((folder / "optimizer.json").read_text())
+    tensors = _read_tensors(folder / "optimizer.safetensors")
+    scalars = _read_json(folder / "optimizer.json")
     optimizer.load_state_dict(_join_optimizer(tensors, scalars))
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
-    meta = json.loads((folder / "state.json").read_text())
+    torch.set_rng_state(_read_tensors(folder / "rng.safetensors")["torch"])
+    meta = _read_json(folder / "state.json")
     v, inner, gauss = meta["python_rng"]
     random.setstate((v, tuple(inner), gauss))
+
+
+def _unreadable(path: Path, exc: Exception) -> ModelFolderError:
+    return ModelFolderError(f"{path}: unreadable checkpoint file ({exc}); run without --resume to start over, "
+                            f"or restore {path.parent} from a copy")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a missing or corrupt one is named (a run killed mid-write)."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
