@@ -192,6 +192,11 @@ def test_config_file_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureF
     assert line == f"chiasm: error: config file not found: {path}"
 
 
+def test_config_file_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_error_line(["train", "--config", str(tmp_path)], capsys, tmp_path)
+    assert line == f"chiasm: error: {tmp_path} is a folder, not a config file"
+
+
 def test_config_file_that_is_not_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "run.toml"
     path.write_text("[[stages]\nname = 'a'\n")

@@ -100,6 +100,13 @@ def test_nan_and_inf_are_refused(bad: float) -> None:
     assert value_problems(_run(lr=bad)) == [f"stages[0].lr: must be a finite number, got {bad}"]
 
 
+def test_a_number_field_holding_no_number_is_named() -> None:
+    # Configs built in Python skip the file loader's type checks.
+    cfg = _run(batch_size="4", lr=True)  # type: ignore[arg-type]
+    assert value_problems(cfg) == ["stages[0].batch_size: must be a number, got '4'",
+                                   "stages[0].lr: must be a number, got True"]
+
+
 def test_nan_in_a_toml_file(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text('[[stages]]\nname = "a"\ndata = "a.json"\nlr = nan\n')

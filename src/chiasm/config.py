@@ -218,10 +218,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a run config from ``.toml`` or ``.json``; relative data paths stay relative to CWD."""
+    """Read a run config from ``.toml`` or ``.json``; relative data paths stay relative to CWD.
+
+    Its values are checked too (:mod:`chiasm.config_checks`): one ConfigError lists every problem.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}" if not path.is_dir() else f"{path} is a folder, "
+                                "not a config file")
     text = path.read_text()
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)

@@ -109,7 +109,9 @@ def value_problems(obj: Any, where: str = "") -> list[str]:
             rule = RULES.get((type(obj).__name__, f.name))
             if rule is None:
                 raise KeyError(f"no value rule for {type(obj).__name__}.{f.name}; add one to RULES")
-            if isinstance(value, float) and not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # a config built in Python
+                problems.append(f"{path}: must be a number, got {value!r}")
+            elif isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{path}: must be a finite number, got {value}")
             elif not rule.ok(value):
                 problems.append(f"{path}: {rule.text}, got {_fmt(value)}")
