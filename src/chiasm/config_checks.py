@@ -11,6 +11,7 @@ user fixes a config in one edit, not one error per run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -79,6 +80,7 @@ RULES: dict[tuple[str, str], Rule] = {
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+@functools.cache
 def numeric_fields(cls: type) -> list[str]:
     """Fields of dataclass ``cls`` whose type is int or float (or either or None)."""
     hints = typing.get_type_hints(cls)
@@ -89,10 +91,6 @@ def numeric_fields(cls: type) -> list[str]:
         if any(m in (int, float) for m in members):
             out.append(f.name)
     return out
-
-
-def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 def value_problems(obj: Any, where: str = "") -> list[str]:
@@ -114,7 +112,7 @@ def value_problems(obj: Any, where: str = "") -> list[str]:
             elif isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{path}: must be a finite number, got {value}")
             elif not rule.ok(value):
-                problems.append(f"{path}: {rule.text}, got {_fmt(value)}")
+                problems.append(f"{path}: {rule.text}, got {value}")
     return problems
 
 

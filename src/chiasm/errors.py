@@ -28,7 +28,7 @@ class UnknownNameError(KeyError):
 
 
 class ModelFolderError(ValueError):
-    """A saved model folder (or a pretrained part's folder) that is missing a piece or holds a corrupt one."""
+    """A saved folder (a model, a checkpoint, a pretrained part) that lacks a piece or holds a corrupt one."""
 
 
 _ALWAYS = (ConfigError, DataError, ModelFolderError, UnknownNameError, json.JSONDecodeError,
