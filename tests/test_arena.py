@@ -47,8 +47,8 @@ def test_arena_shares_feature_cache_and_base_lm_results(tmp_path: Path, monkeypa
     monkeypatch.setattr(ev, "BaseLM", CountingBaseLM)
     assert main(["arena", "--quick", "--out", str(tmp_path), "--bridges", "mlp,pooling,resampler"]) == 0
     assert len(entered) == 1  # the base LM's perplexity and answers: once, not per bridge
-    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
-    assert not list(tmp_path.glob("*/cache/features-*.safetensors"))
+    assert len(list((tmp_path / "cache").glob("features-*/index.json"))) == 1
+    assert not list(tmp_path.glob("*/cache/features-*"))
     base_ppl = {json.loads((tmp_path / b / "eval.json").read_text())["retention"]["base_ppl"]
                 for b in ("mlp", "pooling", "resampler")}
     assert len(base_ppl) == 1

@@ -297,7 +297,7 @@ def test_a_value_error_from_outside_chiasm_keeps_its_traceback(saved_model: Path
         main(_chat(saved_model, image))
 
 
-# ---- other tensor files: a processor config, a checkpoint, a feature cache ---------------------
+# ---- other saved files: a processor config, a checkpoint -------------------------------------
 def test_processor_config_that_is_not_json(saved_model: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = saved_model / "processor_config.json"
     path.write_text("{")
@@ -320,17 +320,3 @@ def test_resume_from_a_corrupt_checkpoint(name: str, tiny_lm_dir: Path, tiny_wor
     line = _one_error_line(["train", "--config", str(path), "--resume", "--no-eval"], capsys, broken)
     assert "unreadable checkpoint file" in line and "run without --resume" in line
 
-
-def test_corrupt_feature_cache_is_computed_again(tiny_model: VisionLanguageModel, image: Path, tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    from chiasm.features import FeatureCache
-
-    first = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
-    (file,) = tmp_path.glob("features-*.safetensors")
-    file.write_bytes(b"\0" * 16)
-    again = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
-    assert str(file) in caplog.text and "computing the features again" in caplog.text
-    assert again.lookup([str(image)]).equal(first.lookup([str(image)]))
-    # ...and the rewritten file is whole again.
-    third = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
-    assert third.lookup([str(image)]).equal(first.lookup([str(image)]))

@@ -124,6 +124,15 @@ class StageConfig:
     text_replay: int = 0
     replay_tokens: int = 64
     replay_pool: int = 256  # distinct rows drawn; steps cycle through them
+    # LM stages' data path (chiasm.train.loader): DataLoader worker processes (0: in this process).
+    num_workers: int = 0
+    # A frozen encoder's features computed once and read from a memory-mapped cache; false: the
+    # encoder runs on the pixels every step (pre-alignment objectives need the cache).
+    feature_cache: bool = True
+    # Length-grouped batching: 0 off; k: sort samples by length within mega-batches of k optimizer steps.
+    group_by_length: int = 0
+    # Sequence packing: 0 off; N: a micro-batch's samples packed into rows of at most N tokens.
+    pack_length: int = 0
 
 
 @dataclass
@@ -148,6 +157,15 @@ class RunConfig:
     feature_cache: str | None = None
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Under torchrun: "ddp" replicates the model on every rank, "fsdp" shards each LM decoder
+    # layer, a trainable encoder's layers and the model (FSDP2) so that weights, gradients and
+    # optimizer state are split across ranks (chiasm.train.fsdp). One process ignores both.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # "auto": NCCL for CUDA tensors with gloo beside it for CPU ones, gloo without CUDA.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Parameters that may get no gradient in a step (a tower read below its last layer, the
+    # encoder and bridge in a batch without images). None: found per stage (chiasm.train.parallel).
+    find_unused_parameters: bool | None = None
 
 
 class ConfigError(ValueError):

@@ -68,6 +68,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("StageConfig", "text_replay"): at_least(0),
     ("StageConfig", "replay_tokens"): at_least(1),
     ("StageConfig", "replay_pool"): at_least(1),
+    ("StageConfig", "num_workers"): at_least(0),
+    ("StageConfig", "group_by_length"): at_least(0),  # 0: off
+    ("StageConfig", "pack_length"): at_least(0),  # 0: off
     ("EvalConfig", "max_samples"): at_least(1),
     ("EvalConfig", "batch_size"): at_least(1),
     ("EvalConfig", "max_new_tokens"): at_least(1),

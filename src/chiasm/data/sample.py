@@ -49,5 +49,14 @@ class DataError(ValueError):
             where.append(f"sample {sample_id!r}")
         prefix = f"[{', '.join(where)}] " if where else ""
         super().__init__(prefix + message)
+        self.message = message
         self.source = source
         self.sample_id = sample_id
+
+    def __reduce__(self) -> tuple:
+        # Keeps file and sample id when the error crosses a process boundary (DataLoader workers).
+        return _rebuild_data_error, (type(self), self.message, self.source, self.sample_id)
+
+
+def _rebuild_data_error(cls: type[DataError], message: str, source: str | None, sample_id: str | None) -> DataError:
+    return cls(message, source=source, sample_id=sample_id)

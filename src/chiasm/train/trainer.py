@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from chiasm.config import RunConfig, StageConfig, save_config
@@ -25,10 +24,12 @@ from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.batches import Prepared, collate, prepare
 from chiasm.train.contrastive import ContrastiveObjective
-from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
 from chiasm.train.features import FeatureCache
+from chiasm.train.grouping import stage_order
+from chiasm.train.loader import StageLoader
+from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.word_targets import WordTargetObjective
@@ -76,10 +77,15 @@ def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 class StagePlan:
-    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``."""
+    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``.
 
-    def __init__(self, n: int, stage: StageConfig, world: int, seed: int):
-        self.n, self.stage, self.world, self.seed = n, stage, world, seed
+    ``order`` may rearrange each epoch's shuffled permutation (e.g. length grouping); it gets
+    the permutation and the epoch and must be deterministic.
+    """
+
+    def __init__(self, n: int, stage: StageConfig, world: int, seed: int,
+                 order: Callable[[list[int], int], list[int]] | None = None):
+        self.n, self.stage, self.world, self.seed, self.order = n, stage, world, seed, order
         per_step = stage.batch_size * stage.grad_accum * world
         if n < per_step:
             raise ValueError(f"stage {stage.name!r}: {n} samples is fewer than one optimizer step "
@@ -92,7 +98,8 @@ class StagePlan:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perms[epoch] = self.order(perm, epoch) if self.order is not None else perm
         b = self.stage.batch_size
         start = ((within * self.stage.grad_accum + micro) * self.world + rank) * b
         return self._perms[epoch][start : start + b]
@@ -132,7 +139,8 @@ class Trainer:
                  dist_info: DistInfo | None = None, show_progress: bool = True):
         check_run_config(cfg)  # before the model is built: a bad value costs no loading time
         self.cfg = cfg
-        self.dist = dist_info or init_distributed()
+        check_parallel_config(cfg, dist_info.world if dist_info else env_world_size(), torch.cuda.is_available())
+        self.dist = dist_info or init_distributed(cfg.backend)
         self.run_dir = Path(cfg.output_dir)
         self.show_progress = show_progress and self.dist.is_main
         torch.manual_seed(cfg.seed)
@@ -142,6 +150,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg.precision, self.dist.device)
         self.trained: set[str] = set()
         self.stage_counts: dict[str, dict] = {}
+        self.skipped: dict[str, list[dict]] = {}  # per LM stage: the samples left out under on_error = "skip"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.json")
@@ -187,17 +196,20 @@ class Trainer:
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _features(self, paths: list[str], stage: StageConfig) -> FeatureCache | None:
+    def _features(self, paths: list[str], stage: StageConfig, samples: list) -> FeatureCache | None:
         if stage.encoder.mode != "frozen":
             return None
+        if not stage.feature_cache:
+            if stage.objective != "lm":
+                raise ValueError(f"stage {stage.name!r}: objective {stage.objective!r} reads cached features; "
+                                 "it needs feature_cache = true")
+            return None
         cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
-        if self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir,
-                                       show_progress=self.show_progress)
-        barrier()
-        if not self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=False)
-        return cache
+        # Each rank encodes its own shard; all then read every shard memory-mapped.
+        return FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=self.show_progress,
+                                  rank=self.dist.rank, world=self.dist.world, sync=barrier, on_error=stage.on_error,
+                                  owners={str(p): (s.source, s.id) for s in samples for p in s.images},
+                                  preprocess=self.model.processor.image)
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
@@ -206,33 +218,50 @@ class Trainer:
         kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
         prealign = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
         if prealign is not None:
-            prepared: list[Prepared] = []
             n_items, paths = len(prealign), prealign.paths
         else:
-            prepared, skipped = prepare(samples, model, on_error=stage.on_error)
-            if skipped:
-                log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
-            n_items, paths = len(prepared), [str(p) for it in prepared for p in it.sample.images]
-        features = self._features(paths, stage)
-        plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
+            n_items, paths = len(samples), [str(p) for s in samples for p in s.images]
+        features = self._features(paths, stage, samples)
+        seed = self.cfg.seed * 1000 + index
+        order = stage_order(stage, samples, model, self.dist.world, seed) if prealign is None else None
+        plan = StagePlan(n_items, stage, self.dist.world, seed, order=order)
+        loader = None if prealign is not None else StageLoader(
+            samples, model, stage, plan, rank=self.dist.rank, world=self.dist.world, start_step=start_step,
+            features=features, stage_dir=self.run_dir / "stages" / stage.name)
+        batches = iter(loader) if loader is not None else None
         replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
-        optimizer = _optimizer(model, stage)
-        if resume_from is not None:
-            ckpt.load_optimizer_and_rng(resume_from, optimizer)
-        warmup = int(stage.warmup_ratio * plan.total)
-        # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP.
+        # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP/FSDP.
         inner = model.bridge if prealign is not None else model
-        wrapped = DDP(inner) if self.dist.world > 1 else inner
         set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
         if model.config.gradient_checkpointing:
             # transformers recomputes layers only in training mode, also for a frozen LM whose
             # activations carry the bridge's gradient (dropout of current LMs is zero).
             model.lm.train()
+        if self.dist.world > 1:
+            def first_loss(module: torch.nn.Module) -> torch.Tensor:
+                indices = plan.indices(start_step, 0, self.dist.rank)
+                if prealign is not None:
+                    return prealign.loss(indices, module, features)[0]
+                batch = loader.batch(indices).to(self.dist.device)
+                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
+                                  features=batch.features, position_ids=batch.position_ids).loss
+
+            text_only = prealign is None and any(not s.images for s in samples)
+            unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device,
+                                         text_only_samples=text_only)
+            wrapped = wrap(inner, model, self.cfg.strategy, self.dist, unused, text_only_samples=text_only)
+        else:
+            wrapped = inner
+        # After wrapping: FSDP replaces the parameters the optimizer must hold.
+        optimizer = _optimizer(model, stage)
+        if resume_from is not None:
+            ckpt.load_optimizer_and_rng(resume_from, optimizer)
+        warmup = int(stage.warmup_ratio * plan.total)
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
         if self.dist.is_main:
             _trim_metrics(metrics_file, start_step)
-        pad = model.tokenizer.pad_token_id
         bar = tqdm(total=plan.total, initial=start_step, desc=f"stage {stage.name}", unit="step",
                    disable=not self.show_progress)
         t_stage = time.perf_counter()
@@ -244,9 +273,11 @@ class Trainer:
             loss_sum, n_tok, n_img, extra = 0.0, 0, 0, {}
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
+                batch = next(batches) if batches is not None else None
+                if batches is not None and batch is None:
+                    continue  # every sample of this micro-batch was skipped (one process only)
                 sync = micro == stage.grad_accum - 1
-                ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
-                with ctx:
+                with gradient_sync(wrapped, sync):
                     if prealign is not None:
                         loss_t, accuracy = prealign.loss(indices, wrapped, features)
                         total = loss_t
@@ -254,11 +285,11 @@ class Trainer:
                         extra[metric] = extra.get(metric, 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
-                        batch = collate([prepared[j] for j in indices], pad, features=features,
-                                        model=model).to(self.dist.device)
+                        batch = batch.to(self.dist.device)
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
-                                             pixels=batch.pixels, features=batch.features).loss
+                                             pixels=batch.pixels, features=batch.features,
+                                             position_ids=batch.position_ids).loss
                             total = loss_t
                             if replay is not None and sync:
                                 # The same rows on every rank, once per step: DDP's mean leaves
@@ -282,6 +313,7 @@ class Trainer:
                       **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
                       "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
+                      **({"skipped": loader.count(self.dist.device)} if loader is not None else {}),
                       **{k: all_reduce_mean(v) for k, v in extra.items()}}
             if self.dist.is_main:
                 with metrics_file.open("a") as f:
@@ -293,6 +325,8 @@ class Trainer:
             bar.update(1)
             done = step + 1 == plan.total
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
+                if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
+                    self.skipped[stage.name] = loader.write_skipped()
                 self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done))
             if self._steps_left is not None:
                 self._steps_left -= 1
@@ -300,6 +334,7 @@ class Trainer:
                     bar.close()
                     raise Interrupted(f"stopped after step {step + 1} of stage {stage.name}")
         bar.close()
+        unwrap(wrapped)
         model.eval()
 
     def _replay_pool(self, stage: StageConfig, steps: int, seed: int, *, resuming: bool) -> torch.Tensor | None:
@@ -328,8 +363,9 @@ class Trainer:
         return pool
 
     def _checkpoint(self, optimizer: torch.optim.Optimizer, state: ckpt.TrainState) -> None:
+        params, optimizer_state = ckpt.gather_state(self.model, self.trained, optimizer)
         if self.dist.is_main:
-            ckpt.save_checkpoint(self.checkpoint_dir, self.model, self.trained, optimizer, state)
+            ckpt.save_checkpoint(self.checkpoint_dir, params, self.trained, optimizer_state, state)
         barrier()
 
     def _plot(self) -> None:
@@ -346,11 +382,3 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
     path.write_text("".join(ln + "\n" for ln in kept))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
