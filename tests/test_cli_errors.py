@@ -320,3 +320,27 @@ def test_resume_from_a_corrupt_checkpoint(name: str, tiny_lm_dir: Path, tiny_wor
     line = _one_error_line(["train", "--config", str(path), "--resume", "--no-eval"], capsys, broken)
     assert "unreadable checkpoint file" in line and "run without --resume" in line
 
+
+
+def test_interactive_chat_says_what_is_wrong_with_a_line_and_goes_on(tiny_model: VisionLanguageModel, image: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from chiasm.chat import interactive
+
+    lines = iter(["<image> <image> Which is bigger?", "What colour is the circle?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    interactive(tiny_model, [image])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == ("error: the question holds 2 <image> placeholder(s) but 1 image(s) were given; "
+                      "give one --image per <image>, or leave the placeholders out")
+    assert sum(line.startswith("model> ") for line in out) == 1
+
+
+def test_interactive_chat_with_a_missing_image(saved_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    def no_input(prompt: str = "") -> str:
+        raise AssertionError("asked for a question before checking the image")
+
+    monkeypatch.setattr("builtins.input", no_input)
+    missing = tmp_path / "missing.png"
+    _one_error_line(["chat", "--model", str(saved_model), "--image", str(missing)], capsys, missing)

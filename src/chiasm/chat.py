@@ -45,6 +45,8 @@ def check_question(question: str, n_images: int, history: list[Turn] | None = No
 
 def interactive(model: VisionLanguageModel, images: list[Path]) -> None:
     """A small REPL: the images stay in the conversation, each line is a new question."""
+    for img in images:
+        load_image(Path(img))  # a missing image fails before the first question, not after it
     history: list[Turn] = []
     print("chiasm chat: empty line or Ctrl-D to quit")
     while True:
@@ -54,6 +56,11 @@ def interactive(model: VisionLanguageModel, images: list[Path]) -> None:
             break
         if not q:
             break
+        try:
+            check_question(q, len(images), history)
+        except ValueError as exc:  # the line, not the session, is wrong: say so and ask again
+            print(f"error: {exc}")
+            continue
         a = ask(model, q, images, history=history)
         if not history and images and IMAGE_PLACEHOLDER not in q:
             q = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [q])
