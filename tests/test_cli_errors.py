@@ -344,3 +344,16 @@ def test_interactive_chat_with_a_missing_image(saved_model: Path, tmp_path: Path
     monkeypatch.setattr("builtins.input", no_input)
     missing = tmp_path / "missing.png"
     _one_error_line(["chat", "--model", str(saved_model), "--image", str(missing)], capsys, missing)
+
+
+def test_truncated_feature_cache_shard_is_named(tiny_model: VisionLanguageModel, image: Path, tmp_path: Path) -> None:
+    from chiasm.errors import ModelFolderError
+    from chiasm.features import FeatureCache
+
+    FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
+    (shard,) = tmp_path.glob("features-*/shard-*.npy")
+    shard.write_bytes(shard.read_bytes()[:-64])
+    again = FeatureCache.build(tiny_model.encoder, [str(image)], cache_dir=tmp_path, show_progress=False)
+    with pytest.raises(ModelFolderError, match="unreadable feature cache shard") as info:
+        again.lookup([str(image)])
+    assert str(shard) in str(info.value) and f"delete {shard.parent} " in str(info.value)
