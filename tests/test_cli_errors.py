@@ -287,14 +287,19 @@ def test_a_bug_keeps_its_traceback(saved_model: Path, image: Path, monkeypatch: 
 
 def test_a_value_error_from_outside_chiasm_keeps_its_traceback(saved_model: Path, image: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
+    import fractions
 
     def broken(*args, **kwargs):
-        return torch.zeros(2, 3).view(4, 4)  # a shape bug: PyTorch raises, not chiasm
+        return fractions.Fraction("one half")  # a library's ValueError: chiasm passed it bad data, a bug
 
     monkeypatch.setattr("chiasm.chat.ask", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="Invalid literal for Fraction"):
         main(_chat(saved_model, image))
+
+
+def test_unknown_packaged_lm(tmp_path: Path, tiny_world: WorldFiles, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_error_line(["train", "--config", str(_train_config(tmp_path, "packaged:nope", tiny_world))], capsys)
+    assert line.startswith("chiasm: error: unknown packaged LM 'nope'; known: ")
 
 
 # ---- other saved files: a processor config, a checkpoint -------------------------------------
