@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from chiasm.data.sample import DataError
+from chiasm.errors import user_message
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -44,11 +45,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.config import EvalConfig
+    from chiasm.config_checks import check_values
     from chiasm.eval.evaluate import evaluate
     from chiasm.eval.table import print_summary
     from chiasm.model import VisionLanguageModel
 
     cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer)
+    check_values(cfg, "eval options")  # before the model loads
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
@@ -61,12 +64,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from chiasm.chat import ask, interactive
+    from chiasm.chat import ask, check_question, interactive
     from chiasm.model import VisionLanguageModel
 
+    if args.question is not None:
+        check_question(args.question, len(args.image))  # before the model loads
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     images = [Path(p) for p in args.image]
-    if args.question:
+    if args.question is not None:
         print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
     else:
         interactive(model, images)
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from chiasm.eval.scorers import SCORERS
 
     p = argparse.ArgumentParser(prog="chiasm", description="Build, train and evaluate vision-language models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="offline two-stage training of a real VLM on the CPU")
@@ -149,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"chiasm: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:  # a bug, not the user's mistake: its traceback is what a report needs
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"chiasm: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,7 @@ import torch
 
 from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
+from chiasm.data.sample import DataError
 from chiasm.eval import retention, vqa
 from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
@@ -115,6 +116,8 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
 
 def _eval_samples(cfg: EvalConfig) -> list:
     samples = load_llava(cfg.data, cfg.image_root).samples
+    if not samples:  # an accuracy over nothing would read as a result
+        raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
     return samples[: cfg.max_samples] if cfg.max_samples else samples
 
 
