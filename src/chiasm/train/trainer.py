@@ -32,6 +32,7 @@ from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
+from chiasm.train.resume_config import resume_run_config
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -152,7 +153,6 @@ class Trainer:
         self.skipped: dict[str, list[dict]] = {}  # per LM stage: the samples left out under on_error = "skip"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.json")
             (self.run_dir / "stages.json").write_text(json.dumps([s.name for s in cfg.stages]))
 
     @property
@@ -161,10 +161,13 @@ class Trainer:
 
     def run(self, *, resume: bool = False, stop_after_steps: int | None = None,
             on_stage_end: StageHook | None = None) -> VisionLanguageModel:
-        """Train every stage; ``resume`` continues from ``RUN/checkpoint`` if present."""
-        state = ckpt.read_state(self.checkpoint_dir) if resume else None
-        if resume and state is None:
-            log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
+        """Train every stage; ``resume`` continues from ``RUN/checkpoint`` if present.
+
+        The config must match the run folder's ``config.json`` where the weights so far depend
+        on it (:mod:`chiasm.train.resume_config`); a fresh start removes an earlier checkpoint,
+        which the new ``config.json`` no longer describes.
+        """
+        state = self._open_run_folder(resume)
         self._steps_left = stop_after_steps
         for i, stage in enumerate(self.cfg.stages):
             self.stage_counts[stage.name] = apply_stage_policies(
@@ -191,6 +194,21 @@ class Trainer:
         if self.dist.is_main:
             self._plot()
         return self.model
+
+    def _open_run_folder(self, resume: bool) -> ckpt.TrainState | None:
+        if self.dist.is_main and resume:
+            ckpt.recover(self.checkpoint_dir)  # a save cut short leaves its state beside the folder
+        barrier()
+        state = ckpt.read_state(self.checkpoint_dir) if resume else None
+        if resume and state is None:
+            log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
+        if state is not None:
+            resume_run_config(self.cfg, self.run_dir, state, self.dist.world, write=self.dist.is_main)
+        elif self.dist.is_main:
+            ckpt.remove_all(self.checkpoint_dir)
+            save_config(self.cfg, self.run_dir / "config.json")
+        barrier()
+        return state
 
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -255,6 +273,9 @@ class Trainer:
         optimizer = _optimizer(model, stage)
         if resume_from is not None:
             ckpt.load_optimizer_and_rng(resume_from, optimizer)
+        if start_step > plan.total:
+            raise ValueError(f"stage {stage.name!r}: the checkpoint is at step {start_step}, past this config's "
+                             f"{plan.total} steps; resume with at least as many")
         warmup = int(stage.warmup_ratio * plan.total)
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
@@ -325,7 +346,7 @@ class Trainer:
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
                 if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
                     self.skipped[stage.name] = loader.write_skipped()
-                self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done))
+                self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done, self.dist.world))
             if self._steps_left is not None:
                 self._steps_left -= 1
                 if self._steps_left <= 0 and not done:
@@ -377,6 +398,15 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:  # a line cut off by a kill mid-write
+            log.warning("%s: dropped a line that is not whole JSON (cut off by a kill?): %.80s", path, line)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= keep_upto:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")  # renamed over the file: a kill now loses no line
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    tmp.replace(path)
