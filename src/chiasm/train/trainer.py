@@ -24,7 +24,15 @@ from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
+from chiasm.train.dist import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    env_world_size,
+    init_distributed,
+    supervised_tokens,
+    token_weights,
+)
 from chiasm.train.features import FeatureCache
 from chiasm.train.grouping import stage_order
 from chiasm.train.loader import StageLoader
@@ -290,9 +298,13 @@ class Trainer:
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             loss_sum, n_tok, n_img, extra = 0.0, 0, 0, {}
+            # A step's micro-batches are read first: its loss is the mean over all their
+            # supervised tokens on all ranks (chiasm.train.dist.token_weights).
+            step_batches = [next(batches) for _ in range(stage.grad_accum)] if batches is not None else None
+            weights = token_weights([supervised_tokens(b) for b in step_batches]) if step_batches else None
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
-                batch = next(batches) if batches is not None else None
+                batch = step_batches[micro] if step_batches is not None else None
                 if batches is not None and batch is None:
                     continue  # every sample of this micro-batch was skipped (one process only)
                 sync = micro == stage.grad_accum - 1
@@ -309,6 +321,7 @@ class Trainer:
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
                                              pixels=batch.pixels, features=batch.features,
                                              position_ids=batch.position_ids).loss
+                            loss_t = loss_t * weights[micro]
                             total = loss_t
                             if replay is not None and sync:
                                 # The same rows on every rank, once per step: DDP's mean leaves
