@@ -137,37 +137,37 @@ def check_resume(saved: dict[str, Any], cfg: RunConfig, state: TrainState, world
     return changes
 
 
-def resume_run_config(cfg: RunConfig, run_dir: Path, state: TrainState, world: int, *, write: bool) -> list[Change]:
-    """Check ``cfg`` against ``run_dir/config.json`` at ``state``; record and log what changed.
+def resume_run_config(cfg: RunConfig, run_dir: Path, state: TrainState, world: int) -> list[Change]:
+    """Check ``cfg`` against ``run_dir/config.json`` at ``state``: the allowed changes, or the refusal.
 
-    ``write`` (the writing rank): ``config.json`` becomes ``cfg`` and the changes are appended
-    to ``config_history.jsonl``. A run folder without ``config.json`` (written by an older
-    version) cannot be compared: it is then written, with a warning.
+    Every rank calls this and reads the saved file before the writing rank records anything
+    (:func:`record_resume`). A run folder without ``config.json`` (written by an older
+    version) cannot be compared: a warning says so and the current config is recorded.
     """
-    run_dir = Path(run_dir)
-    saved_file = run_dir / "config.json"
+    saved_file = Path(run_dir) / "config.json"
     if not saved_file.is_file():
         log.warning("%s has no config.json to compare the resumed config with; writing the current one", run_dir)
-        if write:
-            save_config(cfg, saved_file)
         return []
     try:
         saved = json.loads(saved_file.read_text())
     except ValueError as exc:
         raise ConfigError(f"{saved_file}: unreadable ({exc}); restore it to resume this run") from None
-    changes = check_resume(saved, cfg, state, world, run_dir)
-    if not changes:
-        return []
-    stages = [s.name for s in cfg.stages]
-    where = f"stage {stages[state.stage_index]} step {state.step}" if state.stage_index < len(stages) else \
-        f"step {state.step}"
-    for c in changes:
-        log.warning("resume: %s %s -> %s from %s", c.key, _show(c.old), _show(c.new), where)
-    if write:
+    return check_resume(saved, cfg, state, world, Path(run_dir))
+
+
+def record_resume(cfg: RunConfig, run_dir: Path, state: TrainState, changes: list[Change]) -> None:
+    """Log the changes, append them to ``config_history.jsonl`` and make ``cfg`` the run's ``config.json``."""
+    run_dir = Path(run_dir)
+    if changes:
+        names = [s.name for s in cfg.stages]
+        where = f"stage {names[state.stage_index]} step {state.step}" if state.stage_index < len(names) else \
+            f"step {state.step}"
+        for c in changes:
+            log.warning("resume: %s %s -> %s from %s", c.key, _show(c.old), _show(c.new), where)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage_index": state.stage_index,
                  "step": state.step, "changes": [{"key": c.key, "old": None if c.old is _ABSENT else c.old,
                                                   "new": None if c.new is _ABSENT else c.new} for c in changes]}
         with (run_dir / HISTORY).open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        save_config(cfg, saved_file)
-    return changes
+    if changes or not (run_dir / "config.json").is_file():
+        save_config(cfg, run_dir / "config.json")

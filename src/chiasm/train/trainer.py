@@ -40,7 +40,7 @@ from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
-from chiasm.train.resume_config import resume_run_config
+from chiasm.train.resume_config import record_resume, resume_run_config
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -210,8 +210,10 @@ class Trainer:
         state = ckpt.read_state(self.checkpoint_dir) if resume else None
         if resume and state is None:
             log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
-        if state is not None:
-            resume_run_config(self.cfg, self.run_dir, state, self.dist.world, write=self.dist.is_main)
+        changes = resume_run_config(self.cfg, self.run_dir, state, self.dist.world) if state is not None else []
+        barrier()  # every rank has read the saved config before it is replaced
+        if self.dist.is_main and state is not None:
+            record_resume(self.cfg, self.run_dir, state, changes)
         elif self.dist.is_main:
             ckpt.remove_all(self.checkpoint_dir)
             save_config(self.cfg, self.run_dir / "config.json")
