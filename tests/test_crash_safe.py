@@ -6,6 +6,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,33 @@ def test_a_full_disk_is_one_error_naming_the_path_and_keeps_the_last_checkpoint(
     assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoint"]
     assert ckpt.read_state(folder).step == 1
     assert torch.equal(load_file(str(folder / "model.safetensors"))["w"], torch.full((3, 2), 1.0))
+
+
+def test_a_real_write_error_from_safetensors_is_one_error_naming_the_file(tmp_path) -> None:
+    """A file size limit makes the OS refuse the write as a full disk does (safetensors reports it as text)."""
+    script = f"""
+import resource, signal, sys
+import torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_crash_safe import _save
+from pathlib import Path
+from chiasm.train import checkpoint as ckpt
+folder = Path({str(tmp_path)!r}) / "checkpoint"
+_save(folder, 1.0, 1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    _save(folder, 2.0, 2)
+except ckpt.CheckpointWriteError as exc:
+    print(exc)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = tmp_path / "checkpoint.tmp" / "model.safetensors"
+    assert proc.stdout.strip() == (f"cannot write the checkpoint at {model}: File too large; the last good "
+                                   f"checkpoint in {tmp_path / 'checkpoint'} is kept")
+    assert ckpt.read_state(tmp_path / "checkpoint").step == 1 and not model.parent.exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -107,8 +108,8 @@ def restore_cuda_rng(rng: dict[str, torch.Tensor], writer_device: int | None) ->
 
 
 FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
-# A full disk, a folder this user may not write, a read-only file system, a spent quota.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+# A full disk, a folder this user may not write, a read-only file system, a spent quota, a file size limit.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 
 
 class CheckpointWriteError(ModelFolderError):
@@ -144,7 +145,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:  # its I/O errors carry the OS error only in the text: "(os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
     _fsync(path)
 
 
