@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from chiasm.config import PolicyConfig, RunConfig, StageConfig
 from chiasm.report.plots import read_metrics
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.trainer import Trainer, _trim_metrics
+from chiasm.train.trainer import Interrupted, Trainer, _trim_metrics
 
 
 class Killed(BaseException):
@@ -204,3 +204,25 @@ def test_training_resumes_after_a_kill_between_the_renames(tiny_model_config, ti
         assert torch.equal(a, b), k
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "stages" / "align" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
+
+
+def test_resume_after_a_finished_stage_draws_the_next_stages_lora_as_the_uninterrupted_run(
+        tiny_model_config, tiny_world, tmp_path) -> None:
+    """Killed after stage 1's last checkpoint, before stage 2's first: LoRA starts from the saved RNG."""
+    def config(out: Path) -> RunConfig:
+        kw = {"encoder": PolicyConfig(mode="frozen"), "lr": 1e-2, "batch_size": 4, "max_steps": 2}
+        return RunConfig(model=tiny_model_config, output_dir=str(out), seed=3, precision="fp32", stages=[
+            StageConfig(name="align", data=str(tiny_world.align), checkpoint_every=1, **kw),
+            StageConfig(name="instruct", data=str(tiny_world.instruct), checkpoint_every=0,
+                        lm=PolicyConfig(mode="lora", lora_r=4, lora_alpha=8), **kw)])
+
+    straight = Trainer(config(tmp_path / "a"), show_progress=False).run()
+    with pytest.raises(Interrupted):
+        Trainer(config(tmp_path / "b"), show_progress=False).run(stop_after_steps=3)
+    state = ckpt.read_state(tmp_path / "b" / "checkpoint")
+    assert (state.stage_index, state.step, state.stage_done) == (0, 2, True)
+    resumed = Trainer(config(tmp_path / "b"), show_progress=False).run(resume=True)
+    a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
+    assert a.keys() == b.keys() and any("lora_" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -309,6 +309,12 @@ def load_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) -> No
     optimizer.load_state_dict(sd)
     for group, values in zip(optimizer.param_groups, current, strict=True):
         group.update(values)
+    load_rng(folder)
+
+
+def load_rng(folder: Path) -> None:
+    """Put back the CPU, CUDA and python RNG states the checkpoint was taken with."""
+    folder = Path(folder)
     rng = _read_tensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     meta = _read_json(folder / "state.json")

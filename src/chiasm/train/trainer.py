@@ -184,6 +184,7 @@ class Trainer:
             if state is not None and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
                 if i == state.stage_index:
                     self.trained = ckpt.load_model_state(self.checkpoint_dir, self.model)
+                    ckpt.load_rng(self.checkpoint_dir)  # the next stage's new weights (LoRA) draw from it
                     log.info("resumed after completed stage %s", stage.name)
                 continue
             start = 0
