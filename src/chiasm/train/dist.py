@@ -106,7 +106,6 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-
 def supervised_tokens(batch: object | None) -> int:
     """The tokens a batch's loss averages over: labelled next-token targets (none for a skipped batch)."""
     if batch is None:

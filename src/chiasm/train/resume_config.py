@@ -171,3 +171,9 @@ def record_resume(cfg: RunConfig, run_dir: Path, state: TrainState, changes: lis
             f.write(json.dumps(entry) + "\n")
     if changes or not (run_dir / "config.json").is_file():
         save_config(cfg, run_dir / "config.json")
+
+
+def record_fresh_start(cfg: RunConfig, run_dir: Path) -> None:
+    """A run that starts over: ``cfg`` is its ``config.json``, and an earlier run's history goes."""
+    (Path(run_dir) / HISTORY).unlink(missing_ok=True)
+    save_config(cfg, Path(run_dir) / "config.json")

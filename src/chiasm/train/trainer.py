@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from chiasm.config import RunConfig, StageConfig, save_config
+from chiasm.config import RunConfig, StageConfig
 from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
@@ -40,7 +40,7 @@ from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
-from chiasm.train.resume_config import record_resume, resume_run_config
+from chiasm.train.resume_config import record_fresh_start, record_resume, resume_run_config
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -217,7 +217,7 @@ class Trainer:
             record_resume(self.cfg, self.run_dir, state, changes)
         elif self.dist.is_main:
             ckpt.remove_all(self.checkpoint_dir)
-            save_config(self.cfg, self.run_dir / "config.json")
+            record_fresh_start(self.cfg, self.run_dir)
         barrier()
         return state
 
