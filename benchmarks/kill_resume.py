@@ -162,7 +162,7 @@ def run_trials(root: Path, trials: int, kills: int, seed: int = 0, save_delay: f
         # Up to 90% of the uninterrupted run's time: a kill after the end would test nothing.
         events = killed_run(config, kills, (first, first + 0.9 * (total - first)), rng, save_delay)
         same, differ = same_weights(root / "reference" / "model", config.with_suffix("") / "model")
-        inside = sum(1 for e in events if set(e["left"]) != {"checkpoint"})
+        inside = sum(1 for e in events if {"checkpoint.tmp", "checkpoint.old"} & set(e["left"]))
         results.append({"trial": t, "kills": events, "same_final_weights": same, "differing": differ[:5],
                         "kills_inside_a_save": inside})
         print(f"trial {t}: {len(events)} kill(s), {inside} inside a save, "
