@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chiasm.config import BridgeConfig, PolicyConfig, RunConfig, StageConfig, to_dict
+from chiasm.config import BridgeConfig, PolicyConfig, RunConfig, StageConfig, save_config, to_dict
 from chiasm.report.plots import read_metrics
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.resume_config import HISTORY, Change, ResumeConfigError, check_resume, diff
@@ -139,3 +139,21 @@ def test_a_refused_resume_trains_nothing_and_keeps_the_run_folder(tiny_model_con
     assert lines[1:3] == ['  model.bridge.name: "mlp" -> "linear" (the weights so far depend on it)',
                           '  stages[0].bridge.mode: "full" -> "lora" (the weights so far depend on it)']
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_command_refuses_a_changed_resume_with_exit_2_and_the_diff(tiny_model_config, tiny_world, tmp_path,
+                                                                        capsys) -> None:
+    from chiasm.cli import main
+
+    run = tmp_path / "run"
+    cfg = _config(tiny_model_config, tiny_world, run)
+    cfg.stages = cfg.stages[:1]
+    with pytest.raises(Interrupted):
+        Trainer(cfg, show_progress=False).run(stop_after_steps=1)
+    cfg.seed = 9
+    save_config(cfg, tmp_path / "changed.json")
+    assert main(["train", "--config", str(tmp_path / "changed.json"), "--resume", "--no-eval"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    first = next(i for i, line in enumerate(err) if line.startswith("chiasm: error: "))
+    assert err[first].startswith(f"chiasm: error: {run}: cannot resume with this config")
+    assert err[first + 1] == "  seed: 3 -> 9 (the weights so far depend on it)"
