@@ -3,10 +3,11 @@
 Builds a tiny two-stage run (tiny ViT -> MLP bridge -> tiny Llama, the tiny synthetic world;
 align trains the bridge, instruct adds LoRA; a checkpoint after every step), trains it once
 uninterrupted, then runs ``--trials`` times: start ``chiasm train --config`` in a subprocess,
-SIGKILL it ``--kills`` times at instants drawn uniformly between the uninterrupted run's
-first logged step and 90% of its time (resuming with ``--resume`` after each kill), let the last
-``--resume`` finish, and compare every tensor of ``RUN/model/`` (bridge, encoder, LM
-adapter) with the uninterrupted run's: bit-identical is expected on a CPU with one thread.
+SIGKILL it ``--kills`` times at random instants of its training (after a random number of
+logged steps, plus a random fraction of one step's time measured on the uninterrupted run),
+resuming with ``--resume`` after each kill, let the last ``--resume`` finish, and compare
+every tensor of ``RUN/model/`` (bridge, encoder, LM adapter) with the uninterrupted run's:
+bit-identical is expected on a CPU with one thread.
 ``CHIASM_CHECKPOINT_STEP_DELAY`` makes each step of a checkpoint save take ``--save-delay``
 seconds, so many kills land inside a save; what each kill left behind (``checkpoint``,
 ``checkpoint.tmp``, ``checkpoint.old``) is recorded. Prints a summary and writes JSON.
@@ -17,6 +18,7 @@ seconds, so many kills land inside a save; what each kill left behind (``checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -109,25 +111,56 @@ def _left_behind(run: Path) -> dict[str, int | None]:
     return found
 
 
-def killed_run(config: Path, kills: int, window: tuple[float, float], rng: random.Random,
+def _steps_logged(run: Path) -> int:
+    """Optimizer steps the run has logged so far, over all stages."""
+    total = 0
+    for path in run.glob("stages/*/metrics.jsonl"):
+        with contextlib.suppress(OSError):
+            total += path.read_bytes().count(b"\n")
+    return total
+
+
+def _kill_when(proc: subprocess.Popen, run: Path, after_steps: int, extra_s: float) -> float | None:
+    """SIGKILL ``proc`` ``extra_s`` seconds after the run has logged ``after_steps`` steps.
+
+    Returns the seconds since launch at which it was killed, or None if it ended first.
+    """
+    t0 = time.perf_counter()
+    while _steps_logged(run) < after_steps:
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.01)
+    try:
+        proc.wait(timeout=extra_s)
+        return None
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return time.perf_counter() - t0
+
+
+def killed_run(config: Path, kills: int, total_steps: int, step_s: float, rng: random.Random,
                save_delay: float) -> list[dict]:
-    """Start the run, SIGKILL it ``kills`` times at random instants, resume until it finishes."""
+    """Start the run, SIGKILL it ``kills`` times at random instants, resume until it finishes.
+
+    Each instant is a random point of the training, not of the process start-up: after a
+    random number of logged steps, a random fraction of one step's time (a step with its
+    checkpoint save) later.
+    """
     run = config.with_suffix("")
     events, resume = [], False
     for _ in range(kills):
-        at = rng.uniform(*window)
+        after = rng.randrange(_steps_logged(run), total_steps)
+        extra = rng.uniform(0, step_s)
         proc = subprocess.Popen(_command(config, resume), env=_env(save_delay), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=at)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            events.append({"killed_after_s": round(at, 3), "left": _left_behind(run)})
-        else:
+        at = _kill_when(proc, run, after, extra)
+        if at is None:
             if proc.returncode:
                 raise RuntimeError(f"{run}: a run failed with exit code {proc.returncode}")
             return events  # it finished before this instant
+        events.append({"after_steps": after, "extra_s": round(extra, 3), "killed_after_s": round(at, 3),
+                       "left": _left_behind(run)})
         resume = True
     proc = subprocess.run(_command(config, True), env=_env(save_delay), capture_output=True, text=True)
     if proc.returncode:
@@ -159,8 +192,7 @@ def run_trials(root: Path, trials: int, kills: int, seed: int = 0, save_delay: f
     results = []
     for t in range(trials):
         config = write_config(root, f"trial{t:02d}", steps)
-        # Up to 90% of the uninterrupted run's time: a kill after the end would test nothing.
-        events = killed_run(config, kills, (first, first + 0.9 * (total - first)), rng, save_delay)
+        events = killed_run(config, kills, 2 * steps, (total - first) / (2 * steps), rng, save_delay)
         same, differ = same_weights(root / "reference" / "model", config.with_suffix("") / "model")
         inside = sum(1 for e in events if {"checkpoint.tmp", "checkpoint.old"} & set(e["left"]))
         results.append({"trial": t, "kills": events, "same_final_weights": same, "differing": differ[:5],
