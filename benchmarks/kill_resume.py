@@ -150,7 +150,8 @@ def killed_run(config: Path, kills: int, total_steps: int, step_s: float, rng: r
     run = config.with_suffix("")
     events, resume = [], False
     for _ in range(kills):
-        after = rng.randrange(_steps_logged(run), total_steps)
+        # A killed run may have logged a step past its last checkpoint: the resumed one logs it again.
+        after = rng.randrange(min(_steps_logged(run), total_steps - 1), total_steps)
         extra = rng.uniform(0, step_s)
         proc = subprocess.Popen(_command(config, resume), env=_env(save_delay), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)

@@ -206,9 +206,14 @@ def test_training_resumes_after_a_kill_between_the_renames(tiny_model_config, ti
     assert steps == [1, 2, 3, 4]
 
 
-def test_resume_after_a_finished_stage_draws_the_next_stages_lora_as_the_uninterrupted_run(
-        tiny_model_config, tiny_world, tmp_path) -> None:
-    """Killed after stage 1's last checkpoint, before stage 2's first: LoRA starts from the saved RNG."""
+@pytest.mark.parametrize("stop,expected", [(1, (0, 1, False)), (3, (0, 2, True))])
+def test_resume_in_or_after_a_stage_draws_the_next_stages_lora_as_the_uninterrupted_run(
+        tiny_model_config, tiny_world, tmp_path, stop: int, expected: tuple) -> None:
+    """Killed in stage 1 or after its last checkpoint: stage 2's LoRA starts from the same RNG state.
+
+    Nothing between the restored RNG and stage 2 may draw from it differently than in one go
+    (the data loader's iterator, made at the first batch, has its own generator).
+    """
     def config(out: Path) -> RunConfig:
         kw = {"encoder": PolicyConfig(mode="frozen"), "lr": 1e-2, "batch_size": 4, "max_steps": 2}
         return RunConfig(model=tiny_model_config, output_dir=str(out), seed=3, precision="fp32", stages=[
@@ -218,9 +223,9 @@ def test_resume_after_a_finished_stage_draws_the_next_stages_lora_as_the_uninter
 
     straight = Trainer(config(tmp_path / "a"), show_progress=False).run()
     with pytest.raises(Interrupted):
-        Trainer(config(tmp_path / "b"), show_progress=False).run(stop_after_steps=3)
+        Trainer(config(tmp_path / "b"), show_progress=False).run(stop_after_steps=stop)
     state = ckpt.read_state(tmp_path / "b" / "checkpoint")
-    assert (state.stage_index, state.step, state.stage_done) == (0, 2, True)
+    assert (state.stage_index, state.step, state.stage_done) == expected
     resumed = Trainer(config(tmp_path / "b"), show_progress=False).run(resume=True)
     a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
     assert a.keys() == b.keys() and any("lora_" in k for k in a)

@@ -15,7 +15,7 @@ from benchmarks import kill_resume  # noqa: E402
 
 
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
-    summary = kill_resume.run_trials(tmp_path, trials=1, kills=4, seed=1, save_delay=0.05, steps=4)
+    summary = kill_resume.run_trials(tmp_path, trials=1, kills=4, seed=1, save_delay=0.05, steps=3)
     (trial,) = summary["results"]
     assert trial["kills"], "no kill landed before the run finished"
     assert (tmp_path / "trial00" / "model" / "bridge.safetensors").is_file()
