@@ -14,6 +14,7 @@ from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
 from chiasm.eval import retention, vqa
+from chiasm.eval.scorers import truth_of
 from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
 from chiasm.model import VisionLanguageModel
@@ -118,7 +119,10 @@ def _eval_samples(cfg: EvalConfig) -> list:
     samples = load_llava(cfg.data, cfg.image_root).samples
     if not samples:  # an accuracy over nothing would read as a result
         raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
-    return samples[: cfg.max_samples] if cfg.max_samples else samples
+    samples = samples[: cfg.max_samples] if cfg.max_samples else samples
+    for s in samples:  # a reference answer that cannot be scored fails before any answer is generated
+        truth_of(s)
+    return samples
 
 
 def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:

@@ -22,9 +22,17 @@ from chiasm.registry import Registry
 
 
 def truth_of(sample: Sample) -> str:
-    """The reference answer: ``meta['answer']`` or else the last assistant turn."""
+    """The reference answer: ``meta['answer']`` or else the last assistant turn.
+
+    A number is its text ("how many" answers); a list, object, boolean or null is refused: its
+    Python spelling ("[1, 2]", "True") would be scored as if it were the answer.
+    """
     if "answer" in sample.meta:
-        return str(sample.meta["answer"])
+        answer = sample.meta["answer"]
+        if isinstance(answer, str) or (isinstance(answer, (int, float)) and not isinstance(answer, bool)):
+            return str(answer)
+        raise DataError(f"'answer' must be text or a number, got {answer!r}", source=sample.source,
+                        sample_id=sample.id)
     return next(t.text for t in reversed(sample.conversations) if t.role == "gpt")
 
 
