@@ -22,11 +22,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from chiasm.config import load_config
+    from chiasm.input_checks import check_run_inputs
     from chiasm.train.trainer import Trainer
 
     cfg = load_config(args.config)
     if args.out:
         cfg.output_dir = args.out
+    check_run_inputs(cfg, args.config, with_eval=bool(cfg.eval.data) and not args.no_eval)  # before any model
     trainer = Trainer(cfg)
     model = trainer.run(resume=args.resume)
     if trainer.dist.is_main:

@@ -1,0 +1,60 @@
+"""The files a run reads, checked before its model is built.
+
+A data file that is missing, or a broken record in the data of a run's last stage, would
+otherwise surface only when that stage starts: after the model was loaded and every earlier
+stage trained. Reading each data file once more up front costs a parse and a file-existence
+check per image, small next to what a late failure loses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chiasm.config import RunConfig
+from chiasm.config_checks import raise_problems
+from chiasm.data.llava import load_llava
+from chiasm.data.sample import DataError
+
+
+def _path_problems(where: str, path: str | None, *, folder: bool = False) -> list[str]:
+    if path is None or not path.strip():
+        return []
+    p = Path(path)
+    if not p.exists():
+        return [f"{where}: {'folder' if folder else 'file'} not found: {p}"]
+    if folder and not p.is_dir():
+        return [f"{where}: {p} is a file, not a folder"]
+    if not folder and not p.is_file():
+        return [f"{where}: {p} is a folder, not a data file"]
+    return []
+
+
+def check_run_inputs(cfg: RunConfig, what: str, *, with_eval: bool) -> None:
+    """Raise a ConfigError naming every missing data file or image root, then read every data file.
+
+    A file's first bad record raises its :class:`DataError` (file, sample, line); under a stage's
+    ``on_error = "skip"`` bad records are left to the stage, but a file with no usable record at
+    all is an error here. ``with_eval``: the eval set is read too (a run that evaluates at its end).
+    """
+    problems = []
+    for i, stage in enumerate(cfg.stages):
+        problems += _path_problems(f"stages[{i}].data", stage.data)
+        problems += _path_problems(f"stages[{i}].image_root", stage.image_root, folder=True)
+    if with_eval:
+        problems += _path_problems("eval.data", cfg.eval.data)
+        problems += _path_problems("eval.image_root", cfg.eval.image_root, folder=True)
+    raise_problems(problems, what)
+    reads = [(stage.data, stage.image_root, stage.on_error) for stage in cfg.stages]
+    if with_eval and cfg.eval.data:
+        reads.append((cfg.eval.data, cfg.eval.image_root, "raise"))
+    done = set()
+    for data, root, on_error in reads:
+        if (data, root, on_error) in done:
+            continue
+        done.add((data, root, on_error))
+        result = load_llava(data, root, on_error=on_error)
+        if not result.samples and result.skipped:
+            raise DataError(f"every record is invalid ({len(result.skipped)} skipped under on_error = 'skip'); "
+                            f"the first: {result.skipped[0][1]}", source=data)
+        if not result.samples:
+            raise DataError("the data file holds no records", source=data)
