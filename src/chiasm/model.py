@@ -27,6 +27,7 @@ from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.errors import ModelFolderError
 from chiasm.layout import token_order
 from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
+from chiasm.model_folder_checks import check_saved_config
 from chiasm.processor import PROCESSOR_FILE, Processor, load_tokenizer
 from chiasm.tokens import add_image_token, image_token_count
 
@@ -253,10 +254,7 @@ class VisionLanguageModel(nn.Module):
             config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
         except ValueError as exc:  # not JSON, or not a model config (ConfigError)
             raise ModelFolderError(f"{folder / CONFIG_FILE}: not a valid model config: {exc}") from exc
-        from chiasm.config_checks import value_problems  # it imports modules that import this one
-
-        if problems := value_problems(config):  # an edited file: caught before any weight loads
-            raise ModelFolderError(f"{folder / CONFIG_FILE}: {'; '.join(problems)}")
+        check_saved_config(config, folder / CONFIG_FILE)
         if dtype is not None:
             config = replace(config, dtype=dtype_name(torch_dtype(dtype)))
         if attn_implementation is not None:
