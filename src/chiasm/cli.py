@@ -50,10 +50,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.config_checks import check_values
     from chiasm.eval.evaluate import evaluate
     from chiasm.eval.table import print_summary
+    from chiasm.input_checks import check_eval_inputs
     from chiasm.model import VisionLanguageModel
 
     cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer)
     check_values(cfg, "eval options")  # before the model loads
+    check_eval_inputs(cfg)
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
@@ -69,6 +71,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from chiasm.chat import ask, check_question, interactive
     from chiasm.model import VisionLanguageModel
 
+    if args.max_new_tokens < 1:  # generate() would refuse it only after the model loaded, with a traceback
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if args.question is not None:
         check_question(args.question, len(args.image))  # before the model loads
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)

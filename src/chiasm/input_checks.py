@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chiasm.config import RunConfig
+from chiasm.config import EvalConfig, RunConfig
 from chiasm.config_checks import raise_problems
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
@@ -58,3 +58,13 @@ def check_run_inputs(cfg: RunConfig, what: str, *, with_eval: bool) -> None:
                             f"the first: {result.skipped[0][1]}", source=data)
         if not result.samples:
             raise DataError("the data file holds no records", source=data)
+
+
+def check_eval_inputs(cfg: EvalConfig) -> None:
+    """``chiasm eval``'s data file and image root checked, and the file read, before the model loads."""
+    from chiasm.eval.evaluate import eval_samples  # it imports the model
+
+    raise_problems(_path_problems("--data", cfg.data) + _path_problems("--image-root", cfg.image_root, folder=True),
+                   "eval options")
+    if cfg.data:
+        eval_samples(cfg)

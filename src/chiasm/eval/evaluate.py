@@ -81,7 +81,7 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     results: dict = {"model": type(model.bridge).__name__}
     if cfg.data:
         t0 = time.perf_counter()
-        samples = _eval_samples(cfg)
+        samples = eval_samples(cfg)
         work = Path(out_dir or Path(cfg.data).parent) / "cache"
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
@@ -115,7 +115,8 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     return results
 
 
-def _eval_samples(cfg: EvalConfig) -> list:
+def eval_samples(cfg: EvalConfig) -> list:
+    """The eval set's samples (at most max_samples), each with a reference answer that can be scored."""
     samples = load_llava(cfg.data, cfg.image_root).samples
     if not samples:  # an accuracy over nothing would read as a result
         raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
@@ -131,7 +132,7 @@ def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:
     For asking the same images again in other words, where the controls of :func:`evaluate`
     would only repeat what the first wording measured.
     """
-    samples = _eval_samples(cfg)
+    samples = eval_samples(cfg)
     with torch.no_grad():
         feats = FeatureCache.build(model.encoder, [str(p) for s in samples for p in s.images], cache_dir=None,
                                    show_progress=False, preprocess=model.processor.image)
