@@ -69,14 +69,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from chiasm.chat import ask, check_question, interactive
+    from chiasm.data.images import load_image
     from chiasm.model import VisionLanguageModel
 
     if args.max_new_tokens < 1:  # generate() would refuse it only after the model loaded, with a traceback
         raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if args.question is not None:
         check_question(args.question, len(args.image))  # before the model loads
-    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     images = [Path(p) for p in args.image]
+    for image in images:  # a missing or broken image costs no model loading
+        load_image(image)
+    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     if args.question is not None:
         print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
     else:
