@@ -29,6 +29,17 @@ def _path_problems(where: str, path: str | None, *, folder: bool = False) -> lis
     return []
 
 
+def _output_problems(output_dir: str) -> list[str]:
+    """The run folder must be a folder or creatable as one: a file in its place fails after the model is built."""
+    out = Path(output_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                return [f"output_dir: {out} cannot be a folder: {p} is a file"]
+            return []
+    return []
+
+
 def check_run_inputs(cfg: RunConfig, what: str, *, with_eval: bool) -> None:
     """Raise a ConfigError naming every missing data file or image root, then read every data file.
 
@@ -40,6 +51,7 @@ def check_run_inputs(cfg: RunConfig, what: str, *, with_eval: bool) -> None:
     for i, stage in enumerate(cfg.stages):
         problems += _path_problems(f"stages[{i}].data", stage.data)
         problems += _path_problems(f"stages[{i}].image_root", stage.image_root, folder=True)
+    problems += _output_problems(cfg.output_dir)
     if with_eval:
         problems += _path_problems("eval.data", cfg.eval.data)
         problems += _path_problems("eval.image_root", cfg.eval.image_root, folder=True)
