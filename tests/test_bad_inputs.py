@@ -58,7 +58,8 @@ def _error_lines(err: str) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name: str, tmp_path: Path, tiny_lm_dir: Path, saved_model: Path, good_image: Path,
-                   capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+                   capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
     if name in PENDING_ON_IMAGES_BRANCH and not images_branch_merged():
         pytest.skip("delivered by the image-decoding rework on branch 'images' (not merged into main yet)")
     c: Case = CASES[name]
@@ -66,6 +67,12 @@ def test_bad_input(name: str, tmp_path: Path, tiny_lm_dir: Path, saved_model: Pa
     env.root.mkdir()
     expect = c.make(env)
     assert expect.argv[0] == c.command
+    if expect.before_model:
+        def no_model(*args: object, **kwargs: object) -> None:
+            pytest.fail("a model was built or loaded before the error was found")
+
+        monkeypatch.setattr(VisionLanguageModel, "build", classmethod(no_model))
+        monkeypatch.setattr(VisionLanguageModel, "load", classmethod(no_model))
     with caplog.at_level(logging.WARNING):
         rc = main(expect.argv)  # a traceback would propagate out of main and fail the test here
     out, err = capsys.readouterr()

@@ -59,11 +59,13 @@ def _train_err(env: Env, data: Path, *named: str, sample: str | None = BAD, befo
                **kw) -> Expect:
     """A training run refused for ``data``; ``before_model``: found by reading the file, before any model."""
     absent = (*env.train_leftovers(), *((env.run_dir,) if before_model else ()))
-    return Expect(env.train(data, **kw), named=(str(data), *named), sample=sample, absent=absent)
+    return Expect(env.train(data, **kw), named=(str(data), *named), sample=sample, absent=absent,
+                  before_model=before_model)
 
 
-def _eval_err(env: Env, data: Path, *named: str, sample: str | None = BAD) -> Expect:
-    return Expect(env.eval(data), named=(str(data), *named), sample=sample, absent=env.eval_leftovers())
+def _eval_err(env: Env, data: Path, *named: str, sample: str | None = BAD, before_model: bool = True) -> Expect:
+    return Expect(env.eval(data), named=(str(data), *named), sample=sample, absent=env.eval_leftovers(),
+                  before_model=before_model)
 
 
 # ==== data files ================================================================================
@@ -469,7 +471,7 @@ def data_all_records_bad_skipped(env: Env) -> Expect:
     """Skipping every record leaves nothing to train on: an error naming the file, not a silent no-op."""
     bad = [record(f"b{i}", image=3) for i in range(3)]
     path = env.write_json(bad)
-    return Expect(env.train(path, skip=True), named=(str(path),), absent=env.train_leftovers())
+    return Expect(env.train(path, skip=True), named=(str(path),), absent=env.train_leftovers(), before_model=True)
 
 
 # ==== images ===================================================================================
@@ -585,7 +587,7 @@ def image_decompression_bomb(env: Env) -> Expect:
 @case("image", "chat")
 def chat_image_decompression_bomb(env: Env) -> Expect:
     path = env.write_bytes(_bomb_png(60000, 60000), "bomb.png")
-    return Expect(env.chat(images=(path,)), named=(str(path),))
+    return Expect(env.chat(images=(path,)), named=(str(path),), before_model=True)
 
 
 @case("image", "chat")
@@ -625,25 +627,25 @@ def image_palette_with_transparency_decodes(env: Env) -> Expect:
 @case("image", "chat")
 def chat_image_not_an_image(env: Env) -> Expect:
     path = env.write_bytes(b"%PDF-1.4 not an image", "doc.png")
-    return Expect(env.chat(images=(path,)), named=(str(path),))
+    return Expect(env.chat(images=(path,)), named=(str(path),), before_model=True)
 
 
 @case("image", "chat")
 def chat_image_missing(env: Env) -> Expect:
     path = env.root / "nope.png"
-    return Expect(env.chat(images=(path,)), named=(str(path), "not found"))
+    return Expect(env.chat(images=(path,)), named=(str(path), "not found"), before_model=True)
 
 
 @case("image", "chat")
 def chat_image_is_folder(env: Env) -> Expect:
-    return Expect(env.chat(images=(env.root,)), named=(str(env.root),))
+    return Expect(env.chat(images=(env.root,)), named=(str(env.root),), before_model=True)
 
 
 @case("image", "chat")
 def chat_image_truncated_jpeg(env: Env) -> Expect:
     data = _jpeg(Image.effect_noise((64, 64), 40).convert("RGB"))
     path = env.write_bytes(data[: len(data) // 3], "cut.jpg")
-    return Expect(env.chat(images=(path,)), named=(str(path),))
+    return Expect(env.chat(images=(path,)), named=(str(path),), before_model=True)
 
 
 @case("image", "eval")
@@ -656,27 +658,28 @@ def eval_image_missing(env: Env) -> Expect:
 def eval_image_root_missing(env: Env) -> Expect:
     missing = env.root / "no-images"
     argv = [*env.eval(_with_bad(env, record(BAD))), "--image-root", str(missing)]
-    return Expect(argv, named=(str(missing), "--image-root"), absent=env.eval_leftovers())
+    return Expect(argv, named=(str(missing), "--image-root"), absent=env.eval_leftovers(), before_model=True)
 
 
 @case("image", "eval")
 def eval_image_truncated(env: Env) -> Expect:
     data = _png(Image.effect_noise((64, 64), 40).convert("RGB"))
     env.write_bytes(data[: len(data) // 2], "cut.png")
-    return _eval_err(env, _with_bad(env, record(BAD, image="cut.png")), str(env.data_dir() / "cut.png"))
+    return _eval_err(env, _with_bad(env, record(BAD, image="cut.png")), str(env.data_dir() / "cut.png"),
+                     before_model=False)  # decoded when evaluating
 
 
 # ==== configs ==================================================================================
 def _config_err(env: Env, *named: str, stage: str = "", model: str = "", top: str = "", lm: str | None = None,
                 text: str | None = None, data: Path | None = None, name_config: bool = True,
-                no_eval: bool = True) -> Expect:
+                no_eval: bool = True, before_model: bool = True) -> Expect:
     data = data if data is not None else env.write_json(good_records())
     argv = env.train(data, stage=stage, model=model, top=top, lm=lm, no_eval=no_eval)
     path = Path(argv[2])
     if text is not None:
         path.write_text(text)
     return Expect(argv, named=(str(path), *named) if name_config else named,
-                  absent=(*env.train_leftovers(), env.run_dir / "config.json"))
+                  absent=(*env.train_leftovers(), env.run_dir / "config.json"), before_model=before_model)
 
 
 @case("config", "train")
@@ -787,7 +790,7 @@ def config_bad_json(env: Env) -> Expect:
     path = env.root / "run.json"
     path.write_text("{")
     return Expect(["train", "--config", str(path)], named=(str(path), "not valid JSON"),
-                  absent=env.train_leftovers())
+                  absent=env.train_leftovers(), before_model=True)
 
 
 @case("config", "train")
@@ -829,7 +832,8 @@ def config_unknown_policy_mode(env: Env) -> Expect:
 @case("config", "train")
 def config_missing_lm_folder(env: Env) -> Expect:
     missing = env.root / "no-such-lm"
-    return _config_err(env, str(missing), "folder not found", lm=str(missing), name_config=False)
+    return _config_err(env, str(missing), "folder not found", lm=str(missing), name_config=False,
+                       before_model=False)  # found by the LM loader
 
 
 @case("config", "train")
@@ -872,19 +876,20 @@ def config_duplicate_stage_names(env: Env) -> Expect:
 @case("config", "train")
 def config_missing_file(env: Env) -> Expect:
     path = env.root / "nope.toml"
-    return Expect(["train", "--config", str(path)], named=(str(path), "not found"), absent=env.train_leftovers())
+    return Expect(["train", "--config", str(path)], named=(str(path), "not found"), absent=env.train_leftovers(),
+                  before_model=True)
 
 
 @case("config", "eval")
 def eval_unknown_scorer_option(env: Env) -> Expect:
     return Expect(env.eval(env.write_json(good_records()), extra=("--scorer", "exactt")), named=("exactt",),
-                  absent=env.eval_leftovers())
+                  absent=env.eval_leftovers(), before_model=True)
 
 
 @case("config", "eval")
 def eval_max_samples_negative(env: Env) -> Expect:
     return Expect(env.eval(env.write_json(good_records()), extra=("--max-samples", "-3")), named=("max_samples",),
-                  absent=env.eval_leftovers())
+                  absent=env.eval_leftovers(), before_model=True)
 
 
 # ==== model folders (chat and eval) ===========================================================
@@ -992,23 +997,23 @@ def model_lm_tokenizer_missing(env: Env) -> Expect:
 
 @case("model", "chat")
 def chat_empty_question(env: Env) -> Expect:
-    return Expect(env.chat(question=""), named=("the question is empty",))
+    return Expect(env.chat(question=""), named=("the question is empty",), before_model=True)
 
 
 @case("model", "chat")
 def chat_blank_question(env: Env) -> Expect:
-    return Expect(env.chat(question=" \n\t"), named=("the question is empty",))
+    return Expect(env.chat(question=" \n\t"), named=("the question is empty",), before_model=True)
 
 
 @case("model", "chat")
 def chat_placeholder_without_image(env: Env) -> Expect:
     return Expect(env.chat(question="<image> What is this?", images=()), named=("1 <image> placeholder(s)",
-                                                                                  "0 image(s)"))
+                                                                                  "0 image(s)"), before_model=True)
 
 
 @case("model", "chat")
 def chat_two_placeholders_one_image(env: Env) -> Expect:
-    return Expect(env.chat(question="<image><image> Which?"), named=("2 <image> placeholder(s)",))
+    return Expect(env.chat(question="<image><image> Which?"), named=("2 <image> placeholder(s)",), before_model=True)
 
 
 @case("model", "chat")
@@ -1021,14 +1026,14 @@ def chat_question_too_long(env: Env) -> Expect:
 def chat_max_new_tokens_zero(env: Env) -> Expect:
     argv = env.chat()
     argv[argv.index("--max-new-tokens") + 1] = "0"
-    return Expect(argv, named=("--max-new-tokens",))
+    return Expect(argv, named=("--max-new-tokens",), before_model=True)
 
 
 @case("model", "chat")
 def chat_max_new_tokens_negative(env: Env) -> Expect:
     argv = env.chat()
     argv[argv.index("--max-new-tokens") + 1] = "-4"
-    return Expect(argv, named=("--max-new-tokens",))
+    return Expect(argv, named=("--max-new-tokens",), before_model=True)
 
 
 @case("config", "train")
@@ -1036,7 +1041,7 @@ def train_out_is_a_file(env: Env) -> Expect:
     blocker = env.root / "a-file"
     blocker.write_text("")
     argv = [*env.train(env.write_json(good_records())), "--out", str(blocker)]
-    return Expect(argv, named=(str(blocker),))
+    return Expect(argv, named=(str(blocker),), before_model=True)
 
 
 @case("config", "train")
@@ -1044,7 +1049,7 @@ def train_out_under_a_file(env: Env) -> Expect:
     blocker = env.root / "a-file"
     blocker.write_text("")
     argv = [*env.train(env.write_json(good_records())), "--out", str(blocker / "run")]
-    return Expect(argv, named=(str(blocker / "run"),))
+    return Expect(argv, named=(str(blocker / "run"),), before_model=True)
 
 
 @case("model", "eval")

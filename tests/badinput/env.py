@@ -48,6 +48,7 @@ class Expect:
     skipped); ``skipped``: a training case under ``on_error = "skip"``, which must exit 0 and
     record the sample as skipped in the run folder; ``absent``: paths a failed run must not leave.
     ``ok``: a case whose input is unusual but valid: it must succeed (exit 0).
+    ``before_model``: found without building or loading a model (a config, a data file, a question).
     """
 
     argv: list[str]
@@ -56,6 +57,7 @@ class Expect:
     skipped: bool = False
     ok: bool = False
     absent: tuple[Path, ...] = ()
+    before_model: bool = False  # the error must come before any model is built or loaded
     verify: Callable[[], None] | None = None  # a further check of what a successful case read
 
 
