@@ -460,6 +460,15 @@ def eval_record_without_question(env: Env) -> Expect:
 
 
 @case("data", "train")
+def data_broken_in_the_second_stage(env: Env) -> Expect:
+    """A broken record in a later stage's data fails before the first stage trains (and before any model)."""
+    bad = env.write_json([*good_records(), record(BAD, image=3)], "instruct.json")
+    argv = env.train(env.write_json(good_records()),
+                     stage=f'[[stages]]\nname = "instruct"\ndata = "{bad}"\nmax_steps = 1\nbatch_size = 2\n')
+    return Expect(argv, named=(str(bad), "'image'"), sample=BAD, absent=(env.run_dir,), before_model=True)
+
+
+@case("data", "train")
 def data_skip_bad_record(env: Env) -> Expect:
     bad = record(BAD)
     bad["conversations"][1]["from"] = "robot"
