@@ -420,3 +420,18 @@ def data_all_records_bad_skipped(env: Env) -> Expect:
     bad = [record(f"b{i}", image=3) for i in range(3)]
     path = env.write_json(bad)
     return Expect(env.train(path, skip=True), named=(str(path),), absent=env.train_leftovers(), before_model=True)
+
+
+@case("data", "train")
+def data_nested_too_deeply(env: Env) -> Expect:
+    """JSON nested deeper than the parser recurses: refused by name, not a RecursionError."""
+    path = env.data_dir() / "data.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return _train_err(env, path, "nested", sample=None)
+
+
+@case("data", "train")
+def data_jsonl_line_nested_too_deeply(env: Env) -> Expect:
+    lines = [json.dumps(r) for r in good_records()]
+    path = env.write_jsonl([lines[0], "[" * 100_000 + "]" * 100_000, *lines[1:]])
+    return _train_err(env, path, "line 2", "nested", sample=None)

@@ -204,3 +204,14 @@ def eval_image_truncated(env: Env) -> Expect:
     env.write_bytes(data[: len(data) // 2], "cut.png")
     return _eval_err(env, _with_bad(env, record(BAD, image="cut.png")), str(env.data_dir() / "cut.png"),
                      before_model=False)  # decoded when evaluating
+
+
+@case("image", "train")
+def image_name_with_nul(env: Env) -> Expect:
+    return _train_err(env, _with_bad(env, record(BAD, image="img\u0000.png")), "'image'")
+
+
+@case("image", "train")
+def image_name_too_long(env: Env) -> Expect:
+    name = "x" * 400 + ".png"
+    return _train_err(env, _with_bad(env, record(BAD, image=name)), name)

@@ -143,6 +143,9 @@ def _non_finite(value: Any, where: str) -> str | None:
     return None
 
 
+_TOO_DEEP = "JSON nested too deeply to read (no LLaVA record nests more than a few levels)"
+
+
 def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
     """Split a file into ``(location label, parsed record or DataError)`` pairs.
 
@@ -160,6 +163,8 @@ def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
             raise DataError(
                 f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", source=source
             ) from None
+        except RecursionError:
+            raise DataError(_TOO_DEEP, source=source) from None
         return [(f"record [{i}]", record) for i, record in enumerate(data)]
     items: list[tuple[str, Any]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -170,6 +175,8 @@ def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
             items.append((label, json.loads(line)))
         except json.JSONDecodeError as exc:
             items.append((label, DataError(f"{label}: malformed JSON at column {exc.colno}: {exc.msg}", source=source)))
+        except RecursionError:
+            items.append((label, DataError(f"{label}: {_TOO_DEEP}", source=source)))
     return items
 
 
@@ -201,7 +208,11 @@ def _parse_record(record: Any, label: str, source: str, root: Path, check_images
     images = [root / name for name in names]
     if check_images:
         for image in images:
-            if not image.is_file():
+            try:
+                found = image.is_file()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise fail(f"cannot look up image {image}: {exc.strerror}") from None
+            if not found:
                 raise fail(f"image not found: {image}")
     meta = {key: value for key, value in record.items() if key not in _RESERVED}
     return Sample(id=sample_id, conversations=turns, images=images, meta=meta, source=source)
@@ -252,8 +263,8 @@ def _parse_image_names(raw: Any, fail: Callable[[str], DataError]) -> list[str]:
     if raw is None:
         return []
     names = [raw] if isinstance(raw, str) else raw
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise fail(f"'image' must be a non-empty string or a list of them, got {raw!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and "\0" not in n for n in names):
+        raise fail(f"'image' must be a non-empty string (without NUL characters) or a list of them, got {raw!r}")
     return names
 
 
