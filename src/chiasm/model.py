@@ -249,7 +249,9 @@ class VisionLanguageModel(nn.Module):
         """
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
+            inside = folder / "model"  # a training run's folder holds its model in RUN/model
+            hint = f"; did you mean {inside}?" if (inside / CONFIG_FILE).is_file() else ""
+            raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE}){hint}")
         try:
             config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
         except ValueError as exc:  # not JSON, or not a model config (ConfigError)

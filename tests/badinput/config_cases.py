@@ -228,3 +228,18 @@ def eval_unknown_scorer_option(env: Env) -> Expect:
 def eval_max_samples_negative(env: Env) -> Expect:
     return Expect(env.eval(env.write_json(good_records()), extra=("--max-samples", "-3")), named=("max_samples",),
                   absent=env.eval_leftovers(), before_model=True)
+
+
+@case("config", "train")
+def config_unknown_precision(env: Env) -> Expect:
+    return _config_err(env, "precision", "fp8", top='precision = "fp8"\n')
+
+
+@case("config", "train")
+def config_unknown_model_dtype(env: Env) -> Expect:
+    return _config_err(env, "dtype", "fp64", model='dtype = "fp64"\n')
+
+
+@case("config", "train")
+def config_empty_lm_source(env: Env) -> Expect:
+    return _config_err(env, "source", lm="")

@@ -188,3 +188,21 @@ def eval_model_empty_folder(env: Env) -> Expect:
     folder.mkdir()
     return Expect(env.eval(env.write_json(good_records()), model=folder), named=(str(folder),),
                   absent=env.eval_leftovers())
+
+
+@case("model", "chat")
+def model_given_as_the_run_folder(env: Env) -> Expect:
+    """``--model RUN`` instead of ``RUN/model``: the message points at the model folder inside."""
+    run = env.root / "run"
+    run.mkdir()
+    import shutil
+
+    shutil.copytree(env.saved_model, run / "model")
+    return Expect(env.chat(model=run), named=(str(run), str(run / "model")))
+
+
+@case("model", "eval")
+def eval_soft_scorer_without_answers(env: Env) -> Expect:
+    data = env.write_json(good_records(2))
+    return Expect(env.eval(data, extra=("--scorer", "vqa_soft")), named=(str(data), "answers"), sample="ok-0",
+                  absent=env.eval_leftovers(), before_model=True)

@@ -14,7 +14,7 @@ from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
 from chiasm.eval import retention, vqa
-from chiasm.eval.scorers import truth_of
+from chiasm.eval.scorers import get_scorer
 from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
 from chiasm.model import VisionLanguageModel
@@ -121,8 +121,9 @@ def eval_samples(cfg: EvalConfig) -> list:
     if not samples:  # an accuracy over nothing would read as a result
         raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
     samples = samples[: cfg.max_samples] if cfg.max_samples else samples
+    scorer = get_scorer(cfg.scorer)
     for s in samples:  # a reference answer that cannot be scored fails before any answer is generated
-        truth_of(s)
+        scorer.check(s)
     return samples
 
 

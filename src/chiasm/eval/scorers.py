@@ -44,6 +44,10 @@ class Scorer:
     def score(self, prediction: str, sample: Sample) -> float:
         raise NotImplementedError
 
+    def check(self, sample: Sample) -> None:
+        """Raise a DataError if ``sample`` lacks what :meth:`score` reads; run on every sample before answering."""
+        truth_of(sample)
+
 
 SCORERS: Registry[Scorer] = Registry("VQA scorer", plugins={"synthetic": "chiasm.synthetic.answers"})
 
@@ -137,3 +141,6 @@ class VQASoftAccuracy(Scorer):
 
     def score(self, prediction: str, sample: Sample) -> float:
         return soft_accuracy(prediction, reference_answers(sample))
+
+    def check(self, sample: Sample) -> None:
+        reference_answers(sample)
