@@ -243,3 +243,23 @@ def config_unknown_model_dtype(env: Env) -> Expect:
 @case("config", "train")
 def config_empty_lm_source(env: Env) -> Expect:
     return _config_err(env, "source", lm="")
+
+
+@case("config", "train")
+def config_json_list(env: Env) -> Expect:
+    path = env.root / "run.json"
+    path.write_text("[1, 2]")
+    return Expect(["train", "--config", str(path)], named=(str(path),), absent=env.train_leftovers(),
+                  before_model=True)
+
+
+@case("config", "train")
+def config_table_given_a_number(env: Env) -> Expect:
+    text = env.train_config(env.write_json(good_records())).read_text().replace(
+        '[model]\n', '[model]\nbridge = 5\n').replace('[model.bridge]\nname = "mlp"\n', '')
+    return _config_err(env, "bridge", text=text)
+
+
+@case("config", "train")
+def config_stage_entry_not_a_table(env: Env) -> Expect:
+    return _config_err(env, "stages", text=f'output_dir = "{env.run_dir}"\nstages = [1, 2]\n')

@@ -435,3 +435,10 @@ def data_jsonl_line_nested_too_deeply(env: Env) -> Expect:
     lines = [json.dumps(r) for r in good_records()]
     path = env.write_jsonl([lines[0], "[" * 100_000 + "]" * 100_000, *lines[1:]])
     return _train_err(env, path, "line 2", "nested", sample=None)
+
+
+@case("data", "train")
+def data_file_is_an_image(env: Env) -> Expect:
+    path = env.data_dir() / "data.json"
+    path.write_bytes((env.data_dir() / "img.png").read_bytes())
+    return _train_err(env, path, "UTF-8", sample=None)
