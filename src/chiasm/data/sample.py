@@ -39,9 +39,14 @@ class Sample:
 
 
 class DataError(ValueError):
-    """A sample or data file that cannot be used, with a message naming file and sample."""
+    """A sample or data file that cannot be used, with a message naming file and sample.
 
-    def __init__(self, message: str, *, source: str | None = None, sample_id: str | None = None):
+    ``image`` is the image file at fault, when there is one, so that skip lists can name it
+    apart from the message.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, sample_id: str | None = None,
+                 image: str | None = None):
         where = []
         if source is not None:
             where.append(f"file {source}")
@@ -51,3 +56,4 @@ class DataError(ValueError):
         super().__init__(prefix + message)
         self.source = source
         self.sample_id = sample_id
+        self.image = image

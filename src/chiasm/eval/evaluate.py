@@ -79,15 +79,16 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     results: dict = {"model": type(model.bridge).__name__}
     if cfg.data:
         t0 = time.perf_counter()
-        samples = load_llava(cfg.data, cfg.image_root).samples
+        samples = load_llava(cfg.data, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root).samples
         if cfg.max_samples:
             samples = samples[: cfg.max_samples]
         work = Path(out_dir or Path(cfg.data).parent) / "cache"
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
+            owners = {str(p): (s.id, s.source) for s in reversed(samples) for p in s.images}
             feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
-                                       preprocess=model.processor.image)
+                                       preprocess=model.processor.image, owners=owners)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,

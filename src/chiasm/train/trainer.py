@@ -30,6 +30,7 @@ from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distribut
 from chiasm.train.features import FeatureCache
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
+from chiasm.train.skips import SkipLog, drop_bad_images
 from chiasm.train.word_targets import WordTargetObjective
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,16 @@ class StagePlan:
         return step / self.steps_per_epoch
 
 
-def _stage_samples(stage: StageConfig) -> list:
-    result = load_llava(stage.data, stage.image_root, on_error=stage.on_error)
+def _stage_samples(stage: StageConfig, out: Path | None) -> tuple[list, SkipLog]:
+    """The stage's samples, and its skip log holding the records left out (written into ``out``)."""
+    result = load_llava(stage.data, stage.image_root, on_error=stage.on_error,
+                        allow_outside_root=stage.allow_outside_image_root)
+    skips = SkipLog(stage.name, stage.data, len(result.samples) + len(result.skipped), stage.max_skip_fraction, out)
+    for sample_id, reason in result.skipped:
+        skips.add(sample_id, reason)
     if result.skipped:
         log.warning("stage %s: skipped %d invalid records in %s", stage.name, len(result.skipped), stage.data)
-    return result.samples
+    return result.samples, skips
 
 
 def _optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.optim.Optimizer:
@@ -185,33 +191,44 @@ class Trainer:
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _features(self, paths: list[str], stage: StageConfig) -> FeatureCache | None:
+    def _features(self, samples: list, stage: StageConfig) -> FeatureCache | None:
+        """A frozen encoder's features of every image of ``samples``; broken ones listed in ``bad`` on skip."""
         if stage.encoder.mode != "frozen":
             return None
+        owners = {str(p): (s.id, s.source) for s in reversed(samples) for p in s.images}
         cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
         if self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir,
-                                       show_progress=self.show_progress)
+            cache = FeatureCache.build(self.model.encoder, list(owners), cache_dir=cache_dir, owners=owners,
+                                       on_error=stage.on_error, show_progress=self.show_progress)
         barrier()
         if not self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=False)
+            cache = FeatureCache.build(self.model.encoder, list(owners), cache_dir=cache_dir, owners=owners,
+                                       on_error=stage.on_error, show_progress=False)
         return cache
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
-        samples = _stage_samples(stage)
+        samples, skips = _stage_samples(stage, self.run_dir / "stages" / stage.name if self.dist.is_main else None)
+        # A frozen encoder's cache build decodes every image once: broken ones are known before step 1.
+        features = self._features(samples, stage)
+        if features is not None:
+            samples = drop_bad_images(samples, features.bad, skips)
         # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
         kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
         prealign = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
         if prealign is not None:
             prepared: list[Prepared] = []
-            n_items, paths = len(prealign), prealign.paths
+            n_items, skipped = len(prealign), prealign.skipped
         else:
             prepared, skipped = prepare(samples, model, on_error=stage.on_error)
             if skipped:
                 log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
-            n_items, paths = len(prepared), [str(p) for it in prepared for p in it.sample.images]
-        features = self._features(paths, stage)
+            n_items = len(prepared)
+        for sample_id, reason in skipped:
+            skips.add(sample_id, reason)
+        if stage.on_error == "skip":
+            skips.write()
+        skips.check()
         plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
         replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
         optimizer = _optimizer(model, stage)
@@ -253,7 +270,10 @@ class Trainer:
                         n_img += len(indices)
                     else:
                         batch = collate([prepared[j] for j in indices], pad, features=features,
-                                        model=model).to(self.dist.device)
+                                        model=model, on_error=stage.on_error).to(self.dist.device)
+                        skips.update(batch.skipped)  # an unfrozen encoder meets broken images here
+                        if not len(batch):
+                            continue
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
                                              pixels=batch.pixels, features=batch.features).loss

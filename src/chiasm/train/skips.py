@@ -1,0 +1,126 @@
+"""Samples a stage left out under ``on_error = "skip"``: recorded, written, and capped.
+
+Skipping keeps one broken image from killing a week-long run, but silent skipping hides a
+data file that is mostly broken. Every skip of a stage (a bad record, a sample that does not
+tokenise, a broken image) is kept here with its reason, written to
+``RUN/stages/NAME/skipped.jsonl`` (shown in the HTML report), and counted against the stage's
+``max_skip_fraction`` of the data file's records: past it the stage stops, naming the file,
+the fraction and the first reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from chiasm.data.sample import DataError, Sample
+
+log = logging.getLogger(__name__)
+SKIPPED_FILE = "skipped.jsonl"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One left-out sample: its id, the data file, the image at fault (if any) and why."""
+
+    id: str
+    file: str
+    image: str | None
+    reason: str
+
+
+class SkipLog:
+    """The skips of one stage, deduplicated by sample id (a sample is skipped once, however often seen).
+
+    ``total`` is the number of records in the data file, the denominator of the fraction.
+    ``out`` is the stage folder to write ``skipped.jsonl`` into (None: nothing is written, as
+    on every rank but the first).
+    """
+
+    def __init__(self, stage: str, data: str, total: int, max_fraction: float, out: Path | None = None):
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"stage {stage!r}: max_skip_fraction must be in [0, 1], got {max_fraction}")
+        self.stage, self.data, self.total, self.max_fraction, self.out = stage, data, total, max_fraction, out
+        self.skips: dict[str, Skip] = {}
+
+    def __len__(self) -> int:
+        return len(self.skips)
+
+    @property
+    def fraction(self) -> float:
+        return len(self.skips) / self.total if self.total else 0.0
+
+    def add(self, sample_id: str, reason: str, *, image: str | None = None) -> bool:
+        """Record a skip; False if this sample was already skipped."""
+        if sample_id in self.skips:
+            return False
+        self.skips[sample_id] = Skip(sample_id, self.data, image, reason)
+        return True
+
+    def add_error(self, error: DataError, fallback_id: str = "?") -> bool:
+        sid = error.sample_id if error.sample_id is not None else fallback_id
+        return self.add(sid, str(error), image=error.image)
+
+    def check(self) -> None:
+        """Raise if more than ``max_fraction`` of the data file's records were skipped."""
+        if self.skips and self.fraction > self.max_fraction:
+            first = "; ".join(s.reason for s in list(self.skips.values())[:3])
+            raise DataError(f"stage {self.stage!r}: {len(self.skips)} of {self.total} records skipped "
+                            f"({self.fraction:.1%}), over max_skip_fraction {self.max_fraction:.1%}; "
+                            f"first reasons: {first}", source=self.data)
+
+    def write(self) -> Path | None:
+        """Write every skip as one JSON line (replacing the file atomically); None where nothing is written."""
+        if self.out is None:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / SKIPPED_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(asdict(s)) + "\n" for s in self.skips.values()), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def update(self, errors: Iterable[DataError]) -> None:
+        """Record skips found while training (a batch dropped a sample): log, write, check."""
+        new = [e for e in errors if self.add_error(e)]
+        if not new:
+            return
+        log.warning("stage %s: skipped %d more samples while training (%d in all; first: %s)",
+                    self.stage, len(new), len(self), new[0])
+        self.write()
+        self.check()
+
+
+def drop_bad_images(samples: list[Sample], bad: dict[str, str], skips: SkipLog) -> list[Sample]:
+    """The samples none of whose images is in ``bad`` (path -> reason); the others are recorded in ``skips``."""
+    if not bad:
+        return samples
+    kept = []
+    for s in samples:
+        broken = next((str(p) for p in s.images if str(p) in bad), None)
+        if broken is None:
+            kept.append(s)
+        else:
+            skips.add(s.id, bad[broken], image=broken)
+    return kept
+
+
+def read_skips(path: Path) -> list[dict]:
+    """The records of a ``skipped.jsonl`` file ([] if it is missing; unreadable lines are ignored)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
