@@ -48,7 +48,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.model import VisionLanguageModel
 
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
-    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples)
+    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples,
+                     allow_outside_image_root=args.allow_outside_image_root)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
     print_summary(results)
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--data", help="LLaVA JSON/JSONL of questions (meta: answer, question_type)")
     e.add_argument("--image-root")
+    e.add_argument("--allow-outside-image-root", action="store_true",
+                   help="accept image paths that lead outside --image-root (absolute, ../, symlinks)")
     e.add_argument("--max-samples", type=int)
     e.add_argument("--out")
     _add_load_options(e)

@@ -26,6 +26,7 @@ orientation phones write instead of rotating pixels. :func:`to_rgb` handles each
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -92,7 +93,10 @@ def load_image(path: str | Path, *, sample_id: str | None = None, source: str | 
 
 def to_rgb(image: Image.Image, *, describe: str = "image") -> Image.Image:
     """A decoded PIL image of any mode -> an upright 8-bit RGB image (rules in the module docstring)."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (struct.error, KeyError, TypeError, ValueError, SyntaxError, OSError):
+        pass  # a malformed EXIF block leaves the pixels as stored, as viewers do; they are intact
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image.copy()
