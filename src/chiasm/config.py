@@ -154,6 +154,15 @@ class RunConfig:
     feature_cache: str | None = None
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Under torchrun: "ddp" replicates the model on every rank, "fsdp" shards each LM decoder
+    # layer, a trainable encoder's layers and the model (FSDP2) so that weights, gradients and
+    # optimizer state are split across ranks (chiasm.train.fsdp). One process ignores both.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # "auto": NCCL for CUDA tensors with gloo beside it for CPU ones, gloo without CUDA.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Parameters that may get no gradient in a step (a tower read below its last layer, the
+    # encoder and bridge in a batch without images). None: found per stage (chiasm.train.parallel).
+    find_unused_parameters: bool | None = None
 
 
 class ConfigError(ValueError):

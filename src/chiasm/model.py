@@ -169,8 +169,9 @@ class VisionLanguageModel(nn.Module):
                              **layer_inputs).logits
             loss = None
             if labels is not None:
-                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                   labels[:, 1:].flatten(), ignore_index=-100)
+                # Shift the labels, not the logits: slicing (B, L, vocab) logits would copy them.
+                targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             return VLMOutput(loss, logits)
         hidden = self.base_lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                             use_cache=False, **layer_inputs).last_hidden_state

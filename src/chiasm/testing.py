@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     GenerationConfig,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
@@ -184,3 +187,20 @@ def per_token_cross_attention(block: torch.nn.Module, h: torch.Tensor, memory: t
     weights = torch.einsum("blhd,blmhd->blhm", q, k).mul(hd**-0.5).softmax(-1)
     attn = torch.einsum("blhm,blmhd->blhd", weights, v).reshape(b, n, d)
     return block.out(attn) * (image_of_token >= 0)[..., None].to(h.dtype)
+
+
+def make_tiny_vision_tower(folder: str | Path, *, seed: int = 0) -> Path:
+    """Write a randomly initialised 2-layer CLIP vision tower (32 px, 8 px patches) and its image processor.
+
+    It loads through the ``hf-vision`` encoder like a hub checkpoint, for tests of a trainable
+    transformers tower (e.g. read at ``feature_layer = -2``).
+    """
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -1,4 +1,8 @@
-"""Process-group set-up for torchrun (DDP over gloo on CPU, NCCL on GPUs) or a single process."""
+"""Process-group set-up for torchrun (gloo on CPU, NCCL on GPUs) or a single process.
+
+Every collective here builds its tensor on the device the process group's backend needs:
+NCCL moves only CUDA tensors, so a CPU tensor that passes under gloo fails under NCCL.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Backends that move tensors of one device type only; the rest (gloo, mixed "cpu:gloo,cuda:nccl")
+# take CPU tensors.
+DEVICE_ONLY_BACKENDS = {"nccl": "cuda", "xccl": "xpu"}
 
 
 @dataclass(frozen=True)
@@ -21,30 +29,78 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def process_group_backend(requested: str, cuda: bool) -> str:
+    """The backend string for ``init_process_group``.
+
+    With CUDA, "auto" pairs NCCL (for CUDA tensors) with gloo (for CPU ones), so a CPU-side
+    collective still works; without CUDA it is gloo. An explicit "gloo" or "nccl" is kept.
+    """
+    if requested == "auto":
+        return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if requested == "nccl" and not cuda:
+        raise RuntimeError("backend 'nccl' needs CUDA GPUs, and torch sees none; use backend 'gloo' or 'auto'")
+    return requested
+
+
+def env_world_size() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
     """Join the process group that torchrun describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        name = process_group_backend(backend, cuda)
+        # Binding the device lets NCCL set up eagerly and know each rank's GPU for barriers.
+        dist.init_process_group(name, device_id=device if "nccl" in name else None)
     return DistInfo(rank, world, local_rank, device)
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live for the default process group's collectives."""
+    backend = str(dist.get_backend())
+    needs = DEVICE_ONLY_BACKENDS.get(backend)
+    if needs is None:
+        return torch.device("cpu")
+    return torch.device(needs, getattr(torch, needs).current_device())
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if not is_distributed():
+        return
+    device = collective_device()
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])  # NCCL otherwise guesses the device from the rank
+    else:
         dist.barrier()
 
 
 def all_reduce_mean(value: float) -> float:
     """Average a float over ranks (for logging the same loss on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on at least one: a decision all ranks must share."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from chiasm.config import RunConfig, StageConfig, save_config
@@ -26,8 +25,9 @@ from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.batches import Prepared, collate, prepare
 from chiasm.train.contrastive import ContrastiveObjective
-from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
 from chiasm.train.features import FeatureCache
+from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.skips import SkipLog, drop_bad_images
@@ -136,7 +136,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, model: VisionLanguageModel | None = None,
                  dist_info: DistInfo | None = None, show_progress: bool = True):
         self.cfg = cfg
-        self.dist = dist_info or init_distributed()
+        check_parallel_config(cfg, dist_info.world if dist_info else env_world_size(), torch.cuda.is_available())
+        self.dist = dist_info or init_distributed(cfg.backend)
         self.run_dir = Path(cfg.output_dir)
         self.show_progress = show_progress and self.dist.is_main
         torch.manual_seed(cfg.seed)
@@ -231,23 +232,40 @@ class Trainer:
         skips.check()
         plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
         replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
-        optimizer = _optimizer(model, stage)
-        if resume_from is not None:
-            ckpt.load_optimizer_and_rng(resume_from, optimizer)
-        warmup = int(stage.warmup_ratio * plan.total)
-        # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP.
+        pad = model.tokenizer.pad_token_id
+        # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP/FSDP.
         inner = model.bridge if prealign is not None else model
-        wrapped = DDP(inner) if self.dist.world > 1 else inner
         set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
         if model.config.gradient_checkpointing:
             # transformers recomputes layers only in training mode, also for a frozen LM whose
             # activations carry the bridge's gradient (dropout of current LMs is zero).
             model.lm.train()
+        if self.dist.world > 1:
+            def first_loss(module: torch.nn.Module) -> torch.Tensor:
+                indices = plan.indices(start_step, 0, self.dist.rank)
+                if prealign is not None:
+                    return prealign.loss(indices, module, features)[0]
+                batch = collate([prepared[j] for j in indices], pad, features=features,
+                                model=model).to(self.dist.device)
+                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
+                                  features=batch.features).loss
+
+            text_only = any(not it.sample.images for it in prepared)
+            unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device,
+                                         text_only_samples=text_only)
+            wrapped = wrap(inner, model, self.cfg.strategy, self.dist, unused, text_only_samples=text_only)
+        else:
+            wrapped = inner
+        # After wrapping: FSDP replaces the parameters the optimizer must hold.
+        optimizer = _optimizer(model, stage)
+        if resume_from is not None:
+            ckpt.load_optimizer_and_rng(resume_from, optimizer)
+        warmup = int(stage.warmup_ratio * plan.total)
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
         if self.dist.is_main:
             _trim_metrics(metrics_file, start_step)
-        pad = model.tokenizer.pad_token_id
         bar = tqdm(total=plan.total, initial=start_step, desc=f"stage {stage.name}", unit="step",
                    disable=not self.show_progress)
         t_stage = time.perf_counter()
@@ -260,8 +278,7 @@ class Trainer:
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
                 sync = micro == stage.grad_accum - 1
-                ctx = wrapped.no_sync() if (isinstance(wrapped, DDP) and not sync) else _null()
-                with ctx:
+                with gradient_sync(wrapped, sync):
                     if prealign is not None:
                         loss_t, accuracy = prealign.loss(indices, wrapped, features)
                         total = loss_t
@@ -318,6 +335,7 @@ class Trainer:
                     bar.close()
                     raise Interrupted(f"stopped after step {step + 1} of stage {stage.name}")
         bar.close()
+        unwrap(wrapped)
         model.eval()
 
     def _replay_pool(self, stage: StageConfig, steps: int, seed: int, *, resuming: bool) -> torch.Tensor | None:
@@ -346,8 +364,9 @@ class Trainer:
         return pool
 
     def _checkpoint(self, optimizer: torch.optim.Optimizer, state: ckpt.TrainState) -> None:
+        params, optimizer_state = ckpt.gather_state(self.model, self.trained, optimizer)
         if self.dist.is_main:
-            ckpt.save_checkpoint(self.checkpoint_dir, self.model, self.trained, optimizer, state)
+            ckpt.save_checkpoint(self.checkpoint_dir, params, self.trained, optimizer_state, state)
         barrier()
 
     def _plot(self) -> None:
@@ -364,11 +383,3 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
     path.write_text("".join(ln + "\n" for ln in kept))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

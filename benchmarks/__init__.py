@@ -1,0 +1,1 @@
+"""Speed benchmarks of chiasm run from the repository (not part of the installed package)."""
