@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -154,3 +155,16 @@ def test_report_lists_skips_escaped_with_the_first_reasons(tmp_path: Path) -> No
     assert ("reason &lt;0&gt;<br>reason &lt;1&gt;<br>reason &lt;2&gt;<br>… 2 more in stages/instruct/skipped.jsonl"
             in html)
     assert "reason &lt;3&gt;" not in html
+
+
+def test_a_micro_batch_with_only_broken_images_is_passed_over(tiny_model_config, tiny_world, tmp_path) -> None:
+    data, root, expected = _broken_data(tiny_world, tmp_path)
+    run = tmp_path / "run"
+    cfg = _config(tiny_model_config, data, root, run, encoder=PolicyConfig(mode="full"), batch_size=1, epochs=1.0)
+    Trainer(cfg, show_progress=False).run()
+    assert _skipped(run).keys() == expected.keys()
+    records = [json.loads(x) for x in (run / "stages" / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 31  # 31 samples pass the loader: one step each
+    losses = [r["loss"] for r in records]
+    # The two steps whose only sample had a broken image learnt nothing: their loss is NaN, not 0.
+    assert sum(math.isnan(x) for x in losses) == 2 and all(x > 0 for x in losses if not math.isnan(x))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from chiasm.config import RunConfig, StageConfig, save_config
 from chiasm.data.llava import load_llava
+from chiasm.data.sample import DataError
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.batches import Prepared, collate, prepare
@@ -246,7 +247,7 @@ class Trainer:
                 if prealign is not None:
                     return prealign.loss(indices, module, features)[0]
                 batch = collate([prepared[j] for j in indices], pad, features=features,
-                                model=model).to(self.dist.device)
+                                model=model, on_error=stage.on_error).to(self.dist.device)
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
                                   features=batch.features).loss
@@ -274,7 +275,7 @@ class Trainer:
             factor = lr_at(step, plan.total, warmup, stage.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
-            loss_sum, n_tok, n_img, extra = 0.0, 0, 0, {}
+            loss_sum, n_tok, n_img, extra, dropped = 0.0, 0, 0, {}, 0
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
                 sync = micro == stage.grad_accum - 1
@@ -290,6 +291,12 @@ class Trainer:
                                         model=model, on_error=stage.on_error).to(self.dist.device)
                         skips.update(batch.skipped)  # an unfrozen encoder meets broken images here
                         if not len(batch):
+                            if self.dist.world > 1:  # one rank skipping its backward would stall the others
+                                raise DataError(f"stage {stage.name!r}: every sample of a micro-batch on rank "
+                                                f"{self.dist.rank} has a broken image; with several processes "
+                                                "freeze the encoder (its feature cache drops them before "
+                                                "training) or fix the images", source=stage.data)
+                            dropped += 1
                             continue
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
@@ -312,7 +319,8 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            loss = all_reduce_mean(loss_sum / stage.grad_accum)
+            # The mean over micro-batches that had samples (NaN when none had: no step was learnt from).
+            loss = all_reduce_mean(loss_sum / (stage.grad_accum - dropped) if dropped < stage.grad_accum else math.nan)
             record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
