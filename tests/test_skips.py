@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig
 from chiasm.data.llava import load_llava, save_llava
@@ -168,3 +169,19 @@ def test_a_micro_batch_with_only_broken_images_is_passed_over(tiny_model_config,
     losses = [r["loss"] for r in records]
     # The two steps whose only sample had a broken image learnt nothing: their loss is NaN, not 0.
     assert sum(math.isnan(x) for x in losses) == 2 and all(x > 0 for x in losses if not math.isnan(x))
+
+
+@pytest.mark.parametrize("encoder", ["frozen", "full"])
+def test_stage_pixel_limit_skips_oversized_images(tiny_model_config, tiny_world, tmp_path, encoder) -> None:
+    data, root, expected = _broken_data(tiny_world, tmp_path)
+    big = next(s for s in load_llava(data, root, on_error="skip").samples if s.id not in expected)
+    width, height = Image.open(big.images[0]).size
+    limit = width * height
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(big.images[0])
+    run = tmp_path / "run"
+    cfg = _config(tiny_model_config, data, root, run, encoder=PolicyConfig(mode=encoder), epochs=1.0,
+                  max_image_pixels=limit, max_skip_fraction=0.2)
+    Trainer(cfg, show_progress=False).run()
+    skipped = _skipped(run)
+    assert skipped.keys() == {*expected, big.id}
+    assert f"has 200x200 = 40000 pixels, over the limit of {limit}" in skipped[big.id]["reason"]

@@ -25,9 +25,11 @@ from chiasm.encoders.preprocessing import ImagePreprocessing
 
 
 def _fingerprint(encoder: VisionEncoder, paths: Sequence[str],
-                 preprocess: Callable[[Image.Image], torch.Tensor]) -> str:
+                 preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int | None = None) -> str:
     h = hashlib.sha256()
     h.update(type(encoder).__name__.encode())
+    if max_pixels is not None:  # which images were refused as too large depends on it
+        h.update(f"max_pixels={max_pixels}".encode())
     # The image -> pixels steps (size, crop, normalisation, padding) change the features too.
     if isinstance(preprocess, ImagePreprocessing):
         h.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
@@ -91,7 +93,7 @@ class FeatureCache:
         wanted = sorted({str(p) for p in paths})
         file = None
         if cache_dir is not None:
-            key = _fingerprint(encoder, wanted, preprocess)
+            key = _fingerprint(encoder, wanted, preprocess, max_pixels)
             file = Path(cache_dir) / f"features-{key}.safetensors"
             if file.exists():
                 with safe_open(str(file), framework="pt") as f:

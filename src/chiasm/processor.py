@@ -190,13 +190,15 @@ class Processor:
 def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
                   features: FeatureCache | None = None,
                   preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
-                  override_images: list[str] | None = None, on_error: str = "raise") -> Batch:
+                  override_images: list[str] | None = None, on_error: str = "raise",
+                  max_pixels: int | None = None) -> Batch:
     """Pad to the longest row and attach images, from the feature cache or through ``preprocess``.
 
     ``override_images`` replaces every image (used to test image reliance with a blank picture).
     An image that cannot be loaded raises a :class:`DataError` naming it, its sample and data
     file; with ``on_error="skip"`` its sample is dropped from the batch instead and listed in
-    ``Batch.skipped`` (the batch may then have fewer rows, or none).
+    ``Batch.skipped`` (the batch may then have fewer rows, or none). ``max_pixels``: see
+    :func:`~chiasm.data.images.load_image`.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
@@ -214,7 +216,8 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
                 images.append(features.lookup(paths_of))
             elif preprocess is not None:
                 images.append(torch.stack([
-                    preprocess(load_image(Path(p), sample_id=it.sample.id, source=it.sample.source))
+                    preprocess(load_image(Path(p), sample_id=it.sample.id, source=it.sample.source,
+                                          max_pixels=max_pixels))
                     for p in paths_of]))
             else:
                 raise ValueError("collate needs a feature cache or an image preprocessing to load images")

@@ -201,11 +201,12 @@ class Trainer:
         cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
         if self.dist.is_main:
             cache = FeatureCache.build(self.model.encoder, list(owners), cache_dir=cache_dir, owners=owners,
-                                       on_error=stage.on_error, show_progress=self.show_progress)
+                                       on_error=stage.on_error, max_pixels=stage.max_image_pixels,
+                                       show_progress=self.show_progress)
         barrier()
         if not self.dist.is_main:
             cache = FeatureCache.build(self.model.encoder, list(owners), cache_dir=cache_dir, owners=owners,
-                                       on_error=stage.on_error, show_progress=False)
+                                       on_error=stage.on_error, max_pixels=stage.max_image_pixels, show_progress=False)
         return cache
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
@@ -247,7 +248,8 @@ class Trainer:
                 if prealign is not None:
                     return prealign.loss(indices, module, features)[0]
                 batch = collate([prepared[j] for j in indices], pad, features=features,
-                                model=model, on_error=stage.on_error).to(self.dist.device)
+                                model=model, on_error=stage.on_error,
+                                max_pixels=stage.max_image_pixels).to(self.dist.device)
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
                                   features=batch.features).loss
@@ -288,7 +290,8 @@ class Trainer:
                         n_img += len(indices)
                     else:
                         batch = collate([prepared[j] for j in indices], pad, features=features,
-                                        model=model, on_error=stage.on_error).to(self.dist.device)
+                                        model=model, on_error=stage.on_error,
+                                        max_pixels=stage.max_image_pixels).to(self.dist.device)
                         skips.update(batch.skipped)  # an unfrozen encoder meets broken images here
                         if not len(batch):
                             if self.dist.world > 1:  # one rank skipping its backward would stall the others
