@@ -171,3 +171,17 @@ def test_exif_orientation_6_is_turned_upright(tmp_path: Path) -> None:
 def test_ycbcr_and_hsv_use_pillows_conversion() -> None:
     np.testing.assert_array_equal(_rgb(to_rgb(Image.new("HSV", (1, 1), (0, 255, 255)))), [[[255, 0, 0]]])
     np.testing.assert_array_equal(_rgb(to_rgb(Image.new("YCbCr", (1, 1), (255, 128, 128)))), [[[255, 255, 255]]])
+
+
+def test_report_thumbnails_use_the_same_decoder(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from chiasm.report.html import _thumbnail
+
+    path = tmp_path / "dark16.png"
+    Image.fromarray(np.full((4, 4), 257 * 40, dtype=np.uint16)).save(path)
+    uri = _thumbnail(path)
+    assert uri is not None
+    thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumb.convert("RGB").getpixel((1, 1)) == (40, 40, 40)  # not clipped to white

@@ -17,8 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from chiasm.data.images import load_image
 from chiasm.report.plots import (
     is_number,
     load_stages,
@@ -115,14 +114,12 @@ def _thumbnail(path: Path) -> str | None:
     instead of embedding every full-resolution source image.
     """
     try:
-        with Image.open(path) as img:
-            img.thumbnail((THUMB_PX, THUMB_PX))
-            if img.mode not in ("RGB", "RGBA", "L", "LA"):
-                alpha = "A" in img.getbands() or "transparency" in img.info
-                img = img.convert("RGBA" if alpha else "RGB")
-            buffer = io.BytesIO()
-            img.save(buffer, format="PNG", optimize=True)
-    except (OSError, ValueError):
+        # The training decoder: 16-bit scans, EXIF-rotated photos and CMYK look as the model saw them.
+        img = load_image(path)
+        img.thumbnail((THUMB_PX, THUMB_PX))
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG", optimize=True)
+    except (OSError, ValueError):  # DataError is a ValueError
         return None
     return _data_uri(buffer.getvalue())
 
