@@ -109,7 +109,8 @@ class StageConfig:
     max_skip_fraction: float = 0.01
     # Image paths that resolve outside image_root (absolute, ../, symlinks) are refused unless true.
     allow_outside_image_root: bool = False
-    # Images with more pixels (width x height) are refused unread; None: Pillow's MAX_IMAGE_PIXELS.
+    # Images with more pixels (width x height) are refused unread; None: Pillow's MAX_IMAGE_PIXELS
+    # (which also caps this value: raise PIL.Image.MAX_IMAGE_PIXELS to allow larger images).
     max_image_pixels: int | None = None
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end of the stage
     # "lm": next-token loss on assistant turns through the LM. "contrastive": pre-alignment of a

@@ -46,7 +46,9 @@ def load_image(path: str | Path, *, sample_id: str | None = None, source: str | 
 
     ``max_pixels`` caps width x height (default: Pillow's ``Image.MAX_IMAGE_PIXELS``),
     checked from the header before any pixel is decoded, so a decompression bomb is
-    refused without the memory it would take. The file is verified (a cheap structural
+    refused without the memory it would take. Pillow's own check still runs when the file is
+    opened, so ``max_pixels`` can lower the limit but not raise it above Pillow's (that is the
+    process-wide ``PIL.Image.MAX_IMAGE_PIXELS``). The file is verified (a cheap structural
     check that catches bad PNG chunks and CRCs) and then decoded in full, because a
     verified image cannot be used and some corruption only shows on decode.
     """
