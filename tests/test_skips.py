@@ -17,7 +17,7 @@ from chiasm.data.sample import DataError
 from chiasm.data.synthetic import WorldFiles
 from chiasm.report import write_report
 from chiasm.train.skips import SkipLog, read_skips
-from chiasm.train.trainer import Trainer
+from chiasm.train.trainer import Interrupted, Trainer
 
 FROZEN = PolicyConfig(mode="frozen")
 
@@ -185,3 +185,18 @@ def test_stage_pixel_limit_skips_oversized_images(tiny_model_config, tiny_world,
     skipped = _skipped(run)
     assert skipped.keys() == {*expected, big.id}
     assert f"has 200x200 = 40000 pixels, over the limit of {limit}" in skipped[big.id]["reason"]
+
+
+def test_a_resumed_stage_keeps_the_skips_found_before_its_checkpoint(tiny_model_config, tiny_world,
+                                                                     tmp_path) -> None:
+    data, root, expected = _broken_data(tiny_world, tmp_path)
+    run = tmp_path / "run"
+    cfg = _config(tiny_model_config, data, root, run, encoder=PolicyConfig(mode="full"), epochs=1.0,
+                  checkpoint_every=1)
+    with pytest.raises(Interrupted):
+        Trainer(cfg, show_progress=False).run(stop_after_steps=6)
+    before = _skipped(run)
+    assert len(before) > 1  # the load-time skip and at least one broken image met in the first 6 steps
+    Trainer(cfg, show_progress=False).run(resume=True)
+    after = _skipped(run)
+    assert after.keys() == expected.keys() and all(after[k] == v for k, v in before.items())

@@ -65,6 +65,14 @@ class SkipLog:
         sid = error.sample_id if error.sample_id is not None else fallback_id
         return self.add(sid, str(error), image=error.image)
 
+    def restore(self) -> None:
+        """Take back the skips an interrupted run of this stage wrote: a resumed stage does not
+        see again the batches before its checkpoint, nor the broken images they held."""
+        if self.out is not None:
+            for record in read_skips(self.out / SKIPPED_FILE):
+                if isinstance(record.get("id"), str) and isinstance(record.get("reason"), str):
+                    self.add(record["id"], record["reason"], image=record.get("image"))
+
     def check(self) -> None:
         """Raise if more than ``max_fraction`` of the data file's records were skipped."""
         if self.skips and self.fraction > self.max_fraction:

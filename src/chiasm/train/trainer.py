@@ -212,6 +212,8 @@ class Trainer:
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
         samples, skips = _stage_samples(stage, self.run_dir / "stages" / stage.name if self.dist.is_main else None)
+        if resume_from is not None:
+            skips.restore()
         # A frozen encoder's cache build decodes every image once: broken ones are known before step 1.
         features = self._features(samples, stage)
         if features is not None:
