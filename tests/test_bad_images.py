@@ -168,3 +168,12 @@ def test_paths_outside_the_image_root_are_refused_unless_allowed(tmp_path: Path)
     # Inside the root is fine however it is spelled: an absolute path, a ../ that comes back, a link within.
     fine = load_llava(_data(tmp_path, [str(inside), "img/../img/a.png", "img/inner-link.png"]))
     assert all(s.images[0].resolve() == inside.resolve() for s in fine.samples)
+
+
+def test_loader_tells_a_directory_from_a_missing_image(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "img" / "dir.png").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"sample 'r0'\] line 1: image path is not a file: .*dir\.png$"):
+        load_llava(_data(tmp_path, ["img/dir.png"]))
+    with pytest.raises(DataError, match=r"sample 'r0'\] line 1: image not found: .*gone\.png$"):
+        load_llava(_data(tmp_path, ["img/gone.png"]))

@@ -101,7 +101,7 @@ def to_rgb(image: Image.Image, *, describe: str = "image") -> Image.Image:
         pass  # a malformed EXIF block leaves the pixels as stored, as viewers do; they are intact
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
-        return image.copy()
+        return image  # exif_transpose returned a copy, already decoded
     if mode in _SIXTEEN_BIT:
         grey = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
         return _grey(grey)

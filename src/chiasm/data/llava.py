@@ -186,7 +186,7 @@ def _parse_record(record: Any, label: str, source: str, root: Path, check_images
     if check_images:
         for image in images:
             if not image.is_file():
-                raise fail(f"image not found: {image}")
+                raise fail(f"image path is not a file: {image}" if image.exists() else f"image not found: {image}")
     meta = {key: value for key, value in record.items() if key not in _RESERVED}
     return Sample(id=sample_id, conversations=turns, images=images, meta=meta, source=source)
 
