@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
-from chiasm.data.synthetic import WorldFiles, make_world
 from chiasm.model import VisionLanguageModel
+from chiasm.synthetic.world import WorldFiles, make_world
 from chiasm.testing import make_tiny_lm
 
 # The test models are tiny: one thread is faster than several spinning over 64-wide matmuls,

@@ -47,8 +47,8 @@ def test_arena_shares_feature_cache_and_base_lm_results(tmp_path: Path, monkeypa
     monkeypatch.setattr(ev, "BaseLM", CountingBaseLM)
     assert main(["arena", "--quick", "--out", str(tmp_path), "--bridges", "mlp,pooling,resampler"]) == 0
     assert len(entered) == 1  # the base LM's perplexity and answers: once, not per bridge
-    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
-    assert not list(tmp_path.glob("*/cache/features-*.safetensors"))
+    assert len(list((tmp_path / "cache").glob("features-*/index.json"))) == 1
+    assert not list(tmp_path.glob("*/cache/features-*"))
     base_ppl = {json.loads((tmp_path / b / "eval.json").read_text())["retention"]["base_ppl"]
                 for b in ("mlp", "pooling", "resampler")}
     assert len(base_ppl) == 1
@@ -61,8 +61,8 @@ def test_arena_rejects_unknown_bridge(tmp_path: Path, capsys) -> None:
 
 def test_real_arena_compares_bridges_on_the_native_grid_in_raster_order(tmp_path: Path) -> None:
     from chiasm.arena import arena_model
-    from chiasm.data.synthetic import WorldFiles
     from chiasm.demo import DemoSize, demo_config
+    from chiasm.synthetic.world import WorldFiles
 
     world = WorldFiles(tmp_path, tmp_path / "images", tmp_path / "a.json", tmp_path / "i.json", tmp_path / "e.json")
     demo = demo_config(tmp_path, world, DemoSize()).model

@@ -17,6 +17,7 @@ from chiasm.data.sample import DataError, Sample, Turn
 from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
 from chiasm.processor import Prepared
+from chiasm.train.skips import SkipLog, drop_bad_images
 
 WHERE = r"\[file data\.json, sample 's7'\] "
 
@@ -102,24 +103,25 @@ def test_feature_cache_names_sample_and_file_or_lists_bad_images(tiny_model: Vis
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
     paths = [str(good), str(broken)]
-    owners = {str(broken): ("s2", "train.jsonl")}
+    owners = {str(broken): ("train.jsonl", "s2")}  # path -> (data file, sample id)
     with pytest.raises(DataError, match=r"\[file train\.jsonl, sample 's2'\] cannot decode image .*broken\.png"):
         FeatureCache.build(tiny_model.encoder, paths, owners=owners, show_progress=False)
-    cache = FeatureCache.build(tiny_model.encoder, paths, owners=owners, on_error="skip", show_progress=False,
-                               cache_dir=tmp_path / "cache")
-    assert list(cache.index) == [str(good)] and list(cache.bad) == [str(broken)]
-    assert "sample 's2'" in cache.bad[str(broken)]
-    with torch.no_grad():
-        reference = tiny_model.encoder.eval()(tiny_model.encoder.preprocessing(load_image(good))[None])
-    assert torch.allclose(cache.lookup([str(good)]), reference, atol=1e-2, rtol=1e-3)  # stored as fp16
-    with pytest.raises(DataError, match=r"broken\.png has no cached features \(refused when the cache was built"):
-        cache.lookup([str(broken)])
-    # Read back from the file: the bad list comes with it, and a raising caller still gets the error.
-    again = FeatureCache.build(tiny_model.encoder, paths, owners=owners, on_error="skip", show_progress=False,
-                               cache_dir=tmp_path / "cache")
-    assert again.bad == cache.bad and torch.equal(again.features, cache.features)
-    with pytest.raises(DataError, match=r"sample 's2'.*broken\.png"):
-        FeatureCache.build(tiny_model.encoder, paths, owners=owners, show_progress=False, cache_dir=tmp_path / "cache")
+    for cache_dir in (None, tmp_path / "cache", tmp_path / "cache"):  # in memory, built to disk, read back
+        cache = FeatureCache.build(tiny_model.encoder, paths, owners=owners, on_error="skip", show_progress=False,
+                                   cache_dir=cache_dir)
+        assert list(cache.bad) == [str(broken)] and "cannot decode image" in cache.bad[str(broken)]
+        with torch.no_grad():
+            reference = tiny_model.encoder.eval()(tiny_model.encoder.preprocessing(load_image(good))[None])
+        assert torch.allclose(cache.lookup([str(good)]), reference, atol=1e-2, rtol=1e-3)  # stored as fp16
+        with pytest.raises(DataError, match=r"cannot decode image .*broken\.png"):
+            cache.lookup([str(broken)])
+    # A stage that raises must not train around images an earlier skipping run left out.
+    sample = _sample("s2", broken)
+    log = SkipLog("st", "train.jsonl", total=1, max_fraction=1.0)
+    with pytest.raises(DataError, match=r"\[file train\.jsonl, sample 's2'\] cannot decode image"):
+        drop_bad_images([sample], cache.bad, log, on_error="raise")
+    assert drop_bad_images([sample, _sample("ok", good)], cache.bad, log)[0].id == "ok"
+    assert log.skips["s2"].image == str(broken)
 
 
 def test_collate_names_the_sample_or_drops_it(tiny_model: VisionLanguageModel, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from chiasm.chat import ask
 from chiasm.cli import main
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError, Turn
-from chiasm.data.synthetic import WorldFiles
 from chiasm.model import VisionLanguageModel
+from chiasm.synthetic.world import WorldFiles
 
 
 @pytest.fixture

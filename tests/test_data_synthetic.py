@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chiasm.data import synthetic
 from chiasm.data.llava import load_llava
-from chiasm.data.synthetic import (
+from chiasm.synthetic import world as synthetic
+from chiasm.synthetic.answers import answer_matches
+from chiasm.synthetic.world import (
     CELLS,
     COLOURS,
     QUESTION_TYPES,
     Scene,
-    answer_matches,
     make_world,
     object_geometry,
     render_scene,

@@ -20,5 +20,6 @@ def test_demo_toml_matches_demo_recipe(tmp_path: Path) -> None:
             if field.name not in ("data", "epochs"):
                 assert getattr(a, field.name) == getattr(b, field.name), (a.name, field.name)
         assert Path(a.data).name == Path(b.data).name
+    assert toml.eval.scorer == built.eval.scorer == "synthetic"
     assert [s.epochs for s in toml.stages] == [DemoSize().prealign_epochs, DemoSize().align_epochs,
                                                DemoSize().instruct_epochs]

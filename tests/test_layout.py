@@ -10,9 +10,10 @@ import torch
 
 from chiasm.config import BridgeConfig, ConfigError, ModelConfig, from_dict
 from chiasm.data.llava import load_llava
-from chiasm.data.synthetic import WorldFiles
-from chiasm.layout import QUADRANTS, check_layout, image_text, token_order
+from chiasm.layout import check_layout, image_text, token_order
 from chiasm.model import VisionLanguageModel
+from chiasm.synthetic.layout import QUADRANTS
+from chiasm.synthetic.world import WorldFiles
 from chiasm.tokens import IMAGE_TOKEN
 from chiasm.train.batches import collate, conversation_encoder, prepare
 

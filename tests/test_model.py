@@ -11,8 +11,8 @@ from chiasm.config import PolicyConfig
 from chiasm.data.images import load_image
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import Sample, Turn
-from chiasm.data.synthetic import WorldFiles
 from chiasm.model import VisionLanguageModel
+from chiasm.synthetic.world import WorldFiles
 from chiasm.tokens import image_token_count
 from chiasm.train.batches import Batch, collate, conversation_encoder, prepare
 from chiasm.train.features import FeatureCache

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from chiasm.cli import main
 from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
 from chiasm.data.llava import load_llava
-from chiasm.data.synthetic import WorldFiles
 from chiasm.model import VisionLanguageModel
 from chiasm.processor import Batch
+from chiasm.synthetic.world import WorldFiles
 
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "image_size": 32, "patch_size": 8}

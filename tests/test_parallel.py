@@ -29,7 +29,7 @@ from chiasm.config import (
     load_config,
     save_config,
 )
-from chiasm.data.synthetic import WorldFiles
+from chiasm.synthetic.world import WorldFiles
 from chiasm.testing import make_tiny_vision_tower
 from chiasm.train.trainer import StagePlan
 

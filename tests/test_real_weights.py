@@ -37,7 +37,7 @@ def test_smollm2_perplexity_of_english_is_low(smollm2) -> None:
 
 
 def test_efficientnet_lite0_features_are_pretrained_and_colour_aware() -> None:
-    from chiasm.data.synthetic import COLOURS, Scene, SceneObject, render_scene
+    from chiasm.synthetic.world import COLOURS, Scene, SceneObject, render_scene
 
     enc = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=224)).eval()
     x = torch.stack([enc.preprocess(render_scene(Scene([SceneObject("circle", "red", "large", "top left")])))])
@@ -76,7 +76,7 @@ def test_efficientnet_lite0_features_are_pretrained_and_colour_aware() -> None:
 
 def test_efficientnet_grid_option_pools_the_maps() -> None:
     """``grid = 2`` at 128 px: 4 tokens, each the mean of a 2 x 2 block of the native 4 x 4 grid."""
-    from chiasm.data.synthetic import render_scene, sample_scene
+    from chiasm.synthetic.world import render_scene, sample_scene
 
     options = {"extra_blocks": [10], "final": False}
     native = build_encoder(EncoderConfig(name="efficientnet-lite0", image_size=128, options=options)).eval()
@@ -96,8 +96,8 @@ def test_efficientnet_grid_option_pools_the_maps() -> None:
 def test_real_vlm_stage_one_leaves_the_lm_untouched(smollm2, tmp_path) -> None:
     """EfficientNet + MLP + SmolLM2: an align step trains the bridge and keeps text perplexity identical."""
     from chiasm.config import BridgeConfig, LMConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig
-    from chiasm.data.synthetic import make_world
     from chiasm.model import VisionLanguageModel
+    from chiasm.synthetic.world import make_world
     from chiasm.train.trainer import Trainer
 
     lm, tok = smollm2
@@ -129,12 +129,12 @@ def test_real_words_prealignment_puts_held_out_tokens_on_their_words(smollm2, tm
     from chiasm.bridges import build_bridge
     from chiasm.config import PolicyConfig, RunConfig, StageConfig
     from chiasm.data.llava import load_llava
-    from chiasm.data.synthetic import make_world, scene_from_meta, scene_regions
     from chiasm.demo import DemoSize, demo_config
     from chiasm.model import VisionLanguageModel
+    from chiasm.synthetic.word_targets import WordTargetObjective
+    from chiasm.synthetic.world import make_world, scene_from_meta, scene_regions
     from chiasm.train.features import FeatureCache
     from chiasm.train.trainer import Trainer
-    from chiasm.train.word_targets import WordTargetObjective
 
     lm, tok = smollm2
     world = make_world(tmp_path / "world", n_train=128, n_eval=12)

@@ -14,7 +14,7 @@ from chiasm.config import BridgeConfig, PolicyConfig, RunConfig, StageConfig
 from chiasm.data.llava import load_llava, save_llava
 from chiasm.data.regions import box_token_mask, sample_regions
 from chiasm.data.sample import DataError, Sample, Turn
-from chiasm.data.synthetic import COLOURS
+from chiasm.synthetic.world import COLOURS
 from chiasm.train.contrastive import region_contrastive_loss, token_contrastive_loss
 from chiasm.train.trainer import Trainer
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from chiasm.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig, save_config
-from chiasm.data.synthetic import WorldFiles
+from chiasm.synthetic.world import WorldFiles
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer, cpu_has_native_bf16, lr_at, use_bf16
 
 

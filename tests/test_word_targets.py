@@ -12,11 +12,11 @@ from chiasm.bridges.base import build_bridge
 from chiasm.config import BridgeConfig, PolicyConfig, RunConfig, StageConfig
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError, Sample, Turn
-from chiasm.layout import group_at, token_groups, token_order
+from chiasm.layout import get_layout, token_order
 from chiasm.model import VisionLanguageModel
+from chiasm.synthetic.word_targets import WordTargetObjective, stretch
 from chiasm.train.features import FeatureCache
 from chiasm.train.trainer import Trainer
-from chiasm.train.word_targets import WordTargetObjective, stretch
 
 FROZEN = PolicyConfig(mode="frozen")
 
@@ -49,14 +49,15 @@ def _code(bridge, grid):
 
 
 def test_quadrant_groups_follow_the_token_order_and_points_find_their_quadrant() -> None:
-    groups = token_groups("quadrants", (4, 4), 16)
+    quadrants, raster = get_layout("quadrants"), get_layout("raster")
+    groups = quadrants.token_groups((4, 4), 16)
     assert [name for name, _ in groups] == ["top left", "top right", "bottom left", "bottom right"]
     assert groups[1][1] == [2, 3, 6, 7] and groups[2][1] == [8, 9, 12, 13]
     assert token_order("quadrants", (4, 4), 16) == [i for _, m in groups for i in m]
-    assert token_groups("raster", (4, 4), 16) == [] and token_order("raster", (4, 4), 16) is None
-    assert [group_at("quadrants", x, y) for x, y in [(0.1, 0.2), (0.7, 0.2), (0.2, 0.9), (0.5, 0.5)]] == [0, 1, 2, 3]
+    assert raster.token_groups((4, 4), 16) == [] and token_order("raster", (4, 4), 16) is None
+    assert [quadrants.group_at(x, y) for x, y in [(0.1, 0.2), (0.7, 0.2), (0.2, 0.9), (0.5, 0.5)]] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="no named groups"):
-        group_at("raster", 0.1, 0.1)
+        raster.group_at(0.1, 0.1)
 
 
 def test_stretch_holds_each_word_in_order_and_refuses_what_does_not_fit() -> None:

@@ -21,8 +21,8 @@ import torch
 from matplotlib.figure import Figure
 
 from chiasm.config import BridgeConfig, EvalConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig
-from chiasm.data.synthetic import WorldFiles
 from chiasm.report.plots import read_metrics, save_figure
+from chiasm.synthetic.world import WorldFiles
 
 # Options that fit each bridge to a 4 x 4 grid (EfficientNet-Lite0 at 128 px, or tiny-vit at 64 px).
 DEFAULT_BRIDGES: dict[str, dict] = {
@@ -49,9 +49,8 @@ ARENA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 class ArenaBudget:
     """What every bridge gets: the same steps, batch and learning rates.
 
-    The default is sized so that all ten bridges, evaluation included, fit in 45 minutes
-    on a 2-core CPU with the demo's real parts (measured: 20 + 40 steps took 49 min before
-    the feature cache and the base LM's results were shared across bridges).
+    The default is sized so that all ten bridges, evaluation included, run in well under an
+    hour on a 2-core CPU with the demo's real parts; the README records how long they took.
     """
 
     align_steps: int = 18
@@ -60,7 +59,8 @@ class ArenaBudget:
     align_lr: float = 2e-3
     instruct_lr: float = 1e-3
     lora_lr: float = 3e-4
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=32, max_new_tokens=6))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=32, max_new_tokens=6,
+                                                                scorer="synthetic"))
 
 
 class PeakMemory:
@@ -196,7 +196,7 @@ def run_arena(out: Path, base: ModelConfig, world: WorldFiles, budget: ArenaBudg
 def quick_setup(out: Path) -> tuple[ModelConfig, WorldFiles, ArenaBudget]:
     """Tiny from-scratch parts and a few steps: every bridge end to end in seconds (used by the tests)."""
     from chiasm.config import EncoderConfig, LMConfig
-    from chiasm.data.synthetic import make_world
+    from chiasm.synthetic.world import make_world
     from chiasm.testing import make_tiny_lm
 
     lm = make_tiny_lm(out / "tiny-lm")
@@ -204,7 +204,8 @@ def quick_setup(out: Path) -> tuple[ModelConfig, WorldFiles, ArenaBudget]:
     base = ModelConfig(encoder=EncoderConfig(name="tiny-vit", image_size=64, options={"patch": 16, "dim": 32}),
                        lm=LMConfig(source=str(lm)))
     budget = ArenaBudget(align_steps=2, instruct_steps=2, batch_size=4,
-                         eval=EvalConfig(batch_size=8, max_new_tokens=4, retention_tokens=600, retention_prompts=2))
+                         eval=EvalConfig(batch_size=8, max_new_tokens=4, retention_tokens=600, retention_prompts=2,
+                                         scorer="synthetic"))
     return base, world, budget
 
 

@@ -11,11 +11,12 @@ from chiasm.data.sample import DataError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from chiasm.demo import DemoSize, run_demo
+    from chiasm.demo import DemoSize, check_targets, format_checks, run_demo
 
     size = DemoSize(n_train=args.n_train, n_eval=args.n_eval)
-    results = run_demo(Path(args.out), size)
-    return 0 if "vqa" in results else 1
+    checks = check_targets(run_demo(Path(args.out), size))
+    print(format_checks(checks))
+    return 0 if all(c.passed for c in checks) else 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -47,9 +48,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.eval.table import print_summary
     from chiasm.model import VisionLanguageModel
 
-    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
-    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples,
+    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer,
                      allow_outside_image_root=args.allow_outside_image_root)
+    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
     print_summary(results)
@@ -94,7 +95,9 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from chiasm.config import EvalConfig
     from chiasm.demo import DemoSize
+    from chiasm.eval.scorers import SCORERS
 
     p = argparse.ArgumentParser(prog="chiasm", description="Build, train and evaluate vision-language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-outside-image-root", action="store_true",
                    help="accept image paths that lead outside --image-root (absolute, ../, symlinks)")
     e.add_argument("--max-samples", type=int)
+    e.add_argument("--scorer", default=EvalConfig.scorer, help=f"how answers are scored: {', '.join(SCORERS.names())}")
     e.add_argument("--out")
     _add_load_options(e)
     e.set_defaults(func=_cmd_eval)

@@ -55,9 +55,9 @@ class ModelConfig:
     # A short system prompt keeps sequences short; None uses the chat template's default.
     system_prompt: str | None = None
     max_length: int | None = None  # None: the LM's own context length
-    # Where each visual token sits, told to the LM: "raster" (bridge order, no text) or
-    # "quadrants" (tokens grouped by quadrant after its name in words; see chiasm.layout).
-    image_layout: Literal["raster", "quadrants"] = "raster"
+    # Where each visual token sits, told to the LM: a name in chiasm.layout.LAYOUTS, "raster" (bridge
+    # order, no text) or the synthetic world's "quadrants" (tokens grouped by quadrant, named in words).
+    image_layout: str = "raster"
     # Weights dtype of the LM (and of in-LM bridges, which run inside its layers); a saved model
     # records the dtype it was saved in and loads back in it.
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -67,6 +67,11 @@ class ModelConfig:
     # activations are recomputed in the backward pass instead of kept, which trades about one
     # more forward pass for memory (longer sequences, bigger batches); gradients are unchanged.
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        from chiasm.layout import LAYOUTS
+
+        _check_name("image_layout", self.image_layout, LAYOUTS.kind, LAYOUTS.names())
 
 
 @dataclass
@@ -113,11 +118,12 @@ class StageConfig:
     # (which also caps this value: raise PIL.Image.MAX_IMAGE_PIXELS to allow larger images).
     max_image_pixels: int | None = None
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end of the stage
-    # "lm": next-token loss on assistant turns through the LM. "contrastive": pre-alignment of a
-    # prefix bridge to the LM's word embeddings, no LM forward (chiasm.train.contrastive).
-    # "words": each named group of visual tokens regresses onto the words of the phrase grounded
-    # there (chiasm.train.word_targets; needs image_layout "quadrants" and "regions").
-    objective: Literal["lm", "contrastive", "words"] = "lm"
+    # A name in chiasm.train.objectives. "lm": next-token loss on assistant turns through the LM.
+    # "contrastive": pre-alignment of a prefix bridge to the LM's word embeddings, no LM forward
+    # (chiasm.train.contrastive). "words": each named group of visual tokens regresses onto the
+    # words of the phrase grounded there (chiasm.synthetic.word_targets; needs image_layout
+    # "quadrants" and "regions").
+    objective: str = "lm"
     temperature: float = 0.05  # of the contrastive objective
     # Contrastive: also match every run of this many consecutive caption tokens (their mean
     # embedding), so one visual token must carry an object's attributes together. 0: words only.
@@ -132,6 +138,20 @@ class StageConfig:
     text_replay: int = 0
     replay_tokens: int = 64
     replay_pool: int = 256  # distinct rows drawn; steps cycle through them
+    # LM stages' data path (chiasm.train.loader): DataLoader worker processes (0: in this process).
+    num_workers: int = 0
+    # A frozen encoder's features computed once and read from a memory-mapped cache; false: the
+    # encoder runs on the pixels every step (pre-alignment objectives need the cache).
+    feature_cache: bool = True
+    # Length-grouped batching: 0 off; k: sort samples by length within mega-batches of k optimizer steps.
+    group_by_length: int = 0
+    # Sequence packing: 0 off; N: a micro-batch's samples packed into rows of at most N tokens.
+    pack_length: int = 0
+
+    def __post_init__(self) -> None:
+        from chiasm.train.objectives import objective_names
+
+        _check_name(f"stage {self.name!r}: objective", self.objective, "objective", objective_names())
 
 
 @dataclass
@@ -144,6 +164,14 @@ class EvalConfig:
     max_new_tokens: int = 8
     retention_tokens: int = 4096
     retention_prompts: int = 12
+    # How an answer is scored: a name in chiasm.eval.scorers.SCORERS ("exact" after the VQAv2
+    # normalisation; "vqa_soft" over meta "answers"; the synthetic world's "synthetic").
+    scorer: str = "exact"
+
+    def __post_init__(self) -> None:
+        from chiasm.eval.scorers import SCORERS
+
+        _check_name("scorer", self.scorer, SCORERS.kind, SCORERS.names())
 
 
 @dataclass
@@ -170,6 +198,12 @@ class RunConfig:
 
 class ConfigError(ValueError):
     """A config value that does not fit its field."""
+
+
+def _check_name(where: str, name: str, kind: str, known: list[str]) -> None:
+    """Refuse a name that no registry knows, listing the ones it does (matched exactly)."""
+    if name not in known:
+        raise ConfigError(f"{where}: unknown {kind} {name!r}; known: {', '.join(known)}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

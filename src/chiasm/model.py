@@ -150,31 +150,35 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, *, pixels: torch.Tensor | None = None,
-                features: torch.Tensor | None = None, return_logits: bool = False) -> VLMOutput:
+                features: torch.Tensor | None = None, return_logits: bool = False,
+                position_ids: torch.Tensor | None = None) -> VLMOutput:
         """Loss (mean over supervised tokens) and/or logits; give either pixels or cached features.
 
         With labels, the LM head runs only where a label is supervised: with a 49k-word
         vocabulary the head over every position costs as much as several decoder layers,
         and the loss needs only the answer tokens. ``return_logits`` adds full logits.
+        ``position_ids`` marks packed rows (restarting at 0 per sample, see
+        chiasm.train.packing): the LM then gets no 2D mask, because transformers derives the
+        block-causal mask from ``position_ids`` only when the 2D mask is absent.
         """
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
         embeds, layer_inputs = self.lm_inputs(input_ids, features)
-        return self._forward(embeds, attention_mask, labels, return_logits, layer_inputs)
+        mask = {"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids}
+        return self._forward(embeds, labels, return_logits, {**mask, **layer_inputs})
 
-    def _forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                 return_logits: bool, layer_inputs: dict[str, torch.Tensor]) -> VLMOutput:
+    def _forward(self, embeds: torch.Tensor, labels: torch.Tensor | None, return_logits: bool,
+                 lm_kwargs: dict[str, torch.Tensor]) -> VLMOutput:
+        """``lm_kwargs``: the 2D mask or packed ``position_ids``, and what in-LM bridges read."""
         if labels is None or return_logits or not self._can_split_head():
-            logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                             **layer_inputs).logits
+            logits = self.lm(inputs_embeds=embeds, use_cache=False, **lm_kwargs).logits
             loss = None
             if labels is not None:
                 # Shift the labels, not the logits: slicing (B, L, vocab) logits would copy them.
                 targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
                 loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             return VLMOutput(loss, logits)
-        hidden = self.base_lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            use_cache=False, **layer_inputs).last_hidden_state
+        hidden = self.base_lm.get_decoder()(inputs_embeds=embeds, use_cache=False, **lm_kwargs).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         picked = self.base_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()

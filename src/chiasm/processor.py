@@ -80,7 +80,7 @@ class Processor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image: ImagePreprocessing, *, tokens_per_image: int,
                  max_length: int, system_prompt: str | None = None, image_layout: str = "raster"):
         if image_layout not in LAYOUTS:
-            raise ValueError(f"unknown image layout {image_layout!r}; known: {', '.join(LAYOUTS)}")
+            raise ValueError(f"unknown image layout {image_layout!r}; known: {', '.join(LAYOUTS.names())}")
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer)
         self.image = image

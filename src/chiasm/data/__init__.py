@@ -1,4 +1,4 @@
-"""Data sources (LLaVA JSON/JSONL, the synthetic world) that all yield :class:`Sample`."""
+"""Data sources (LLaVA JSON/JSONL; the synthetic world in chiasm.synthetic) that all yield :class:`Sample`."""
 
 from chiasm.data.sample import DataError, Sample, Turn
 

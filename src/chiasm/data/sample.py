@@ -54,6 +54,16 @@ class DataError(ValueError):
             where.append(f"sample {sample_id!r}")
         prefix = f"[{', '.join(where)}] " if where else ""
         super().__init__(prefix + message)
+        self.message = message
         self.source = source
         self.sample_id = sample_id
         self.image = image
+
+    def __reduce__(self) -> tuple:
+        # Keeps file, sample id and image when the error crosses a process boundary (DataLoader workers).
+        return _rebuild_data_error, (type(self), self.message, self.source, self.sample_id, self.image)
+
+
+def _rebuild_data_error(cls: type[DataError], message: str, source: str | None, sample_id: str | None,
+                        image: str | None = None) -> DataError:
+    return cls(message, source=source, sample_id=sample_id, image=image)

@@ -2,8 +2,8 @@
 
 Its last feature map (1280 channels, 7x7 at 224 px) is read as a grid of 49 visual tokens.
 ImageNet training makes the last map partly colour-invariant (a linear probe reads an
-object's colour from it only ~87% of the time on the synthetic world, against >99% from
-block 10). ``extra_blocks`` adds mid-level maps, average-pooled to the same grid, and
+object's colour from it less reliably than from block 10; the README has the numbers).
+``extra_blocks`` adds mid-level maps, average-pooled to the same grid, and
 ``final = false`` drops the last map: the multi-level / intermediate-layer features that
 VLMs use for the same reason (LLaVA reads CLIP's penultimate layer, not its last).
 

@@ -86,17 +86,17 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
-            owners = {str(p): (s.id, s.source) for s in reversed(samples) for p in s.images}
+            owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
             feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
                                        preprocess=model.processor.image, owners=owners)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                  features=feats, override_image=str(blank), desc="VQA blank image")
-        scored, blank_scored = vqa.score(samples, preds), vqa.score(samples, blank_preds)
+        scored, blank_scored = vqa.score(samples, preds, cfg.scorer), vqa.score(samples, blank_preds, cfg.scorer)
         results["chance"] = vqa.chance(samples)
-        results["vqa"] = {k: v for k, v in scored.items() if k != "hits"}
-        results["blank"] = {k: v for k, v in blank_scored.items() if k != "hits"}
+        results["vqa"] = {k: v for k, v in scored.items() if k not in ("hits", "scores")}
+        results["blank"] = {k: v for k, v in blank_scored.items() if k not in ("hits", "scores")}
         results["reliance"] = vqa.reliance_verdict(scored["overall"], blank_scored["overall"],
                                                    results["chance"]["overall"])
         step = max(1, len(samples) // n_examples)

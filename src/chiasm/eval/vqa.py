@@ -1,4 +1,4 @@
-"""Visual question answering: exact-match accuracy, overall and per question type.
+"""Visual question answering: accuracy under a named scorer, overall and per question type.
 
 Also the image-reliance check: the same questions asked with a blank picture. A model
 that scores as well without the image answers from text priors alone.
@@ -14,18 +14,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from chiasm.data.sample import Sample
-from chiasm.data.synthetic import answer_matches
+from chiasm.eval.scorers import get_scorer, truth_of
 from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
 
 RELIANCE_MARGIN = 0.10  # with-image accuracy must beat blank-image accuracy by this much
-
-
-def truth_of(sample: Sample) -> str:
-    """The reference answer: ``meta['answer']`` or else the last assistant turn."""
-    if "answer" in sample.meta:
-        return str(sample.meta["answer"])
-    return next(t.text for t in reversed(sample.conversations) if t.role == "gpt")
 
 
 @torch.no_grad()
@@ -47,16 +40,19 @@ def answer(model: VisionLanguageModel, samples: list[Sample], *, batch_size: int
     return out
 
 
-def score(samples: list[Sample], predictions: list[str]) -> dict:
-    """Exact-match accuracy overall and per ``meta['question_type']``."""
-    per: dict[str, list[bool]] = defaultdict(list)
-    hits = []
+def score(samples: list[Sample], predictions: list[str], scorer: str = "exact") -> dict:
+    """Mean score overall and per ``meta['question_type']`` under the scorer named ``scorer``
+    (chiasm.eval.scorers); ``scores`` per sample, ``hits`` where the score is full credit."""
+    judge = get_scorer(scorer)
+    per: dict[str, list[float]] = defaultdict(list)
+    scores = []
     for s, p in zip(samples, predictions, strict=True):
-        ok = answer_matches(p, truth_of(s))
-        hits.append(ok)
-        per[str(s.meta.get("question_type", "all"))].append(ok)
-    return {"overall": sum(hits) / max(1, len(hits)), "n": len(hits),
-            "per_type": {k: sum(v) / len(v) for k, v in sorted(per.items())}, "hits": hits}
+        value = judge.score(p, s)
+        scores.append(value)
+        per[str(s.meta.get("question_type", "all"))].append(value)
+    return {"overall": sum(scores) / max(1, len(scores)), "n": len(scores),
+            "per_type": {k: sum(v) / len(v) for k, v in sorted(per.items())},
+            "hits": [v >= 1.0 for v in scores], "scores": scores}
 
 
 def chance(samples: list[Sample]) -> dict:

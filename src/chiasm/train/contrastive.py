@@ -25,6 +25,7 @@ from chiasm.data.regions import Region, box_token_mask, sample_regions
 from chiasm.data.sample import DataError, Sample
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
+from chiasm.train.objectives import PREALIGN
 from chiasm.train.prealign import bridge_tokens, check_bridge_only, read_samples
 
 
@@ -110,6 +111,7 @@ def norm_penalty(visual: torch.Tensor, target_norm: float) -> torch.Tensor:
     return ((visual.float().norm(dim=-1).clamp_min(1e-6) / target_norm).log() ** 2).mean()
 
 
+@PREALIGN.register("contrastive")
 class ContrastiveObjective:
     """Everything the trainer needs for a ``objective = "contrastive"`` stage.
 

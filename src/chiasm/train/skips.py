@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,28 +92,35 @@ class SkipLog:
         os.replace(tmp, path)
         return path
 
-    def update(self, errors: Iterable[DataError]) -> None:
-        """Record skips found while training (a batch dropped a sample): log, write, check."""
-        new = [e for e in errors if self.add_error(e)]
+    def absorb(self, entries: Iterable[dict]) -> None:
+        """Take in the skips the stage's data loader recorded while training (its ``sample``,
+        ``image`` and ``error`` keys); new ones are logged, written and checked against the cap."""
+        new = [e for e in entries if self.add(str(e.get("sample")), str(e.get("error")), image=e.get("image"))]
         if not new:
             return
-        log.warning("stage %s: skipped %d more samples while training (%d in all; first: %s)",
-                    self.stage, len(new), len(self), new[0])
+        log.warning("stage %s: %d more samples skipped while training (%d in all; first: %s)",
+                    self.stage, len(new), len(self), new[0].get("error"))
         self.write()
         self.check()
 
 
-def drop_bad_images(samples: list[Sample], bad: dict[str, str], skips: SkipLog) -> list[Sample]:
-    """The samples none of whose images is in ``bad`` (path -> reason); the others are recorded in ``skips``."""
-    if not bad:
-        return samples
+def drop_bad_images(samples: list[Sample], bad: Mapping[str, str], skips: SkipLog,
+                    on_error: str = "skip") -> list[Sample]:
+    """The samples none of whose images is in ``bad`` (path -> reason); the others are recorded in ``skips``.
+
+    With ``on_error="raise"`` the first such sample raises instead (a cache built under
+    ``skip`` by an earlier run can list broken images that this run must not train around).
+    """
     kept = []
     for s in samples:
         broken = next((str(p) for p in s.images if str(p) in bad), None)
         if broken is None:
             kept.append(s)
+        elif on_error != "skip":
+            raise DataError(bad[broken], source=s.source, sample_id=s.id, image=broken)
         else:
-            skips.add(s.id, bad[broken], image=broken)
+            error = DataError(bad[broken], source=s.source, sample_id=s.id, image=broken)
+            skips.add(s.id, str(error), image=broken)
     return kept
 
 

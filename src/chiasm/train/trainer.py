@@ -21,18 +21,17 @@ from tqdm.auto import tqdm
 
 from chiasm.config import RunConfig, StageConfig, save_config
 from chiasm.data.llava import load_llava
-from chiasm.data.sample import DataError
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.batches import Prepared, collate, prepare
-from chiasm.train.contrastive import ContrastiveObjective
 from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
 from chiasm.train.features import FeatureCache
+from chiasm.train.grouping import stage_order
+from chiasm.train.loader import StageLoader
+from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.skips import SkipLog, drop_bad_images
-from chiasm.train.word_targets import WordTargetObjective
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -77,10 +76,15 @@ def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 class StagePlan:
-    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``."""
+    """Which sample indices make up micro-batch ``k`` of optimizer step ``step`` on ``rank``.
 
-    def __init__(self, n: int, stage: StageConfig, world: int, seed: int):
-        self.n, self.stage, self.world, self.seed = n, stage, world, seed
+    ``order`` may rearrange each epoch's shuffled permutation (e.g. length grouping); it gets
+    the permutation and the epoch and must be deterministic.
+    """
+
+    def __init__(self, n: int, stage: StageConfig, world: int, seed: int,
+                 order: Callable[[list[int], int], list[int]] | None = None):
+        self.n, self.stage, self.world, self.seed, self.order = n, stage, world, seed, order
         per_step = stage.batch_size * stage.grad_accum * world
         if n < per_step:
             raise ValueError(f"stage {stage.name!r}: {n} samples is fewer than one optimizer step "
@@ -93,7 +97,8 @@ class StagePlan:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perms[epoch] = self.order(perm, epoch) if self.order is not None else perm
         b = self.stage.batch_size
         start = ((within * self.stage.grad_accum + micro) * self.world + rank) * b
         return self._perms[epoch][start : start + b]
@@ -148,6 +153,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg.precision, self.dist.device)
         self.trained: set[str] = set()
         self.stage_counts: dict[str, dict] = {}
+        self.skipped: dict[str, list[dict]] = {}  # per LM stage: the samples left out under on_error = "skip"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.json")
@@ -193,50 +199,51 @@ class Trainer:
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _features(self, samples: list, stage: StageConfig) -> FeatureCache | None:
-        """A frozen encoder's features of every image of ``samples``; broken ones listed in ``bad`` on skip."""
+    def _features(self, paths: list[str], stage: StageConfig, samples: list) -> FeatureCache | None:
         if stage.encoder.mode != "frozen":
             return None
-        owners = {str(p): (s.id, s.source) for s in reversed(samples) for p in s.images}
+        if not stage.feature_cache:
+            if stage.objective != "lm":
+                raise ValueError(f"stage {stage.name!r}: objective {stage.objective!r} reads cached features; "
+                                 "it needs feature_cache = true")
+            return None
         cache_dir = Path(self.cfg.feature_cache) if self.cfg.feature_cache else self.run_dir / "cache"
-        if self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, list(owners), cache_dir=cache_dir, owners=owners,
-                                       on_error=stage.on_error, max_pixels=stage.max_image_pixels,
-                                       show_progress=self.show_progress)
-        barrier()
-        if not self.dist.is_main:
-            cache = FeatureCache.build(self.model.encoder, list(owners), cache_dir=cache_dir, owners=owners,
-                                       on_error=stage.on_error, max_pixels=stage.max_image_pixels, show_progress=False)
-        return cache
+        # Each rank encodes its own shard; all then read every shard memory-mapped.
+        return FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=self.show_progress,
+                                  rank=self.dist.rank, world=self.dist.world, sync=barrier, on_error=stage.on_error,
+                                  owners={str(p): (s.source, s.id) for s in samples for p in s.images},
+                                  preprocess=self.model.processor.image, max_pixels=stage.max_image_pixels)
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
         samples, skips = _stage_samples(stage, self.run_dir / "stages" / stage.name if self.dist.is_main else None)
         if resume_from is not None:
             skips.restore()
-        # A frozen encoder's cache build decodes every image once: broken ones are known before step 1.
-        features = self._features(samples, stage)
-        if features is not None:
-            samples = drop_bad_images(samples, features.bad, skips)
         # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
-        kinds = {"contrastive": ContrastiveObjective, "words": WordTargetObjective}
-        prealign = kinds[stage.objective](model, samples, stage) if stage.objective in kinds else None
+        prealign = build_prealign(model, samples, stage)
         if prealign is not None:
-            prepared: list[Prepared] = []
-            n_items, skipped = len(prealign), prealign.skipped
+            n_items, paths = len(prealign), prealign.paths
         else:
-            prepared, skipped = prepare(samples, model, on_error=stage.on_error)
-            if skipped:
-                log.warning("stage %s: %d samples skipped while tokenising", stage.name, len(skipped))
-            n_items = len(prepared)
-        for sample_id, reason in skipped:
+            n_items, paths = len(samples), [str(p) for s in samples for p in s.images]
+        features = self._features(paths, stage, samples)
+        if features is not None and features.bad:
+            # The cache build decoded every image once: samples with a broken one go before step 1.
+            samples = drop_bad_images(samples, features.bad, skips, stage.on_error)
+            prealign = build_prealign(model, samples, stage) if prealign is not None else None
+            n_items = len(prealign) if prealign is not None else len(samples)
+        for sample_id, reason in getattr(prealign, "skipped", []):
             skips.add(sample_id, reason)
         if stage.on_error == "skip":
             skips.write()
         skips.check()
-        plan = StagePlan(n_items, stage, self.dist.world, self.cfg.seed * 1000 + index)
+        seed = self.cfg.seed * 1000 + index
+        order = stage_order(stage, samples, model, self.dist.world, seed) if prealign is None else None
+        plan = StagePlan(n_items, stage, self.dist.world, seed, order=order)
+        loader = None if prealign is not None else StageLoader(
+            samples, model, stage, plan, rank=self.dist.rank, world=self.dist.world, start_step=start_step,
+            features=features, stage_dir=self.run_dir / "stages" / stage.name)
+        batches = iter(loader) if loader is not None else None
         replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
-        pad = model.tokenizer.pad_token_id
         # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP/FSDP.
         inner = model.bridge if prealign is not None else model
         set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
@@ -249,14 +256,12 @@ class Trainer:
                 indices = plan.indices(start_step, 0, self.dist.rank)
                 if prealign is not None:
                     return prealign.loss(indices, module, features)[0]
-                batch = collate([prepared[j] for j in indices], pad, features=features,
-                                model=model, on_error=stage.on_error,
-                                max_pixels=stage.max_image_pixels).to(self.dist.device)
+                batch = loader.batch(indices).to(self.dist.device)
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
-                                  features=batch.features).loss
+                                  features=batch.features, position_ids=batch.position_ids).loss
 
-            text_only = any(not it.sample.images for it in prepared)
+            text_only = prealign is None and any(not s.images for s in samples)
             unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device,
                                          text_only_samples=text_only)
             wrapped = wrap(inner, model, self.cfg.strategy, self.dist, unused, text_only_samples=text_only)
@@ -282,6 +287,10 @@ class Trainer:
             loss_sum, n_tok, n_img, extra, dropped = 0.0, 0, 0, {}, 0
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
+                batch = next(batches) if batches is not None else None
+                if batches is not None and batch is None:
+                    dropped += 1
+                    continue  # every sample of this micro-batch was skipped (one process only)
                 sync = micro == stage.grad_accum - 1
                 with gradient_sync(wrapped, sync):
                     if prealign is not None:
@@ -291,21 +300,11 @@ class Trainer:
                         extra[metric] = extra.get(metric, 0.0) + accuracy / stage.grad_accum
                         n_img += len(indices)
                     else:
-                        batch = collate([prepared[j] for j in indices], pad, features=features,
-                                        model=model, on_error=stage.on_error,
-                                        max_pixels=stage.max_image_pixels).to(self.dist.device)
-                        skips.update(batch.skipped)  # an unfrozen encoder meets broken images here
-                        if not len(batch):
-                            if self.dist.world > 1:  # one rank skipping its backward would stall the others
-                                raise DataError(f"stage {stage.name!r}: every sample of a micro-batch on rank "
-                                                f"{self.dist.rank} has a broken image; with several processes "
-                                                "freeze the encoder (its feature cache drops them before "
-                                                "training) or fix the images", source=stage.data)
-                            dropped += 1
-                            continue
+                        batch = batch.to(self.dist.device)
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
-                                             pixels=batch.pixels, features=batch.features).loss
+                                             pixels=batch.pixels, features=batch.features,
+                                             position_ids=batch.position_ids).loss
                             total = loss_t
                             if replay is not None and sync:
                                 # The same rows on every rank, once per step: DDP's mean leaves
@@ -330,7 +329,10 @@ class Trainer:
                       **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
                       "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
+                      **({"skipped": loader.count(self.dist.device)} if loader is not None else {}),
                       **{k: all_reduce_mean(v) for k, v in extra.items()}}
+            if loader is not None and self.dist.world == 1:
+                skips.absorb(loader.skipped)  # one process: the cap is checked as soon as it is passed
             if self.dist.is_main:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -341,6 +343,9 @@ class Trainer:
             bar.update(1)
             done = step + 1 == plan.total
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
+                if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
+                    self.skipped[stage.name] = loader.write_skipped()
+                    skips.absorb(self.skipped[stage.name])  # every rank's, gathered: all ranks check alike
                 self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done))
             if self._steps_left is not None:
                 self._steps_left -= 1

@@ -1,25 +1,22 @@
-"""Pre-alignment by word regression: each named group of visual tokens learns to *be* its phrase.
+"""Pre-alignment by word regression (``words``): each named group of visual tokens learns to *be* its phrase.
 
 The contrastive objective (chiasm.train.contrastive) makes a visual token point towards a
 phrase's words, but it scores directions against a batch: the tokens end up near a blend of
-words (cosine ~0.3 to the nearest one in the demo), which the LM must still learn to read.
-Here the target is exact. With an image layout that names groups of tokens (``quadrants``:
-"top left: <v><v><v><v> in the top left"), the phrase grounded in a group (the region whose
-box centre lies in it) is tokenised and its word embeddings are the targets of the group's
-tokens, in order; a group with no region says ``empty_phrase``. After this stage the LM reads
-"top left: small small red circle in the top left" in its own input embeddings, as if the
-scene had been written out, and the *align* and *instruct* stages start from text it already
-understands. In the demo, 416 steps (7 s) bring the relative squared error to 0.013; after
-align and instruct every token of the 40 held-out images is still nearest (by cosine, among
-the stage's 13 words) its own word, and held-out VQA rose from 76.5% (contrastive
-pre-alignment) to 82.5% with the same recipe.
+words, which the LM must still learn to read. Here the target is exact. With an image
+layout that names groups of tokens (the synthetic world's ``quadrants``: "top left:
+<v><v><v><v> in the top left"), the phrase grounded in a group (the region whose box centre
+lies in it) is tokenised and its word embeddings are the targets of the group's tokens, in
+order; a group with no region says ``empty_phrase``. After this stage the LM reads "top
+left: small small red circle in the top left" in its own input embeddings, as if the scene
+had been written out, and the *align* and *instruct* stages start from text it already
+understands. The objective lives with the synthetic world because it needs a layout with
+named groups and at most one grounded phrase per group, which that world guarantees.
 
 Why it can work at all: the bridge must emit several different words from what it sees of
 one object, so each group's tokens should come from features that see the whole object.
 The demo pools the encoder's map to one feature per quadrant and lets the MLP bridge emit a
-2 x 2 block of tokens from each (``upsample = 2``). With four features per quadrant, each
-covering part of it, the colour slot was right for only 89% of held-out objects; with one
-whole-quadrant feature, for all of them.
+2 x 2 block of tokens from each (``upsample = 2``); with several features per quadrant, each
+covering part of it, the colour slot is often wrong (the README records the probe).
 
 A phrase shorter than its group is stretched over it (each word held for as many tokens as
 it takes, "small small red circle"), so every token has a word and none is left free; one
@@ -36,9 +33,10 @@ from torch import nn
 from chiasm.config import StageConfig
 from chiasm.data.regions import sample_regions
 from chiasm.data.sample import DataError, Sample
-from chiasm.layout import group_at, token_groups
+from chiasm.layout import get_layout
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
+from chiasm.train.objectives import PREALIGN
 from chiasm.train.prealign import bridge_tokens, check_bridge_only, read_samples
 
 
@@ -60,6 +58,7 @@ def word_regression_loss(visual: torch.Tensor, targets: torch.Tensor, scale: flo
     return F.mse_loss(visual.float(), targets.float()) / scale
 
 
+@PREALIGN.register("words")
 class WordTargetObjective:
     """Everything the trainer needs for an ``objective = "words"`` stage (see the module docstring)."""
 
@@ -67,14 +66,14 @@ class WordTargetObjective:
 
     def __init__(self, model: VisionLanguageModel, samples: list[Sample], stage: StageConfig):
         check_bridge_only(model, stage, "words")
-        layout = model.config.image_layout
+        name = model.config.image_layout
+        self.layout = get_layout(name)
         grid = model.bridge.token_grid(model.encoder.grid())
-        self.groups = token_groups(layout, grid, model.tokens_per_image)
+        self.groups = self.layout.token_groups(grid, model.tokens_per_image)
         if not self.groups:
             raise ValueError(f"stage {stage.name!r}: a words stage needs an image layout with named groups of "
-                             f"tokens (image_layout = 'quadrants'); this model's is {layout!r}")
+                             f"tokens (image_layout = 'quadrants'); this model's is {name!r}")
         self.model = model
-        self.layout = layout
         self.empty_phrase = stage.empty_phrase
         self._ids: dict[str, list[int]] = {}  # phrase -> token ids: a world repeats few phrases many times
         self.samples, rows, self.skipped = read_samples(samples, stage, self._targets)
@@ -98,7 +97,7 @@ class WordTargetObjective:
         per_group: list[str | None] = [None] * len(self.groups)
         for region in sample_regions(sample):
             x0, y0, x1, y1 = region.box
-            k = group_at(self.layout, (x0 + x1) / 2, (y0 + y1) / 2)
+            k = self.layout.group_at((x0 + x1) / 2, (y0 + y1) / 2)
             if per_group[k] is not None:
                 raise DataError(f"regions {per_group[k]!r} and {region.phrase!r} both lie in the "
                                 f"{self.groups[k][0]} group; a words stage needs at most one per group",
