@@ -224,11 +224,11 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
         except DataError as exc:
             if on_error != "skip":
                 if exc.sample_id is None:  # a cache miss knows the image but not who uses it
-                    raise DataError(str(exc), sample_id=it.sample.id, source=it.sample.source,
+                    raise DataError(exc.message, sample_id=it.sample.id, source=it.sample.source,
                                     image=exc.image) from exc
                 raise
             skipped.append(exc if exc.sample_id is not None else DataError(
-                str(exc), sample_id=it.sample.id, source=it.sample.source, image=exc.image))
+                exc.message, sample_id=it.sample.id, source=it.sample.source, image=exc.image))
             continue
         kept.append(it)
     width = max((len(it.encoded.input_ids) for it in kept), default=0)
