@@ -18,6 +18,8 @@ MET = {
     "chance": {"overall": 0.36, "per_type": {}},
     "retention": {"ppl_ratio": 1.003},
     "stage_retention": {"align": {"ppl_ratio": 1.0}, "instruct": {"ppl_ratio": 1.0033}},
+    "vqa_paraphrased": {"overall": 0.9, "n": 200, "per_type": {"colour": 0.9, "count": 0.85, "existence": 0.9,
+                                                               "position": 0.9, "shape": 0.95}},
 }
 
 
@@ -39,7 +41,9 @@ def test_a_demo_that_meets_every_target_passes_each() -> None:
     checks = check_targets(MET)
     assert [(c.name, c.passed) for c in checks] == [("VQA overall", True), ("VQA per question type", True),
                                                     ("perplexity rise after instruct", True),
-                                                    ("blank-image accuracy", True)]
+                                                    ("blank-image accuracy", True),
+                                                    ("VQA in other words overall", True),
+                                                    ("VQA in other words per question type", True)]
     assert checks[0].detail == "90.5% (target >= 90%)"
     assert checks[1].detail == "lowest count 87.5% (target >= 80% each)"
     assert checks[2].detail == "+0.3% (target <= +5%)"
@@ -78,7 +82,8 @@ def test_missing_measurements_are_misses_and_retention_falls_back_to_the_final_m
 
 def test_targets_are_configurable_in_one_place() -> None:
     strict = DemoTargets(vqa_overall=0.95, vqa_per_type=0.9)
-    assert [c.name for c in check_targets(MET, strict) if not c.passed] == ["VQA overall", "VQA per question type"]
+    assert [c.name for c in check_targets(MET, strict) if not c.passed] == [
+        "VQA overall", "VQA per question type", "VQA in other words overall", "VQA in other words per question type"]
 
 
 @pytest.mark.parametrize(("results", "code"), [(MET, 0), (_with(vqa__overall=0.5), 1)])
@@ -86,12 +91,12 @@ def test_chiasm_demo_exits_non_zero_on_a_miss(monkeypatch: pytest.MonkeyPatch, c
                                               tmp_path: Path, results: dict, code: int) -> None:
     seen = {}
 
-    def fake_run_demo(out: Path, size: demo.DemoSize) -> dict:
-        seen.update(out=out, n_train=size.n_train)
+    def fake_run_demo(out: Path, size: demo.DemoSize, *, precision: str) -> dict:
+        seen.update(out=out, n_train=size.n_train, precision=precision)
         return results
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    assert main(["demo", "--out", str(tmp_path), "--n-train", "16"]) == code
-    assert seen == {"out": tmp_path, "n_train": 16}
+    assert main(["demo", "--out", str(tmp_path), "--n-train", "16", "--precision", "fp32"]) == code
+    assert seen == {"out": tmp_path, "n_train": 16, "precision": "fp32"}
     out = capsys.readouterr().out.splitlines()
-    assert out[:4] == [f"{'PASS' if c.passed else 'MISS'}  {c.name}: {c.detail}" for c in check_targets(results)]
+    assert out[:6] == [f"{'PASS' if c.passed else 'MISS'}  {c.name}: {c.detail}" for c in check_targets(results)]

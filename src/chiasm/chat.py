@@ -15,6 +15,7 @@ from chiasm.model import VisionLanguageModel
 def ask(model: VisionLanguageModel, question: str, images: list[Path], *, history: list[Turn] | None = None,
         max_new_tokens: int = 64) -> str:
     """One greedy answer. Images go where ``<image>`` stands, or before the question if absent."""
+    check_question(question, len(images), history)
     for img in images:
         # Fail early, with the path, on a missing or corrupt file.
         load_image(Path(img), sample_id="chat", source="<chat>")
@@ -28,8 +29,25 @@ def ask(model: VisionLanguageModel, question: str, images: list[Path], *, histor
     return model.tokenizer.decode(rows[0], skip_special_tokens=True).strip()
 
 
+def check_question(question: str, n_images: int, history: list[Turn] | None = None) -> None:
+    """Refuse an empty question, and ``<image>`` placeholders that do not match the images given.
+
+    Either every image has its placeholder in the conversation or none has one (then they go
+    before the question); any other count would fail later as a token mismatch, or silently
+    leave an image out.
+    """
+    if not question.strip():
+        raise ValueError("the question is empty; ask something, or leave the question out for an interactive chat")
+    placed = sum(t.text.count(IMAGE_PLACEHOLDER) for t in [*(history or []), Turn("human", question)])
+    if placed and placed != n_images:
+        raise ValueError(f"the question holds {placed} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) "
+                         f"were given; give one --image per {IMAGE_PLACEHOLDER}, or leave the placeholders out")
+
+
 def interactive(model: VisionLanguageModel, images: list[Path]) -> None:
     """A small REPL: the images stay in the conversation, each line is a new question."""
+    for img in images:
+        load_image(Path(img))  # a missing image fails before the first question, not after it
     history: list[Turn] = []
     print("chiasm chat: empty line or Ctrl-D to quit")
     while True:
@@ -39,6 +57,11 @@ def interactive(model: VisionLanguageModel, images: list[Path]) -> None:
             break
         if not q:
             break
+        try:
+            check_question(q, len(images), history)
+        except ValueError as exc:  # the line, not the session, is wrong: say so and ask again
+            print(f"error: {exc}")
+            continue
         a = ask(model, q, images, history=history)
         if not history and images and IMAGE_PLACEHOLDER not in q:
             q = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [q])

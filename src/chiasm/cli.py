@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from chiasm.data.sample import DataError
+from chiasm.errors import user_message
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from chiasm.demo import DemoSize, check_targets, format_checks, run_demo
 
     size = DemoSize(n_train=args.n_train, n_eval=args.n_eval)
-    checks = check_targets(run_demo(Path(args.out), size))
+    checks = check_targets(run_demo(Path(args.out), size, precision=args.precision))
     print(format_checks(checks))
     return 0 if all(c.passed for c in checks) else 1
 
@@ -44,12 +45,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.config import EvalConfig
+    from chiasm.config_checks import check_values
     from chiasm.eval.evaluate import evaluate
     from chiasm.eval.table import print_summary
     from chiasm.model import VisionLanguageModel
 
     cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer,
                      allow_outside_image_root=args.allow_outside_image_root)
+    check_values(cfg, "eval options")  # before the model loads
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
@@ -62,12 +65,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from chiasm.chat import ask, interactive
+    from chiasm.chat import ask, check_question, interactive
     from chiasm.model import VisionLanguageModel
 
+    if args.question is not None:
+        check_question(args.question, len(args.image))  # before the model loads
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     images = [Path(p) for p in args.image]
-    if args.question:
+    if args.question is not None:
         print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
     else:
         interactive(model, images)
@@ -100,13 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     from chiasm.eval.scorers import SCORERS
 
     p = argparse.ArgumentParser(prog="chiasm", description="Build, train and evaluate vision-language models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="offline two-stage training of a real VLM on the CPU")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--n-train", type=int, default=DemoSize.n_train, help="synthetic training images")
     d.add_argument("--n-eval", type=int, default=DemoSize.n_eval, help="held-out images (5 questions each)")
+    d.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training precision (auto: bf16 where the hardware runs it natively; fp32 elsewhere)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="run a recipe from a TOML/JSON config (works under torchrun)")
@@ -150,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"chiasm: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:  # a bug, not the user's mistake: its traceback is what a report needs
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"chiasm: error: {message}", file=sys.stderr)
         return 2
 
 

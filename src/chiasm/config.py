@@ -270,14 +270,28 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a run config from ``.toml`` or ``.json``; relative data paths stay relative to CWD."""
-    path = Path(path)
-    text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    cfg = from_dict(RunConfig, data)
-    from chiasm.options import check_model_options  # the registries import this module
+    """Read a run config from ``.toml`` or ``.json``; relative data paths stay relative to CWD.
 
-    check_model_options(cfg.model, "RunConfig.model")
+    Its values are checked too (:mod:`chiasm.config_checks`): one ConfigError lists every problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}" if not path.is_dir() else f"{path} is a folder, "
+                                "not a config file")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError both are ValueErrors
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+    if not data:
+        raise ConfigError(f"{path}: the config file is empty; a run needs [model] and at least one [[stages]]")
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    from chiasm.config_checks import check_run_config  # it imports this module
+
+    check_run_config(cfg, str(path))
     return cfg
 
 

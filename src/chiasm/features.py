@@ -36,6 +36,7 @@ from chiasm.data.images import load_image
 from chiasm.data.sample import DataError
 from chiasm.encoders.base import VisionEncoder
 from chiasm.encoders.preprocessing import ImagePreprocessing
+from chiasm.errors import ModelFolderError
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
@@ -307,15 +308,19 @@ def _map_npy(file: Path) -> tuple[mmap.mmap, np.ndarray, int]:
 
     ``np.load(mmap_mode="r")`` would hide the map, and the map is needed to release pages.
     """
-    with open(file, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        offset = f.tell()
-        if fortran:
-            raise ValueError(f"{file}: feature shards are written C-ordered; this one is not")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return mm, np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset), offset
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+            if fortran:
+                raise ValueError(f"{file}: feature shards are written C-ordered; this one is not")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mm, np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset), offset
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: numpy's "buffer is too small" (a truncated file)
+        raise ModelFolderError(f"{file}: unreadable feature cache shard ({exc}); delete {file.parent} "
+                               "to compute the features again") from exc
 
 
 def _release(mm: mmap.mmap, start: int, size: int) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +24,7 @@ from chiasm.bridges.base import Bridge, build_bridge
 from chiasm.checkpointing import enable_checkpointing
 from chiasm.config import ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
+from chiasm.errors import ModelFolderError
 from chiasm.layout import token_order
 from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
 from chiasm.processor import PROCESSOR_FILE, Processor
@@ -247,7 +249,10 @@ class VisionLanguageModel(nn.Module):
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
-        config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
+        try:
+            config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
+        except ValueError as exc:  # not JSON, or not a model config (ConfigError)
+            raise ModelFolderError(f"{folder / CONFIG_FILE}: not a valid model config: {exc}") from exc
         if dtype is not None:
             config = replace(config, dtype=dtype_name(torch_dtype(dtype)))
         if attn_implementation is not None:
@@ -256,10 +261,15 @@ class VisionLanguageModel(nn.Module):
         if (folder / ENCODER_FOLDER).is_dir():  # rebuilt from the folder, never from the original source
             enc_cfg = replace(enc_cfg, source=str(folder / ENCODER_FOLDER))
         encoder = build_encoder(enc_cfg, pretrained=False)  # weights come from the folder
-        encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+        _load_weights(encoder, folder / "encoder.safetensors", "encoder")
         check_attn_implementation(config.attn_implementation)
         extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
-        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+        if not (folder / "lm").is_dir():
+            raise ModelFolderError(f"{folder / 'lm'}: folder missing; the model folder is incomplete (save it again)")
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
         processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder / "lm")
         if tokenizer.pad_token_id is None:
@@ -267,7 +277,7 @@ class VisionLanguageModel(nn.Module):
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
         model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
-        bridge.load_state_dict(load_file(str(folder / "bridge.safetensors")))
+        _load_weights(bridge, folder / "bridge.safetensors", "bridge")
         if processor is not None:
             _adopt_processor(model, processor, folder)
         if device is not None:
@@ -285,6 +295,19 @@ def _in_lm_dtype(model: VisionLanguageModel) -> VisionLanguageModel:
     if model.bridge.in_lm:
         model.bridge.to(model.base_lm.dtype)
     return model
+
+
+def _load_weights(module: nn.Module, path: Path, what: str) -> None:
+    """Load ``path`` into ``module``; a missing, corrupt or mismatched file is named in the error."""
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except FileNotFoundError as exc:
+        raise ModelFolderError(f"{path}: file missing; the model folder is incomplete (save it again)") from exc
+    except (SafetensorError, OSError) as exc:
+        raise ModelFolderError(f"{path}: not a readable safetensors file, corrupt or truncated ({exc})") from exc
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshapen tensors
+        raise ModelFolderError(f"{path}: its tensors do not fit the {what} that {CONFIG_FILE} describes "
+                               f"({' '.join(str(exc).split())[:400]})") from exc
 
 
 def _adopt_processor(model: VisionLanguageModel, processor: Processor, folder: Path) -> None:

@@ -30,6 +30,7 @@ from chiasm.conversation import IGNORE_INDEX, ConversationEncoder, Encoded
 from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.encoders.preprocessing import ImagePreprocessing
+from chiasm.errors import ModelFolderError
 from chiasm.layout import LAYOUTS
 from chiasm.tokens import IMAGE_TOKEN, add_image_token
 
@@ -105,9 +106,15 @@ class Processor:
         file = folder / PROCESSOR_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{folder} has no {PROCESSOR_FILE}")
-        data = json.loads(file.read_text())
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelFolderError(f"{file}: not valid JSON ({exc}); save the model again") from exc
         known = {"image", "tokens_per_image", "max_length", "system_prompt", "image_layout", "image_token"}
         unknown = sorted(set(data) - known)
+        missing = sorted({"image", "tokens_per_image", "max_length"} - set(data))
+        if missing:
+            raise ModelFolderError(f"{file}: missing key(s) {missing}; save the model again")
         if unknown:
             raise ValueError(f"{file}: unknown key(s) {unknown}; allowed: {sorted(known)}")
         if data.get("image_token", IMAGE_TOKEN) != IMAGE_TOKEN:

@@ -24,6 +24,8 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
+from chiasm.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -61,7 +63,7 @@ class Registry(Generic[T]):
         try:
             return self._table[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def _load(self, name: str) -> None:
         module = self._plugins[name]

@@ -3,7 +3,8 @@
 transformers treats any string that is not an existing folder as a hub id, so a mistyped
 local path comes back as a complaint about a malformed repository name, and a hub id on a
 machine without network as a connection error deep in huggingface_hub. Both are turned
-here into a sentence that names the problem and the fix.
+here into a sentence that names the problem and the fix, and so is a local folder that is not
+a checkpoint (no config.json, corrupt weights).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from chiasm.errors import ModelFolderError
 
 
 def looks_like_path(source: str) -> bool:
@@ -42,9 +47,11 @@ def hub_errors(source: str, what: str) -> Iterator[None]:
     """Turn a failed hub lookup of ``source`` into an error that says how to use a local copy."""
     try:
         yield
-    except OSError as exc:
-        if Path(source).expanduser().exists():
-            raise
+    except (OSError, ValueError, SafetensorError) as exc:
+        if Path(source).expanduser().exists():  # a local folder that is not a (complete) checkpoint
+            raise ModelFolderError(f"{what} {source}: cannot load it from this folder: {exc}") from exc
+        if isinstance(exc, ValueError):  # e.g. a name that is no valid hub id either
+            raise ModelFolderError(f"{what} {source!r} is not a local folder, nor usable as a hub id: {exc}") from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "offline" in str(exc).lower() \
             or "connect" in str(exc).lower()
         why = "no network access to the Hugging Face hub" if offline else "the hub could not serve it"

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel
 
+from chiasm.errors import UnknownNameError
 from chiasm.packaged import PACKAGED_PREFIX, package_folder
 
 
@@ -66,7 +67,7 @@ def resolve_source(source: str) -> tuple[str, bool]:
     if source.startswith(PACKAGED_PREFIX):
         name = source[len(PACKAGED_PREFIX) :]
         if name not in PACKAGED_BERTS:
-            raise KeyError(f"unknown packaged BERT {name!r}; known: {sorted(PACKAGED_BERTS)}")
+            raise UnknownNameError(f"unknown packaged BERT {name!r}; known: {sorted(PACKAGED_BERTS)}")
         entry = PACKAGED_BERTS[name]
         folder = package_folder(entry.package, entry.install_hint) / entry.subfolder
         if not (folder / "config.json").exists():

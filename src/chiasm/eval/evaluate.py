@@ -12,6 +12,7 @@ import torch
 
 from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
+from chiasm.data.sample import DataError
 from chiasm.eval import retention, vqa
 from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
@@ -79,9 +80,7 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     results: dict = {"model": type(model.bridge).__name__}
     if cfg.data:
         t0 = time.perf_counter()
-        samples = load_llava(cfg.data, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root).samples
-        if cfg.max_samples:
-            samples = samples[: cfg.max_samples]
+        samples = _eval_samples(cfg)
         work = Path(out_dir or Path(cfg.data).parent) / "cache"
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
@@ -114,3 +113,27 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _eval_samples(cfg: EvalConfig) -> list:
+    samples = load_llava(cfg.data, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root).samples
+    if not samples:  # an accuracy over nothing would read as a result
+        raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
+    return samples[: cfg.max_samples] if cfg.max_samples else samples
+
+
+def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:
+    """With-image VQA accuracy alone (overall, per type, n): no blank-image control, no retention.
+
+    For asking the same images again in other words, where the controls of :func:`evaluate`
+    would only repeat what the first wording measured.
+    """
+    samples = _eval_samples(cfg)
+    with torch.no_grad():
+        owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
+        feats = FeatureCache.build(model.encoder, list(owners), cache_dir=None, show_progress=False,
+                                   preprocess=model.processor.image, owners=owners)
+    preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                       features=feats, desc="VQA (other wording)")
+    scored = vqa.score(samples, preds, cfg.scorer)
+    return {k: v for k, v in scored.items() if k not in ("hits", "scores")}

@@ -14,6 +14,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chiasm.chat_template import ChatTemplate, stop_token_ids
 
+CHUNK_TOKENS = 256  # perplexity is measured over windows of this many tokens
+
 TEXT_PROMPTS = [
     "What is the capital of France?",
     "Name three primary colours.",
@@ -43,7 +45,7 @@ def held_out_text() -> str:
 
 @torch.no_grad()
 def perplexity(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, *,
-               max_tokens: int = 4096, chunk: int = 256) -> tuple[float, int]:
+               max_tokens: int = 4096, chunk: int = CHUNK_TOKENS) -> tuple[float, int]:
     """Perplexity of the first ``max_tokens`` tokens of ``text`` in chunks of ``chunk``."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     n_chunks = len(ids) // chunk

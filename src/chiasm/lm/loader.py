@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from chiasm.errors import UnknownNameError
 from chiasm.packaged import PACKAGED_PREFIX, package_folder
 from chiasm.sources import check_source, hub_errors
 
@@ -51,7 +52,7 @@ def cache_dir() -> Path:
 def convert_packaged(name: str, *, force: bool = False) -> Path:
     """Convert a packaged GGUF model once into a safetensors folder and return that folder."""
     if name not in PACKAGED_LMS:
-        raise KeyError(f"unknown packaged LM {name!r}; known: {sorted(PACKAGED_LMS)}")
+        raise UnknownNameError(f"unknown packaged LM {name!r}; known: {sorted(PACKAGED_LMS)}")
     entry = PACKAGED_LMS[name]
     out = cache_dir() / "lm" / name
     if (out / "model.safetensors").exists() and not force:

@@ -8,7 +8,8 @@ asks for them:
 - ``layout``: the ``quadrants`` image layout (registered in ``chiasm.layout.LAYOUTS``);
 - ``word_targets``: the ``words`` pre-alignment objective (``chiasm.train.objectives``);
 - ``answers``: the world's answer normaliser, the ``synthetic`` VQA scorer
-  (``chiasm.eval.scorers``).
+  (``chiasm.eval.scorers``);
+- ``paraphrase``: the evaluation questions in wordings training never used.
 
 This file imports none of them, so that loading one (say the layout, when a saved model is
 read) does not pull in the others.

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from chiasm.errors import ModelFolderError
 from chiasm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -130,13 +132,13 @@ def read_state(folder: Path) -> TrainState | None:
     f = Path(folder) / "state.json"
     if not f.exists():
         return None
-    meta = json.loads(f.read_text())
+    meta = _read_json(f)
     return TrainState(meta["stage_index"], meta["step"], meta["stage_done"])
 
 
 def load_model_state(folder: Path, model: VisionLanguageModel) -> set[str]:
     """Load trained parameters into ``model``; every checkpointed name must exist in it."""
-    params = load_file(str(Path(folder) / "model.safetensors"))
+    params = _read_tensors(Path(folder) / "model.safetensors")
     own = model.state_dict()
     missing = sorted(set(params) - set(own))
     if missing:
@@ -147,17 +149,17 @@ def load_model_state(folder: Path, model: VisionLanguageModel) -> set[str]:
 
 def load_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) -> None:
     folder = Path(folder)
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    scalars = json.loads((folder / "optimizer.json").read_text())
+    tensors = _read_tensors(folder / "optimizer.safetensors")
+    scalars = _read_json(folder / "optimizer.json")
     sd = _join_optimizer(tensors, scalars)
     if _sharded(optimizer):
         from chiasm.train.fsdp import shard_optimizer_state
 
         sd = shard_optimizer_state(sd, optimizer)
     optimizer.load_state_dict(sd)
-    rng = load_file(str(folder / "rng.safetensors"))
+    rng = _read_tensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
-    meta = json.loads((folder / "state.json").read_text())
+    meta = _read_json(folder / "state.json")
     restore_cuda_rng(rng, meta.get("cuda_device"))
     v, inner, gauss = meta["python_rng"]
     random.setstate((v, tuple(inner), gauss))
@@ -167,3 +169,23 @@ def _sharded(optimizer: torch.optim.Optimizer) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
+def _unreadable(path: Path, exc: Exception) -> ModelFolderError:
+    return ModelFolderError(f"{path}: unreadable checkpoint file ({exc}); run without --resume to start over, "
+                            f"or restore {path.parent} from a copy")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a missing or corrupt one is named (a run killed mid-write)."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc

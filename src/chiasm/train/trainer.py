@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from chiasm.config import RunConfig, StageConfig, save_config
+from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
@@ -141,6 +142,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model: VisionLanguageModel | None = None,
                  dist_info: DistInfo | None = None, show_progress: bool = True):
+        check_run_config(cfg)  # before the model is built: a bad value costs no loading time
         self.cfg = cfg
         check_parallel_config(cfg, dist_info.world if dist_info else env_world_size(), torch.cuda.is_available())
         self.dist = dist_info or init_distributed(cfg.backend)

@@ -1,0 +1,45 @@
+"""The synthetic world's held-out wordings: every training template re-worded, answers and images kept."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from chiasm.data.llava import load_llava
+from chiasm.synthetic.paraphrase import PARAPHRASES, paraphrase_question, write_paraphrased
+from chiasm.synthetic.world import make_world
+
+
+def test_every_eval_question_gets_an_unseen_wording_with_its_answer_kept(tmp_path: Path) -> None:
+    world = make_world(tmp_path / "w", n_train=24, n_eval=12, image_size=32, turns_per_conversation=5)
+    out = write_paraphrased(world.eval, tmp_path / "w" / "eval_paraphrased.json")
+    before, after = load_llava(world.eval).samples, load_llava(out).samples
+    assert [s.id for s in after] == [s.id for s in before]
+    trained = {t.text.replace("<image>", "").strip() for s in load_llava(world.instruct).samples
+               for t in s.conversations if t.role == "human"}
+    for old, new in zip(before, after, strict=True):
+        q_old, q_new = old.conversations[0].text, new.conversations[0].text
+        assert q_new.startswith("<image>\n") and q_new != q_old
+        assert q_new.replace("<image>", "").strip() not in trained  # a wording training never used
+        assert new.images == old.images and new.meta["answer"] == old.meta["answer"]
+        assert new.meta["question_type"] == old.meta["question_type"] and new.meta["wording"] == "paraphrased"
+        # What the question names (colour, shape, quadrant) survives the re-wording.
+        for word in re.findall(r"red|green|blue|yellow|purple|orange|circle|square|triangle|top|bottom|left|right",
+                               q_old):
+            assert word in q_new
+    assert {s.meta["question_type"] for s in after} == {"colour", "shape", "count", "position", "existence"}
+
+
+def test_each_template_has_three_wordings_all_reachable() -> None:
+    rng = random.Random(0)
+    seen = {paraphrase_question("Where is the red circle?", rng) for _ in range(60)}
+    assert seen == {w.format(colour="red", shape="circle") for w in PARAPHRASES[5][1]}
+    assert all(len(wordings) == 3 for _, wordings in PARAPHRASES)
+
+
+def test_a_question_outside_the_templates_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="no paraphrase for question 'Why is the sky blue\\?'"):
+        paraphrase_question("Why is the sky blue?", random.Random(0))
