@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from badinput.cases import CASES, CLASSES, PENDING_ON_IMAGES_BRANCH, Case, images_branch_merged
+from badinput.cases import CASES, CLASSES, Case
 from badinput.env import Env
 
 from chiasm.cli import main
@@ -60,8 +60,6 @@ def _error_lines(err: str) -> list[str]:
 def test_bad_input(name: str, tmp_path: Path, tiny_lm_dir: Path, saved_model: Path, good_image: Path,
                    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
                    monkeypatch: pytest.MonkeyPatch) -> None:
-    if name in PENDING_ON_IMAGES_BRANCH and not images_branch_merged():
-        pytest.skip("delivered by the image-decoding rework on branch 'images' (not merged into main yet)")
     c: Case = CASES[name]
     env = Env(tmp_path / "case", tiny_lm_dir, saved_model, good_image)
     env.root.mkdir()
@@ -104,12 +102,10 @@ def test_bad_input(name: str, tmp_path: Path, tiny_lm_dir: Path, saved_model: Pa
 def test_corpus_covers_every_class_with_80_cases(capsys: pytest.CaptureFixture[str]) -> None:
     per_class = Counter(c.cls for c in CASES.values())
     per_command = Counter(c.command for c in CASES.values())
-    summary = {"total": len(CASES), "per_class": dict(per_class), "per_command": dict(per_command),
-               "pending_on_images_branch": len(PENDING_ON_IMAGES_BRANCH)}
+    summary = {"total": len(CASES), "per_class": dict(per_class), "per_command": dict(per_command)}
     with capsys.disabled():
         print("\nbad-input corpus:", json.dumps(summary))
     assert len(CASES) >= 80
     assert set(per_class) == set(CLASSES)
     assert set(per_command) == {"train", "eval", "chat"}
     assert min(per_class.values()) >= 10
-    assert PENDING_ON_IMAGES_BRANCH <= set(CASES)

@@ -53,7 +53,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.input_checks import check_eval_inputs
     from chiasm.model import VisionLanguageModel
 
-    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer)
+    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer,
+                     allow_outside_image_root=args.allow_outside_image_root)
     check_values(cfg, "eval options")  # before the model loads
     check_eval_inputs(cfg)
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--data", help="LLaVA JSON/JSONL of questions (meta: answer, question_type)")
     e.add_argument("--image-root")
+    e.add_argument("--allow-outside-image-root", action="store_true",
+                   help="accept image paths that lead outside --image-root (absolute, ../, symlinks)")
     e.add_argument("--max-samples", type=int)
     e.add_argument("--scorer", default=EvalConfig.scorer, help=f"how answers are scored: {', '.join(SCORERS.names())}")
     e.add_argument("--out")

@@ -62,6 +62,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("StageConfig", "weight_decay"): at_least(0),
     ("StageConfig", "grad_clip"): POSITIVE,
     ("StageConfig", "checkpoint_every"): at_least(0),
+    ("StageConfig", "max_skip_fraction"): UNIT,
+    ("StageConfig", "max_image_pixels"): at_least(1),
     ("StageConfig", "temperature"): POSITIVE,
     ("StageConfig", "phrase_span"): at_least(0),
     ("StageConfig", "region_weight"): at_least(0),

@@ -9,11 +9,13 @@ check per image, small next to what a late failure loses.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from chiasm.config import EvalConfig, RunConfig
 from chiasm.config_checks import raise_problems
-from chiasm.data.llava import load_llava
+from chiasm.data.llava import LoadResult, load_llava
 from chiasm.data.sample import DataError
+from chiasm.train.skips import SkipLog
 
 
 def _path_problems(where: str, path: str | None, *, folder: bool = False) -> list[str]:
@@ -44,8 +46,9 @@ def check_run_inputs(cfg: RunConfig, what: str, *, with_eval: bool) -> None:
     """Raise a ConfigError naming every missing data file or image root, then read every data file.
 
     A file's first bad record raises its :class:`DataError` (file, sample, line); under a stage's
-    ``on_error = "skip"`` bad records are left to the stage, but a file with no usable record at
-    all is an error here. ``with_eval``: the eval set is read too (a run that evaluates at its end).
+    ``on_error = "skip"`` bad records are left to the stage, but a file with no usable record, or
+    more bad ones than the stage's ``max_skip_fraction``, is an error here. ``with_eval``: the eval
+    set is read too (a run that evaluates at its end).
     """
     problems = []
     for i, stage in enumerate(cfg.stages):
@@ -56,20 +59,26 @@ def check_run_inputs(cfg: RunConfig, what: str, *, with_eval: bool) -> None:
         problems += _path_problems("eval.data", cfg.eval.data)
         problems += _path_problems("eval.image_root", cfg.eval.image_root, folder=True)
     raise_problems(problems, what)
-    reads = [(stage.data, stage.image_root, stage.on_error) for stage in cfg.stages]
+    for stage in cfg.stages:
+        result = _read(stage.data, stage.image_root, stage.on_error, stage.allow_outside_image_root)
+        # The stage's own bound on skipped records, for those found by reading: no model is built for a
+        # stage that would stop on them (its broken images are counted later, when decoded).
+        skips = SkipLog(stage.name, stage.data, len(result.samples) + len(result.skipped), stage.max_skip_fraction)
+        for sample_id, reason in result.skipped:
+            skips.add(sample_id, reason)
+        skips.check()
     if with_eval and cfg.eval.data:
-        reads.append((cfg.eval.data, cfg.eval.image_root, "raise"))
-    done = set()
-    for data, root, on_error in reads:
-        if (data, root, on_error) in done:
-            continue
-        done.add((data, root, on_error))
-        result = load_llava(data, root, on_error=on_error)
-        if not result.samples and result.skipped:
-            raise DataError(f"every record is invalid ({len(result.skipped)} skipped under on_error = 'skip'); "
-                            f"the first: {result.skipped[0][1]}", source=data)
-        if not result.samples:
-            raise DataError("the data file holds no records", source=data)
+        _read(cfg.eval.data, cfg.eval.image_root, "raise", cfg.eval.allow_outside_image_root)
+
+
+def _read(data: str, root: str | None, on_error: Literal["raise", "skip"], outside: bool) -> LoadResult:
+    result = load_llava(data, root, on_error=on_error, allow_outside_root=outside)
+    if not result.samples and result.skipped:
+        raise DataError(f"every record is invalid ({len(result.skipped)} skipped under on_error = 'skip'); "
+                        f"the first: {result.skipped[0][1]}", source=data)
+    if not result.samples:
+        raise DataError("the data file holds no records", source=data)
+    return result
 
 
 def check_eval_inputs(cfg: EvalConfig) -> None:

@@ -442,3 +442,13 @@ def data_file_is_an_image(env: Env) -> Expect:
     path = env.data_dir() / "data.json"
     path.write_bytes((env.data_dir() / "img.png").read_bytes())
     return _train_err(env, path, "UTF-8", sample=None)
+
+
+@case("data", "train")
+def data_skipped_share_over_the_bound(env: Env) -> Expect:
+    """More bad records than ``max_skip_fraction`` allows stops the run before any model is built."""
+    bad = record(BAD)
+    bad["conversations"][1]["from"] = "robot"
+    path = _with_bad(env, bad)
+    argv = env.train(path, stage='on_error = "skip"\n')
+    return Expect(argv, named=(str(path), "max_skip_fraction", BAD), absent=(env.run_dir,), before_model=True)

@@ -30,15 +30,6 @@ def good_records(n: int = 3) -> list[dict]:
     return [record(f"ok-{i}", answer="red", question_type="colour") for i in range(n)]
 
 
-def _has_skip_fraction() -> bool:
-    """Whether stages have ``max_skip_fraction`` (it comes with the image-decoding rework)."""
-    import dataclasses
-
-    from chiasm.config import StageConfig
-
-    return "max_skip_fraction" in {f.name for f in dataclasses.fields(StageConfig)}
-
-
 @dataclass
 class Expect:
     """How one case must end.
@@ -122,7 +113,7 @@ class Env:
 
     def train(self, data: Path | str, *, skip: bool = False, no_eval: bool = True, **kwargs: Any) -> list[str]:
         stage = kwargs.pop("stage", "") + ('on_error = "skip"\n' if skip else "")
-        if skip and _has_skip_fraction():  # one bad record of four is more than the default share
+        if skip:  # one bad record of four is more than the default share
             stage += "max_skip_fraction = 0.5\n"
         return ["train", "--config", str(self.train_config(data, stage=stage, **kwargs)),
                 *(["--no-eval"] if no_eval else [])]

@@ -52,6 +52,7 @@ def load_llava(
     *,
     on_error: Literal["raise", "skip"] = "raise",
     check_images: bool = True,
+    allow_outside_root: bool = False,
 ) -> LoadResult:
     """Read and validate a LLaVA JSON or JSONL file.
 
@@ -60,6 +61,11 @@ def load_llava(
     are resolved against ``image_root`` (default: the data file's folder).
     With ``on_error="skip"`` invalid records are collected in ``skipped``;
     errors that make the whole file unreadable still raise.
+
+    An image path that leads outside the image root (an absolute path elsewhere, a
+    ``../`` escape, a symlink resolving elsewhere) is refused unless
+    ``allow_outside_root``: a data file should not be able to make training read
+    arbitrary files of the machine, and a path leaving the dataset is usually a mistake.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
@@ -72,7 +78,7 @@ def load_llava(
         try:
             if isinstance(item, DataError):
                 raise item
-            sample = _parse_record(item, label, source, root, check_images)
+            sample = _parse_record(item, label, source, root, check_images, allow_outside_root)
             if sample.id in seen:
                 raise DataError(f"{label}: duplicate id", source=source, sample_id=sample.id)
             seen.add(sample.id)
@@ -180,7 +186,8 @@ def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
     return items
 
 
-def _parse_record(record: Any, label: str, source: str, root: Path, check_images: bool) -> Sample:
+def _parse_record(record: Any, label: str, source: str, root: Path, check_images: bool,
+                  allow_outside_root: bool = False) -> Sample:
     if not isinstance(record, dict):
         raise DataError(f"{label}: record must be a JSON object, got {type(record).__name__}", source=source)
     raw_id = record.get("id")
@@ -206,14 +213,20 @@ def _parse_record(record: Any, label: str, source: str, root: Path, check_images
             f"but {len(names)} image(s) listed"
         )
     images = [root / name for name in names]
+    if not allow_outside_root:
+        for name, image in zip(names, images, strict=True):
+            if not _inside(image, root):
+                raise fail(f"image path {name!r} leads outside the image root {root} (to {image.resolve()}); "
+                           "set allow_outside_image_root = true to allow it")
     if check_images:
         for image in images:
             try:
                 found = image.is_file()
+                exists = found or image.exists()
             except OSError as exc:  # e.g. a name longer than the file system allows
                 raise fail(f"cannot look up image {image}: {exc.strerror}") from None
             if not found:
-                raise fail(f"image not found: {image}")
+                raise fail(f"image path is not a file: {image}" if exists else f"image not found: {image}")
     meta = {key: value for key, value in record.items() if key not in _RESERVED}
     return Sample(id=sample_id, conversations=turns, images=images, meta=meta, source=source)
 
@@ -266,6 +279,15 @@ def _parse_image_names(raw: Any, fail: Callable[[str], DataError]) -> list[str]:
     if not isinstance(names, list) or not all(isinstance(n, str) and n and "\0" not in n for n in names):
         raise fail(f"'image' must be a non-empty string (without NUL characters) or a list of them, got {raw!r}")
     return names
+
+
+def _inside(image: Path, root: Path) -> bool:
+    """Whether ``image``, with ``..`` and symlinks resolved, lies under ``root`` (also resolved)."""
+    try:
+        image.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def _relative(image: Path, root: Path) -> str:

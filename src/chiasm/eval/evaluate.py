@@ -86,8 +86,9 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
+            owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
             feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
-                                       preprocess=model.processor.image)
+                                       preprocess=model.processor.image, owners=owners)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -117,7 +118,7 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
 
 def eval_samples(cfg: EvalConfig) -> list:
     """The eval set's samples (at most max_samples), each with a reference answer that can be scored."""
-    samples = load_llava(cfg.data, cfg.image_root).samples
+    samples = load_llava(cfg.data, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root).samples
     if not samples:  # an accuracy over nothing would read as a result
         raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
     samples = samples[: cfg.max_samples] if cfg.max_samples else samples
@@ -135,8 +136,9 @@ def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:
     """
     samples = eval_samples(cfg)
     with torch.no_grad():
-        feats = FeatureCache.build(model.encoder, [str(p) for s in samples for p in s.images], cache_dir=None,
-                                   show_progress=False, preprocess=model.processor.image)
+        owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
+        feats = FeatureCache.build(model.encoder, list(owners), cache_dir=None, show_progress=False,
+                                   preprocess=model.processor.image, owners=owners)
     preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        features=feats, desc="VQA (other wording)")
     scored = vqa.score(samples, preds, cfg.scorer)
