@@ -161,6 +161,8 @@ def check_run_config(cfg: RunConfig, what: str = "config") -> None:
         check_model_options(cfg.model, "RunConfig.model")
     except ConfigError as exc:
         problems.append(str(exc))
+    if not cfg.model.lm.source.strip():  # would reach the hub loader as an empty model id
+        problems.append("model.lm.source: must name an LM folder, a hub id or packaged:NAME, got ''")
     raise_problems(problems + stage_problems(cfg.stages) + value_problems(cfg), what)
 
 

@@ -30,7 +30,7 @@ from chiasm.conversation import IGNORE_INDEX, ConversationEncoder, Encoded
 from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.encoders.preprocessing import ImagePreprocessing
-from chiasm.errors import ModelFolderError
+from chiasm.errors import ModelFolderError, one_line
 from chiasm.layout import LAYOUTS
 from chiasm.tokens import IMAGE_TOKEN, add_image_token
 
@@ -120,7 +120,7 @@ class Processor:
         if data.get("image_token", IMAGE_TOKEN) != IMAGE_TOKEN:
             raise ValueError(f"{file}: image token {data['image_token']!r}; this chiasm uses {IMAGE_TOKEN!r}")
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_FOLDER)
+            tokenizer = load_tokenizer(folder / TOKENIZER_FOLDER)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
         return cls(tokenizer, ImagePreprocessing.from_dict(data["image"]),
@@ -192,6 +192,19 @@ class Processor:
         """Samples -> one batch (left-padded prompts for generation); a bad sample raises."""
         prepared, _ = self.prepare(samples, for_generation=for_generation)
         return self.collate(prepared, left_pad=for_generation, features=features)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``folder``; a missing or corrupt one is named as a broken model folder.
+
+    transformers answers a folder without tokenizer files with a ValueError about its backends,
+    which says nothing about which folder lacks what.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{folder}: cannot load the tokenizer ({one_line(str(exc))}); the folder lacks "
+                               "its tokenizer files or holds corrupt ones (save the model again)") from exc
 
 
 def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
