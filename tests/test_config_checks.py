@@ -76,6 +76,8 @@ def test_defaults_pass_and_each_default_lies_in_its_rule() -> None:
         (_run(num_workers=-1), "stages[0].num_workers: must be >= 0, got -1"),
         (_run(pack_length=-8), "stages[0].pack_length: must be >= 0, got -8"),
         (_run(group_by_length=-1), "stages[0].group_by_length: must be >= 0, got -1"),
+        (_run(max_skip_fraction=1.5), "stages[0].max_skip_fraction: must be in [0, 1], got 1.5"),
+        (_run(max_image_pixels=0), "stages[0].max_image_pixels: must be >= 1, got 0"),
         (RunConfig(stages=_run().stages, model=ModelConfig(max_length=0)), "model.max_length: must be >= 1, got 0"),
         (RunConfig(stages=_run().stages, eval=EvalConfig(batch_size=0)), "eval.batch_size: must be >= 1, got 0"),
         (RunConfig(stages=_run().stages, eval=EvalConfig(max_new_tokens=0)),

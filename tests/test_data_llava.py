@@ -203,3 +203,45 @@ def test_skip_mode_keeps_good_records_and_lists_bad_ones(root: Path) -> None:
     assert "image not found" in reasons["bad_image"]
     assert "duplicate id" in reasons["ok1"]
     assert "end with a gpt turn" in reasons["bad_turns"]
+
+
+# ---- numbers, blank turns, look-alike placeholders, byte-order marks -------------------------
+def test_non_finite_numbers_are_named_by_key_and_skipped_alone(tmp_path: Path) -> None:
+    _image(tmp_path, "img/a.png")
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(_record("a")) + "\n"
+                    + json.dumps(_record("b")).replace('"id"', '"meta": {"scores": [1.0, NaN]}, "id"') + "\n"
+                    + json.dumps(_record("c")).replace('"id"', '"answer": 1e999, "id"') + "\n")
+    with pytest.raises(DataError) as info:
+        load_llava(path)
+    assert str(info.value) == (f"[file {path}, sample 'b'] line 2: record['meta']['scores'][1] is not a finite "
+                               "number (NaN, Infinity or too large for a float); quote it if it is text")
+    result = load_llava(path, on_error="skip")
+    assert [s.id for s in result.samples] == ["a"]
+    assert [sid for sid, _ in result.skipped] == ["b", "c"]
+    assert "record['answer']" in result.skipped[1][1]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_a_blank_turn_is_refused(tmp_path: Path, text: str) -> None:
+    record = _record("a", image=None)
+    record["conversations"][1]["value"] = text
+    with pytest.raises(DataError, match=r"sample 'a'\] record \[0\]: turn 1 \(gpt\) is empty"):
+        load_llava(_write(tmp_path / "d.json", [record]))
+
+
+@pytest.mark.parametrize("spelling", ["<Image>", "<IMAGE>", "< image >", "<image >"])
+def test_a_look_alike_placeholder_is_refused(tmp_path: Path, spelling: str) -> None:
+    record = _record("a", image=None)
+    record["conversations"][0]["value"] = f"{spelling}\nWhat is it?"
+    with pytest.raises(DataError, match="not the image placeholder") as info:
+        load_llava(_write(tmp_path / "d.json", [record]))
+    assert repr(spelling) in str(info.value)
+
+
+def test_a_utf8_byte_order_mark_is_read(tmp_path: Path) -> None:
+    _image(tmp_path, "img/a.png")
+    for name in ("d.json", "d.jsonl"):
+        path = _write(tmp_path / name, [_record("a")])
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert [s.id for s in load_llava(path).samples] == ["a"]

@@ -70,7 +70,8 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
     # Every other conversation without its image: some micro-batches leave the trainable encoder
     # and the bridge out on one rank and not on the other.
     mixed = _text_only_every_other(tiny_world, root / "mixed.json")
-    textmix = [_stage("instruct", tiny_world, encoder=FULL, lm=LORA, data=mixed, steps=4)]
+    textmix = [_stage("instruct", tiny_world, encoder=FULL, lm=LORA, data=mixed, steps=4,
+                      image_root=str(tiny_world.instruct.parent))]
     # LoRA with self-replay rows (the LM run again outside the model's forward) and accumulation.
     replay = [_stage("instruct", tiny_world, lm=LORA, grad_accum=2, text_replay=2, replay_tokens=12, replay_pool=5)]
     resumable = [dataclasses.replace(s, checkpoint_every=1) for s in three]
@@ -102,7 +103,7 @@ def _text_only_every_other(world: WorldFiles, out: Path) -> Path:
         if i % 2:
             rec["conversations"][0]["value"] = rec["conversations"][0]["value"].replace("<image>\n", "")
         else:
-            rec["image"] = str(world.instruct.parent / image)
+            rec["image"] = image  # under the stage's image_root, the world's folder
     out.write_text(json.dumps(records))
     return out
 

@@ -17,7 +17,8 @@ def ask(model: VisionLanguageModel, question: str, images: list[Path], *, histor
     """One greedy answer. Images go where ``<image>`` stands, or before the question if absent."""
     check_question(question, len(images), history)
     for img in images:
-        load_image(Path(img))  # fail early, with the path, on a missing or corrupt file
+        # Fail early, with the path, on a missing or corrupt file.
+        load_image(Path(img), sample_id="chat", source="<chat>")
     text = question
     if images and IMAGE_PLACEHOLDER not in question and not any(IMAGE_PLACEHOLDER in t.text for t in history or []):
         text = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [question])

@@ -22,11 +22,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from chiasm.config import load_config
+    from chiasm.input_checks import check_run_inputs
     from chiasm.train.trainer import Trainer
 
     cfg = load_config(args.config)
     if args.out:
         cfg.output_dir = args.out
+    check_run_inputs(cfg, args.config, with_eval=bool(cfg.eval.data) and not args.no_eval)  # before any model
     trainer = Trainer(cfg)
     model = trainer.run(resume=args.resume)
     if trainer.dist.is_main:
@@ -48,10 +50,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from chiasm.config_checks import check_values
     from chiasm.eval.evaluate import evaluate
     from chiasm.eval.table import print_summary
+    from chiasm.input_checks import check_eval_inputs
     from chiasm.model import VisionLanguageModel
 
-    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer)
+    cfg = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, scorer=args.scorer,
+                     allow_outside_image_root=args.allow_outside_image_root)
     check_values(cfg, "eval options")  # before the model loads
+    check_eval_inputs(cfg)
     model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out) if args.out else None
     results = evaluate(model, cfg, out_dir=out)
@@ -65,12 +70,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from chiasm.chat import ask, check_question, interactive
+    from chiasm.data.images import load_image
     from chiasm.model import VisionLanguageModel
 
+    if args.max_new_tokens < 1:  # generate() would refuse it only after the model loaded, with a traceback
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if args.question is not None:
         check_question(args.question, len(args.image))  # before the model loads
-    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     images = [Path(p) for p in args.image]
+    for image in images:  # a missing or broken image costs no model loading
+        load_image(image)
+    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
     if args.question is not None:
         print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
     else:
@@ -126,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True)
     e.add_argument("--data", help="LLaVA JSON/JSONL of questions (meta: answer, question_type)")
     e.add_argument("--image-root")
+    e.add_argument("--allow-outside-image-root", action="store_true",
+                   help="accept image paths that lead outside --image-root (absolute, ../, symlinks)")
     e.add_argument("--max-samples", type=int)
     e.add_argument("--scorer", default=EvalConfig.scorer, help=f"how answers are scored: {', '.join(SCORERS.names())}")
     e.add_argument("--out")

@@ -109,6 +109,14 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     on_error: Literal["raise", "skip"] = "raise"
+    # Under on_error = "skip": the largest share of the data file's records that may be skipped
+    # (bad records, broken images) before the stage stops; skips go to stages/NAME/skipped.jsonl.
+    max_skip_fraction: float = 0.01
+    # Image paths that resolve outside image_root (absolute, ../, symlinks) are refused unless true.
+    allow_outside_image_root: bool = False
+    # Images with more pixels (width x height) are refused unread; None: Pillow's MAX_IMAGE_PIXELS
+    # (which also caps this value: raise PIL.Image.MAX_IMAGE_PIXELS to allow larger images).
+    max_image_pixels: int | None = None
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end of the stage
     # A name in chiasm.train.objectives. "lm": next-token loss on assistant turns through the LM.
     # "contrastive": pre-alignment of a prefix bridge to the LM's word embeddings, no LM forward
@@ -150,6 +158,7 @@ class StageConfig:
 class EvalConfig:
     data: str | None = None
     image_root: str | None = None
+    allow_outside_image_root: bool = False  # as StageConfig's
     max_samples: int | None = None
     batch_size: int = 16
     max_new_tokens: int = 8

@@ -62,6 +62,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("StageConfig", "weight_decay"): at_least(0),
     ("StageConfig", "grad_clip"): POSITIVE,
     ("StageConfig", "checkpoint_every"): at_least(0),
+    ("StageConfig", "max_skip_fraction"): UNIT,
+    ("StageConfig", "max_image_pixels"): at_least(1),
     ("StageConfig", "temperature"): POSITIVE,
     ("StageConfig", "phrase_span"): at_least(0),
     ("StageConfig", "region_weight"): at_least(0),
@@ -159,6 +161,8 @@ def check_run_config(cfg: RunConfig, what: str = "config") -> None:
         check_model_options(cfg.model, "RunConfig.model")
     except ConfigError as exc:
         problems.append(str(exc))
+    if not cfg.model.lm.source.strip():  # would reach the hub loader as an empty model id
+        problems.append("model.lm.source: must name an LM folder, a hub id or packaged:NAME, got ''")
     raise_problems(problems + stage_problems(cfg.stages) + value_problems(cfg), what)
 
 

@@ -45,9 +45,12 @@ INDEX_FILE = "index.json"
 _WINDOW = max(mmap.PAGESIZE, 65536)  # Linux's default fault_around_bytes
 
 
-def _fingerprint(encoder: VisionEncoder, paths: Sequence[str], preprocess: Preprocess) -> str:
+def _fingerprint(encoder: VisionEncoder, paths: Sequence[str], preprocess: Preprocess,
+                 max_pixels: int | None = None) -> str:
     h = hashlib.sha256()
     h.update(type(encoder).__name__.encode())
+    if max_pixels is not None:  # which images are refused as too large depends on it
+        h.update(f"max_pixels={max_pixels}".encode())
     # The image -> pixels steps (size, crop, normalisation, padding) change the features too.
     if isinstance(preprocess, ImagePreprocessing):
         h.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
@@ -60,8 +63,11 @@ def _fingerprint(encoder: VisionEncoder, paths: Sequence[str], preprocess: Prepr
         h.update(name.encode())
         h.update(f"{float(t.sum()):.12e}|{float((t * t).sum()):.12e}".encode())
     for p in paths:
-        st = Path(p).stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        try:
+            st = Path(p).stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:  # missing or unreachable: refused when encoding, and a later fix changes the key
+            h.update(f"{p}|missing".encode())
     return h.hexdigest()[:16]
 
 
@@ -100,7 +106,7 @@ class FeatureCache:
               batch_size: int = 32, show_progress: bool = True, rank: int = 0, world: int = 1,
               sync: Callable[[], None] | None = None, on_error: str = "raise",
               owners: Mapping[str, tuple[str | None, str | None]] | None = None,
-              preprocess: Preprocess | None = None) -> FeatureCache:
+              preprocess: Preprocess | None = None, max_pixels: int | None = None) -> FeatureCache:
         """Compute (or reuse from ``cache_dir``) the features of every unique path.
 
         Without ``cache_dir`` the features are one in-memory tensor (fine for an evaluation
@@ -108,10 +114,11 @@ class FeatureCache:
         with the same paths, and ``sync`` (a barrier) separates writing from reading.
         ``owners`` maps a path to the (data file, sample id) named when it cannot be decoded;
         ``preprocess`` turns an image into pixels (a processor's image steps), by default the
-        encoder's own.
+        encoder's own. ``max_pixels``: see :func:`~chiasm.data.images.load_image`.
         """
         unique = sorted({str(p) for p in paths})
-        encoding = _Encoding(encoder, preprocess or encoder.preprocessing, unique, batch_size, on_error, owners or {})
+        encoding = _Encoding(encoder, preprocess or encoder.preprocessing, unique, batch_size, on_error, owners or {},
+                             max_pixels)
         if cache_dir is not None:
             return _Shards(encoding, Path(cache_dir), world).open(rank, sync, show_progress)
         blocks = list(encoding.chunks(0, len(unique), show_progress))
@@ -123,9 +130,10 @@ class _Encoding:
     """Runs the frozen encoder over a slice of the sorted image list, in fp16 chunks."""
 
     def __init__(self, encoder: VisionEncoder, preprocess: Preprocess, unique: list[str], batch_size: int,
-                 on_error: str, owners: Mapping[str, tuple[str | None, str | None]]):
+                 on_error: str, owners: Mapping[str, tuple[str | None, str | None]], max_pixels: int | None = None):
         self.encoder, self.preprocess, self.unique, self.batch_size, self.on_error, self.owners = (
             encoder, preprocess, unique, batch_size, on_error, owners)
+        self.max_pixels = max_pixels
         self.shape = (encoder.grid()[0] * encoder.grid()[1], encoder.dim)
         self.bad: dict[str, str] = {}
 
@@ -144,7 +152,8 @@ class _Encoding:
                 for j in range(i, i + len(block)):
                     source, sample_id = self.owners.get(self.unique[j], (None, None))
                     try:
-                        image = load_image(Path(self.unique[j]), sample_id=sample_id, source=source)
+                        image = load_image(Path(self.unique[j]), sample_id=sample_id, source=source,
+                                           max_pixels=self.max_pixels)
                     except DataError as err:
                         if self.on_error != "skip":
                             raise
@@ -214,7 +223,7 @@ class _Shards:
 
     def __init__(self, encoding: _Encoding, cache_dir: Path, world: int):
         self.encoding, self.world = encoding, world
-        self.fp = _fingerprint(encoding.encoder, encoding.unique, encoding.preprocess)
+        self.fp = _fingerprint(encoding.encoder, encoding.unique, encoding.preprocess, encoding.max_pixels)
         self.folder = cache_dir / f"features-{self.fp}"
         n = len(encoding.unique)
         self.bounds = [s * n // world for s in range(world + 1)]

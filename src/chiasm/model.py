@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from chiasm.bridges.base import Bridge, build_bridge
 from chiasm.checkpointing import enable_checkpointing
@@ -27,7 +27,8 @@ from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.errors import ModelFolderError
 from chiasm.layout import token_order
 from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
-from chiasm.processor import PROCESSOR_FILE, Processor
+from chiasm.model_folder_checks import check_saved_config
+from chiasm.processor import PROCESSOR_FILE, Processor, load_tokenizer
 from chiasm.tokens import add_image_token, image_token_count
 
 CONFIG_FILE = "chiasm_config.json"
@@ -248,11 +249,14 @@ class VisionLanguageModel(nn.Module):
         """
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE})")
+            inside = folder / "model"  # a training run's folder holds its model in RUN/model
+            hint = f"; did you mean {inside}?" if (inside / CONFIG_FILE).is_file() else ""
+            raise FileNotFoundError(f"{folder} is not a chiasm model folder (no {CONFIG_FILE}){hint}")
         try:
             config = from_dict(ModelConfig, json.loads((folder / CONFIG_FILE).read_text()))
         except ValueError as exc:  # not JSON, or not a model config (ConfigError)
             raise ModelFolderError(f"{folder / CONFIG_FILE}: not a valid model config: {exc}") from exc
+        check_saved_config(config, folder / CONFIG_FILE)
         if dtype is not None:
             config = replace(config, dtype=dtype_name(torch_dtype(dtype)))
         if attn_implementation is not None:
@@ -271,7 +275,7 @@ class VisionLanguageModel(nn.Module):
         except (OSError, ValueError, SafetensorError) as exc:
             raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
         processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
-        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(folder / "lm")
+        tokenizer = processor.tokenizer if processor is not None else load_tokenizer(folder / "lm")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from chiasm.conversation import IGNORE_INDEX, ConversationEncoder, Encoded
 from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.encoders.preprocessing import ImagePreprocessing
-from chiasm.errors import ModelFolderError
+from chiasm.errors import ModelFolderError, one_line
 from chiasm.layout import LAYOUTS
 from chiasm.tokens import IMAGE_TOKEN, add_image_token
 
@@ -59,6 +59,11 @@ class Batch:
     image_paths: list[str]
     features: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
+    # Samples dropped from this batch under on_error="skip": the DataError of each.
+    skipped: list[DataError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
 
     @property
     def n_tokens(self) -> int:
@@ -67,7 +72,7 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), self.image_paths,
-                     move(self.features), move(self.pixels))
+                     move(self.features), move(self.pixels), self.skipped)
 
 
 class Processor:
@@ -115,7 +120,7 @@ class Processor:
         if data.get("image_token", IMAGE_TOKEN) != IMAGE_TOKEN:
             raise ValueError(f"{file}: image token {data['image_token']!r}; this chiasm uses {IMAGE_TOKEN!r}")
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_FOLDER)
+            tokenizer = load_tokenizer(folder / TOKENIZER_FOLDER)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
         return cls(tokenizer, ImagePreprocessing.from_dict(data["image"]),
@@ -177,10 +182,10 @@ class Processor:
         return torch.stack([self.image(im) for im in images])
 
     def collate(self, items: list[Prepared], *, left_pad: bool = False, features: FeatureCache | None = None,
-                override_images: list[str] | None = None) -> Batch:
+                override_images: list[str] | None = None, on_error: str = "raise") -> Batch:
         """Pad (right for training, left for generation) and attach pixels or cached features."""
         return collate_items(items, self.pad_token_id, left_pad=left_pad, features=features,
-                             preprocess=self.image, override_images=override_images)
+                             preprocess=self.image, override_images=override_images, on_error=on_error)
 
     def __call__(self, samples: Sequence[Sample], *, for_generation: bool = False,
                  features: FeatureCache | None = None) -> Batch:
@@ -189,20 +194,69 @@ class Processor:
         return self.collate(prepared, left_pad=for_generation, features=features)
 
 
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``folder``; a missing or corrupt one is named as a broken model folder.
+
+    transformers answers a folder without tokenizer files with a ValueError about its backends,
+    which says nothing about which folder lacks what.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{folder}: cannot load the tokenizer ({one_line(str(exc))}); the folder lacks "
+                               "its tokenizer files or holds corrupt ones (save the model again)") from exc
+
+
 def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
                   features: FeatureCache | None = None,
                   preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
-                  override_images: list[str] | None = None) -> Batch:
+                  override_images: list[str] | None = None, on_error: str = "raise",
+                  max_pixels: int | None = None) -> Batch:
     """Pad to the longest row and attach images, from the feature cache or through ``preprocess``.
 
     ``override_images`` replaces every image (used to test image reliance with a blank picture).
+    An image that cannot be loaded raises a :class:`DataError` naming it, its sample and data
+    file; with ``on_error="skip"`` its sample is dropped from the batch instead and listed in
+    ``Batch.skipped`` (the batch may then have fewer rows, or none). ``max_pixels``: see
+    :func:`~chiasm.data.images.load_image`.
     """
-    width = max(len(it.encoded.input_ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    kept: list[Prepared] = []
+    images: list[torch.Tensor] = []
+    skipped: list[DataError] = []
+    for it in items:
+        paths_of = [str(p) for p in it.sample.images]
+        if override_images is not None:
+            paths_of = [override_images[0]] * len(paths_of)
+        try:
+            if not paths_of:
+                pass
+            elif features is not None:
+                images.append(features.lookup(paths_of))
+            elif preprocess is not None:
+                images.append(torch.stack([
+                    preprocess(load_image(Path(p), sample_id=it.sample.id, source=it.sample.source,
+                                          max_pixels=max_pixels))
+                    for p in paths_of]))
+            else:
+                raise ValueError("collate needs a feature cache or an image preprocessing to load images")
+        except DataError as exc:
+            if on_error != "skip":
+                if exc.sample_id is None:  # a cache miss knows the image but not who uses it
+                    raise DataError(exc.message, sample_id=it.sample.id, source=it.sample.source,
+                                    image=exc.image) from exc
+                raise
+            skipped.append(exc if exc.sample_id is not None else DataError(
+                exc.message, sample_id=it.sample.id, source=it.sample.source, image=exc.image))
+            continue
+        kept.append(it)
+    width = max((len(it.encoded.input_ids) for it in kept), default=0)
+    ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(kept), width), dtype=torch.long)
     paths: list[str] = []
-    for r, it in enumerate(items):
+    for r, it in enumerate(kept):
         n = len(it.encoded.input_ids)
         sl = slice(width - n, width) if left_pad else slice(0, n)
         ids[r, sl] = torch.tensor(it.encoded.input_ids)
@@ -211,16 +265,9 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
         paths.extend(str(p) for p in it.sample.images)
     if override_images is not None:
         paths = [override_images[0]] * len(paths)
-    batch = Batch(ids, mask, labels, paths)
-    if not paths:
-        return batch
-    if features is not None:
-        batch.features = features.lookup(paths)
-    elif preprocess is not None:
-        owner = {str(p): it.sample for it in items for p in it.sample.images}
-        batch.pixels = torch.stack([
-            preprocess(load_image(Path(p), sample_id=owner[p].id if p in owner else None,
-                                  source=owner[p].source if p in owner else None)) for p in paths])
-    else:
-        raise ValueError("collate needs a feature cache or an image preprocessing to load images")
+    batch = Batch(ids, mask, labels, paths, skipped=skipped)
+    if images:
+        setattr(batch, "features" if features is not None else "pixels", torch.cat(images))
+    if skipped:
+        log.warning("dropped %d of %d samples from a batch (first: %s)", len(skipped), len(items), skipped[0])
     return batch

@@ -1,39 +1,140 @@
-"""Image loading that fails loudly and names the culprit.
+"""Image loading that fails loudly, names the culprit, and gets every pixel format right.
 
 A training run that dies deep inside a collator with ``OSError: image file is
 truncated`` says nothing about which of a million files is broken. Every image in
-chiasm goes through :func:`load_image`, which turns any decoding problem into a
+chiasm goes through :func:`load_image`, which turns any problem (missing, empty,
+unreadable, not an image, truncated, a decompression bomb) into a
 :class:`DataError` naming the image path, the sample and the data file.
+
+A plain ``image.convert("RGB")`` is wrong for several modes real datasets hold: it
+clips 16-bit grey to white, drops alpha onto black, and ignores the EXIF
+orientation phones write instead of rotating pixels. :func:`to_rgb` handles each mode:
+
+* 16-bit grey (``I;16*``) is scaled by 255/65535; ``I`` (32-bit int) the same when its
+  values fit 16 bits, else by its own range. 16-bit RGB(A) PNGs are already reduced to
+  8 bits by Pillow's decoder (high byte).
+* ``F`` (float) images: values in [0, 1] are scaled by 255, values in [0, 255] kept,
+  anything else stretched over its range; NaN or infinity is refused.
+* Transparency (``RGBA``, ``LA``, ``PA``, ``P`` or ``L``/``RGB`` with a transparent
+  colour) is composited over :data:`ALPHA_BACKGROUND`, white: transparent images in
+  the wild are mostly logos, icons, diagrams and text drawn for a white page, where a
+  black background would make dark strokes vanish.
+* ``CMYK`` (Pillow reads JPEG CMYK with Adobe's inverted convention), ``1``, ``L``,
+  ``P``, ``YCbCr`` and ``HSV`` use Pillow's own conversion.
 """
 
 from __future__ import annotations
 
+import os
+import struct
+import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from chiasm.data.sample import DataError
 
+ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
-def load_image(path: Path, *, sample_id: str | None = None, source: str | None = None) -> Image.Image:
-    """Open ``path`` and return a fully decoded RGB image.
 
-    The file is first verified (cheap structural check, catches truncation in
-    formats PIL can verify) and then reopened and decoded in full, because a
+def load_image(path: str | Path, *, sample_id: str | None = None, source: str | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """Open ``path`` and return a fully decoded, upright RGB image, or raise :class:`DataError`.
+
+    ``max_pixels`` caps width x height (default: Pillow's ``Image.MAX_IMAGE_PIXELS``),
+    checked from the header before any pixel is decoded, so a decompression bomb is
+    refused without the memory it would take. Pillow's own check still runs when the file is
+    opened, so ``max_pixels`` can lower the limit but not raise it above Pillow's (that is the
+    process-wide ``PIL.Image.MAX_IMAGE_PIXELS``). The file is verified (a cheap structural
+    check that catches bad PNG chunks and CRCs) and then decoded in full, because a
     verified image cannot be used and some corruption only shows on decode.
-    Converting to RGB here means the encoders never see palette, grey or RGBA
-    images and all share one preprocessing path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}", source=source, sample_id=sample_id)
+
+    def fail(message: str) -> DataError:
+        return DataError(message, source=source, sample_id=sample_id, image=str(path))
+
+    if not path.exists():
+        raise fail(f"image not found: {path}")
+    if path.is_dir():
+        raise fail(f"image path is a directory, not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise fail(f"cannot read image {path}: permission denied")
+    if path.stat().st_size == 0:
+        raise fail(f"image file is empty (0 bytes): {path}")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as probe:
-            probe.verify()
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refusals here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:
+                width, height = probe.size
+                if limit is not None and width * height > limit:
+                    raise fail(f"image {path} has {width}x{height} = {width * height} pixels, over the limit "
+                               f"of {limit} (a decompression bomb or a huge scan)")
+                probe.verify()
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image, describe=str(path))
+    except DataError as exc:
+        if exc.sample_id is None and exc.source is None and (sample_id or source):
+            raise fail(str(exc)) from exc
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise fail(f"image {path} refused as a decompression bomb: {exc}") from exc
+    except PermissionError as exc:
+        raise fail(f"cannot read image {path}: permission denied") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL signals corruption with several exception types depending on the
         # format plugin (SyntaxError for some broken PNG chunks, for instance).
-        raise DataError(f"cannot decode image {path}: {exc}", source=source, sample_id=sample_id) from exc
+        raise fail(f"cannot decode image {path}: {exc}") from exc
+
+
+def to_rgb(image: Image.Image, *, describe: str = "image") -> Image.Image:
+    """A decoded PIL image of any mode -> an upright 8-bit RGB image (rules in the module docstring)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (struct.error, KeyError, TypeError, ValueError, SyntaxError, OSError):
+        pass  # a malformed EXIF block leaves the pixels as stored, as viewers do; they are intact
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image  # exif_transpose returned a copy, already decoded
+    if mode in _SIXTEEN_BIT:
+        grey = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
+        return _grey(grey)
+    if mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if values.size and values.min() >= 0 and values.max() <= 65535:
+            return _grey(values * (255.0 / 65535.0))
+        return _grey(_stretch(values))
+    if mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise DataError(f"float image {describe} holds NaN or infinite values")
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            return _grey(values * 255.0)
+        if values.size and values.min() >= 0 and values.max() <= 255:
+            return _grey(values)
+        return _grey(_stretch(values))
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise DataError(f"image {describe} has mode {mode!r}, which cannot be converted to RGB: {exc}") from exc
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Map the image's own [min, max] onto [0, 255] (a constant image becomes black)."""
+    low, high = float(values.min()), float(values.max())
+    return (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+
+
+def _grey(values: np.ndarray) -> Image.Image:
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")

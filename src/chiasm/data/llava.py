@@ -16,7 +16,9 @@ the collator hours into a run.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,9 @@ from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
 # Other tools write OpenAI-style role names; they mean the same speakers.
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
 _RESERVED = ("id", "image", "conversations")
+# Spellings a person may mean as the placeholder (<Image>, < image >, <IMAGE>): the placeholder is
+# matched exactly, so these would silently be trained on as text, or leave their image unplaced.
+_LOOKALIKE = re.compile(r"<\s*image\s*>", re.IGNORECASE)
 
 
 @dataclass
@@ -47,6 +52,7 @@ def load_llava(
     *,
     on_error: Literal["raise", "skip"] = "raise",
     check_images: bool = True,
+    allow_outside_root: bool = False,
 ) -> LoadResult:
     """Read and validate a LLaVA JSON or JSONL file.
 
@@ -55,6 +61,11 @@ def load_llava(
     are resolved against ``image_root`` (default: the data file's folder).
     With ``on_error="skip"`` invalid records are collected in ``skipped``;
     errors that make the whole file unreadable still raise.
+
+    An image path that leads outside the image root (an absolute path elsewhere, a
+    ``../`` escape, a symlink resolving elsewhere) is refused unless
+    ``allow_outside_root``: a data file should not be able to make training read
+    arbitrary files of the machine, and a path leaving the dataset is usually a mistake.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
@@ -67,7 +78,7 @@ def load_llava(
         try:
             if isinstance(item, DataError):
                 raise item
-            sample = _parse_record(item, label, source, root, check_images)
+            sample = _parse_record(item, label, source, root, check_images, allow_outside_root)
             if sample.id in seen:
                 raise DataError(f"{label}: duplicate id", source=source, sample_id=sample.id)
             seen.add(sample.id)
@@ -110,13 +121,35 @@ def save_llava(samples: list[Sample], path: str | Path, image_root: str | Path) 
 def _read_text(path: Path) -> str:
     source = str(path)
     try:
-        return path.read_text(encoding="utf-8")
+        # utf-8-sig: some editors and spreadsheet exports start UTF-8 files with a byte-order mark.
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError("data file not found", source=source) from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text: {exc}", source=source) from None
+        raise DataError(f"not UTF-8 text: {exc}; save the file as UTF-8", source=source) from None
+    except IsADirectoryError:
+        raise DataError("the data file is a folder; give a JSON or JSONL file", source=source) from None
     except OSError as exc:
         raise DataError(f"cannot read data file: {exc}", source=source) from exc
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The key path of the first NaN or infinite number in ``value``, if any.
+
+    Python's json reads NaN, Infinity and overflowing numbers (1e999) as floats; no answer,
+    score or id is one, and a NaN answer would be scored as the text "nan".
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}[{key!r}]" if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
+_TOO_DEEP = "JSON nested too deeply to read (no LLaVA record nests more than a few levels)"
 
 
 def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
@@ -136,6 +169,8 @@ def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
             raise DataError(
                 f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", source=source
             ) from None
+        except RecursionError:
+            raise DataError(_TOO_DEEP, source=source) from None
         return [(f"record [{i}]", record) for i, record in enumerate(data)]
     items: list[tuple[str, Any]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -146,10 +181,13 @@ def _raw_records(text: str, path: Path) -> list[tuple[str, Any]]:
             items.append((label, json.loads(line)))
         except json.JSONDecodeError as exc:
             items.append((label, DataError(f"{label}: malformed JSON at column {exc.colno}: {exc.msg}", source=source)))
+        except RecursionError:
+            items.append((label, DataError(f"{label}: {_TOO_DEEP}", source=source)))
     return items
 
 
-def _parse_record(record: Any, label: str, source: str, root: Path, check_images: bool) -> Sample:
+def _parse_record(record: Any, label: str, source: str, root: Path, check_images: bool,
+                  allow_outside_root: bool = False) -> Sample:
     if not isinstance(record, dict):
         raise DataError(f"{label}: record must be a JSON object, got {type(record).__name__}", source=source)
     raw_id = record.get("id")
@@ -162,6 +200,10 @@ def _parse_record(record: Any, label: str, source: str, root: Path, check_images
     def fail(message: str) -> DataError:
         return DataError(f"{label}: {message}", source=source, sample_id=sample_id)
 
+    bad_number = _non_finite(record, "record")
+    if bad_number is not None:
+        raise fail(f"{bad_number} is not a finite number (NaN, Infinity or too large for a float); "
+                   "quote it if it is text")
     turns = _parse_turns(record.get("conversations"), fail)
     names = _parse_image_names(record.get("image"), fail)
     placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
@@ -171,10 +213,20 @@ def _parse_record(record: Any, label: str, source: str, root: Path, check_images
             f"but {len(names)} image(s) listed"
         )
     images = [root / name for name in names]
+    if not allow_outside_root:
+        for name, image in zip(names, images, strict=True):
+            if not _inside(image, root):
+                raise fail(f"image path {name!r} leads outside the image root {root} (to {image.resolve()}); "
+                           "set allow_outside_image_root = true to allow it")
     if check_images:
         for image in images:
-            if not image.is_file():
-                raise fail(f"image not found: {image}")
+            try:
+                found = image.is_file()
+                exists = found or image.exists()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise fail(f"cannot look up image {image}: {exc.strerror}") from None
+            if not found:
+                raise fail(f"image path is not a file: {image}" if exists else f"image not found: {image}")
     meta = {key: value for key, value in record.items() if key not in _RESERVED}
     return Sample(id=sample_id, conversations=turns, images=images, meta=meta, source=source)
 
@@ -195,6 +247,12 @@ def _parse_turns(raw: Any, fail: Callable[[str], DataError]) -> list[Turn]:
         text = item.get("value")
         if not isinstance(text, str):
             raise fail(f"turn {i} value must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise fail(f"turn {i} ({role}) is empty; every turn needs text (an answer of nothing teaches nothing)")
+        wrong = [m for m in _LOOKALIKE.findall(text) if m != IMAGE_PLACEHOLDER]
+        if wrong:
+            raise fail(f"turn {i} holds {wrong[0]!r}, which is not the image placeholder: write it exactly "
+                       f"{IMAGE_PLACEHOLDER} (lower case, no spaces)")
         if role != "human" and IMAGE_PLACEHOLDER in text:
             raise fail(f"turn {i} ({role}) contains {IMAGE_PLACEHOLDER}; only human turns may hold images")
         turns.append(Turn(role, text))
@@ -218,9 +276,18 @@ def _parse_image_names(raw: Any, fail: Callable[[str], DataError]) -> list[str]:
     if raw is None:
         return []
     names = [raw] if isinstance(raw, str) else raw
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise fail(f"'image' must be a non-empty string or a list of them, got {raw!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and "\0" not in n for n in names):
+        raise fail(f"'image' must be a non-empty string (without NUL characters) or a list of them, got {raw!r}")
     return names
+
+
+def _inside(image: Path, root: Path) -> bool:
+    """Whether ``image``, with ``..`` and symlinks resolved, lies under ``root`` (also resolved)."""
+    try:
+        image.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def _relative(image: Path, root: Path) -> str:

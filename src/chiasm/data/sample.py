@@ -39,9 +39,14 @@ class Sample:
 
 
 class DataError(ValueError):
-    """A sample or data file that cannot be used, with a message naming file and sample."""
+    """A sample or data file that cannot be used, with a message naming file and sample.
 
-    def __init__(self, message: str, *, source: str | None = None, sample_id: str | None = None):
+    ``image`` is the image file at fault, when there is one, so that skip lists can name it
+    apart from the message.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, sample_id: str | None = None,
+                 image: str | None = None):
         where = []
         if source is not None:
             where.append(f"file {source}")
@@ -52,11 +57,13 @@ class DataError(ValueError):
         self.message = message
         self.source = source
         self.sample_id = sample_id
+        self.image = image
 
     def __reduce__(self) -> tuple:
-        # Keeps file and sample id when the error crosses a process boundary (DataLoader workers).
-        return _rebuild_data_error, (type(self), self.message, self.source, self.sample_id)
+        # Keeps file, sample id and image when the error crosses a process boundary (DataLoader workers).
+        return _rebuild_data_error, (type(self), self.message, self.source, self.sample_id, self.image)
 
 
-def _rebuild_data_error(cls: type[DataError], message: str, source: str | None, sample_id: str | None) -> DataError:
-    return cls(message, source=source, sample_id=sample_id)
+def _rebuild_data_error(cls: type[DataError], message: str, source: str | None, sample_id: str | None,
+                        image: str | None = None) -> DataError:
+    return cls(message, source=source, sample_id=sample_id, image=image)

@@ -14,6 +14,7 @@ from chiasm.config import EvalConfig
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
 from chiasm.eval import retention, vqa
+from chiasm.eval.scorers import get_scorer
 from chiasm.features import FeatureCache
 from chiasm.lm.loader import load_language_model
 from chiasm.model import VisionLanguageModel
@@ -80,13 +81,14 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     results: dict = {"model": type(model.bridge).__name__}
     if cfg.data:
         t0 = time.perf_counter()
-        samples = _eval_samples(cfg)
+        samples = eval_samples(cfg)
         work = Path(out_dir or Path(cfg.data).parent) / "cache"
         blank = vqa.blank_image(work, model.encoder.image_size)
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
+            owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
             feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
-                                       preprocess=model.processor.image)
+                                       preprocess=model.processor.image, owners=owners)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -114,11 +116,16 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
     return results
 
 
-def _eval_samples(cfg: EvalConfig) -> list:
-    samples = load_llava(cfg.data, cfg.image_root).samples
+def eval_samples(cfg: EvalConfig) -> list:
+    """The eval set's samples (at most max_samples), each with a reference answer that can be scored."""
+    samples = load_llava(cfg.data, cfg.image_root, allow_outside_root=cfg.allow_outside_image_root).samples
     if not samples:  # an accuracy over nothing would read as a result
         raise DataError("no samples to evaluate; give a data file with at least one question", source=cfg.data)
-    return samples[: cfg.max_samples] if cfg.max_samples else samples
+    samples = samples[: cfg.max_samples] if cfg.max_samples else samples
+    scorer = get_scorer(cfg.scorer)
+    for s in samples:  # a reference answer that cannot be scored fails before any answer is generated
+        scorer.check(s)
+    return samples
 
 
 def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:
@@ -127,10 +134,11 @@ def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:
     For asking the same images again in other words, where the controls of :func:`evaluate`
     would only repeat what the first wording measured.
     """
-    samples = _eval_samples(cfg)
+    samples = eval_samples(cfg)
     with torch.no_grad():
-        feats = FeatureCache.build(model.encoder, [str(p) for s in samples for p in s.images], cache_dir=None,
-                                   show_progress=False, preprocess=model.processor.image)
+        owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
+        feats = FeatureCache.build(model.encoder, list(owners), cache_dir=None, show_progress=False,
+                                   preprocess=model.processor.image, owners=owners)
     preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        features=feats, desc="VQA (other wording)")
     scored = vqa.score(samples, preds, cfg.scorer)

@@ -22,9 +22,17 @@ from chiasm.registry import Registry
 
 
 def truth_of(sample: Sample) -> str:
-    """The reference answer: ``meta['answer']`` or else the last assistant turn."""
+    """The reference answer: ``meta['answer']`` or else the last assistant turn.
+
+    A number is its text ("how many" answers); a list, object, boolean or null is refused: its
+    Python spelling ("[1, 2]", "True") would be scored as if it were the answer.
+    """
     if "answer" in sample.meta:
-        return str(sample.meta["answer"])
+        answer = sample.meta["answer"]
+        if isinstance(answer, str) or (isinstance(answer, (int, float)) and not isinstance(answer, bool)):
+            return str(answer)
+        raise DataError(f"'answer' must be text or a number, got {answer!r}", source=sample.source,
+                        sample_id=sample.id)
     return next(t.text for t in reversed(sample.conversations) if t.role == "gpt")
 
 
@@ -35,6 +43,10 @@ class Scorer:
 
     def score(self, prediction: str, sample: Sample) -> float:
         raise NotImplementedError
+
+    def check(self, sample: Sample) -> None:
+        """Raise a DataError if ``sample`` lacks what :meth:`score` reads; run on every sample before answering."""
+        truth_of(sample)
 
 
 SCORERS: Registry[Scorer] = Registry("VQA scorer", plugins={"synthetic": "chiasm.synthetic.answers"})
@@ -129,3 +141,6 @@ class VQASoftAccuracy(Scorer):
 
     def score(self, prediction: str, sample: Sample) -> float:
         return soft_accuracy(prediction, reference_answers(sample))
+
+    def check(self, sample: Sample) -> None:
+        reference_answers(sample)

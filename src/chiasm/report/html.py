@@ -17,17 +17,19 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from chiasm.data.images import load_image
 from chiasm.report.plots import (
     is_number,
     load_stages,
     plot_accuracy,
     plot_loss_curves,
     question_types,
+    stage_names,
 )
+from chiasm.train.skips import SKIPPED_FILE, read_skips
 
 THUMB_PX = 160
+SKIP_REASONS = 3  # reasons quoted per stage; the full list is in the stage's skipped.jsonl
 MISSING = "—"
 
 CSS = """
@@ -112,14 +114,12 @@ def _thumbnail(path: Path) -> str | None:
     instead of embedding every full-resolution source image.
     """
     try:
-        with Image.open(path) as img:
-            img.thumbnail((THUMB_PX, THUMB_PX))
-            if img.mode not in ("RGB", "RGBA", "L", "LA"):
-                alpha = "A" in img.getbands() or "transparency" in img.info
-                img = img.convert("RGBA" if alpha else "RGB")
-            buffer = io.BytesIO()
-            img.save(buffer, format="PNG", optimize=True)
-    except (OSError, ValueError):
+        # The training decoder: 16-bit scans, EXIF-rotated photos and CMYK look as the model saw them.
+        img = load_image(path)
+        img.thumbnail((THUMB_PX, THUMB_PX))
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG", optimize=True)
+    except (OSError, ValueError):  # DataError is a ValueError
         return None
     return _data_uri(buffer.getvalue())
 
@@ -134,12 +134,12 @@ def _resolve(run_dir: Path, image: Any) -> Path | None:
     return path
 
 
-def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
-    """An HTML table from already-escaped cells; columns from ``numeric_from`` on
-    are right-aligned so numbers line up."""
+def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1, numeric_to: int | None = None) -> str:
+    """An HTML table from already-escaped cells; columns from ``numeric_from`` on (up to
+    ``numeric_to``, excluded) are right-aligned so numbers line up."""
 
     def cell(tag: str, i: int, text: str) -> str:
-        cls = ' class="num"' if i >= numeric_from else ""
+        cls = ' class="num"' if i >= numeric_from and (numeric_to is None or i < numeric_to) else ""
         return f"<{tag}{cls}>{text}</{tag}>"
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
@@ -238,6 +238,23 @@ def _stage_table(run_dir: Path) -> str:
     return _table(header, rows) if rows else ""
 
 
+def _skip_table(run_dir: Path) -> str:
+    """Per stage: how many samples ``on_error = "skip"`` left out, and the first few reasons."""
+    rows = []
+    for name in stage_names(run_dir):
+        path = Path(run_dir) / "stages" / name / SKIPPED_FILE
+        if not path.is_file():
+            continue
+        skips = read_skips(path)
+        reasons = "<br>".join(escape(str(s.get("reason", ""))) for s in skips[:SKIP_REASONS])
+        more = f"<br>… {len(skips) - SKIP_REASONS} more in {escape(str(path.relative_to(run_dir)))}" \
+            if len(skips) > SKIP_REASONS else ""
+        rows.append([escape(name), str(len(skips)), (reasons + more) or MISSING])
+    if not rows:
+        return ""
+    return "<h3>Skipped samples</h3>" + _table(["stage", "skipped", "first reasons"], rows, numeric_to=2)
+
+
 def _per_type_table(results: dict[str, Any]) -> str:
     """Accuracy per question type, with the image-minus-blank gap spelled out."""
     blocks = {k: results.get(k) for k in ("vqa", "blank", "chance")}
@@ -324,6 +341,7 @@ def write_report(run_dir: Path, *, title: str = "chiasm run", max_samples: int =
         "</section><section><h2>Training</h2>",
         _img_tag(loss_png, "loss curves") if loss_png else _note("No training metrics found."),
         _stage_table(run_dir),
+        _skip_table(run_dir),
         "</section>",
     ]
     if results:

@@ -67,17 +67,16 @@ class Failed:
 
 @dataclass
 class LoaderBatch(Batch):
-    """A :class:`Batch` plus what packing and skipping add."""
+    """A :class:`Batch` (whose ``skipped`` lists the samples left out) plus what packing adds."""
 
     position_ids: torch.Tensor | None = None  # packed rows only
     sample_ids: list[str] = field(default_factory=list)
-    skipped: list[DataError] = field(default_factory=list)
 
     def to(self, device: torch.device) -> LoaderBatch:
         moved = super().to(device)
         pos = None if self.position_ids is None else self.position_ids.to(device)
         return LoaderBatch(moved.input_ids, moved.attention_mask, moved.labels, moved.image_paths, moved.features,
-                           moved.pixels, pos, self.sample_ids, self.skipped)
+                           moved.pixels, skipped=self.skipped, position_ids=pos, sample_ids=self.sample_ids)
 
 
 class SampleDataset(Dataset):
@@ -89,10 +88,11 @@ class SampleDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], encoder: ConversationEncoder, *,
                  features: FeatureCache | None = None,
-                 preprocess: Callable[..., torch.Tensor] | None = None):
+                 preprocess: Callable[..., torch.Tensor] | None = None, max_pixels: int | None = None):
         if (features is None) == (preprocess is None):
             raise ValueError("SampleDataset needs exactly one of a feature cache or an image preprocessing")
         self.samples, self.encoder, self.features, self.preprocess = samples, encoder, features, preprocess
+        self.max_pixels = max_pixels  # see chiasm.data.images.load_image
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -105,7 +105,7 @@ class SampleDataset(Dataset):
             return Item(i, s.id, s.source, enc.input_ids, enc.labels, paths, self._images(s, paths))
         except DataError as err:
             if err.sample_id is None:  # e.g. a feature-cache lookup: name the sample here
-                err = DataError(err.message, source=s.source, sample_id=s.id)
+                err = DataError(err.message, source=s.source, sample_id=s.id, image=err.image)
             return Failed(i, err)
 
     def _images(self, s: Sample, paths: list[str]) -> torch.Tensor | None:
@@ -113,7 +113,8 @@ class SampleDataset(Dataset):
             return None
         if self.features is not None:
             return self.features.lookup(paths)
-        return torch.stack([self.preprocess(load_image(Path(p), sample_id=s.id, source=s.source)) for p in paths])
+        return torch.stack([self.preprocess(load_image(Path(p), sample_id=s.id, source=s.source,
+                                                       max_pixels=self.max_pixels)) for p in paths])
 
 
 class Collator:
@@ -204,7 +205,8 @@ class StageLoader:
         self.stage, self.rank, self.world, self.stage_dir = stage, rank, world, stage_dir
         processor = model.processor  # the tokenizer and image steps inference uses too
         dataset = SampleDataset(samples, processor.conversation, features=features,
-                                preprocess=None if features is not None else processor.image)
+                                preprocess=None if features is not None else processor.image,
+                                max_pixels=stage.max_image_pixels)
         self.sampler = PlanBatchSampler(plan, rank, start_step)
         if stage.num_workers:
             # Fast tokenizers warn (and turn their threads off) in forked workers; say so up front.
@@ -229,7 +231,7 @@ class StageLoader:
                 if self.stage.on_error != "skip":
                     raise err
                 self.skipped.append({"step": step, "micro": micro, "rank": self.rank, "sample": err.sample_id,
-                                     "source": err.source, "error": str(err)})
+                                     "source": err.source, "image": err.image, "error": str(err)})
                 log.warning("stage %s: skipped a sample: %s", self.stage.name, err)
             if not batch.sample_ids:
                 if self.world > 1:

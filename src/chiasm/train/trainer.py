@@ -41,6 +41,7 @@ from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_un
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
 from chiasm.train.resume_config import record_fresh_start, record_resume, resume_run_config
+from chiasm.train.skips import SkipLog, drop_bad_images
 
 log = logging.getLogger(__name__)
 StageHook = Callable[[VisionLanguageModel, StageConfig, int], None]
@@ -116,11 +117,16 @@ class StagePlan:
         return step / self.steps_per_epoch
 
 
-def _stage_samples(stage: StageConfig) -> list:
-    result = load_llava(stage.data, stage.image_root, on_error=stage.on_error)
+def _stage_samples(stage: StageConfig, out: Path | None) -> tuple[list, SkipLog]:
+    """The stage's samples, and its skip log holding the records left out (written into ``out``)."""
+    result = load_llava(stage.data, stage.image_root, on_error=stage.on_error,
+                        allow_outside_root=stage.allow_outside_image_root)
+    skips = SkipLog(stage.name, stage.data, len(result.samples) + len(result.skipped), stage.max_skip_fraction, out)
+    for sample_id, reason in result.skipped:
+        skips.add(sample_id, reason)
     if result.skipped:
         log.warning("stage %s: skipped %d invalid records in %s", stage.name, len(result.skipped), stage.data)
-    return result.samples
+    return result.samples, skips
 
 
 def _optimizer(model: VisionLanguageModel, stage: StageConfig) -> torch.optim.Optimizer:
@@ -237,11 +243,13 @@ class Trainer:
         return FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=self.show_progress,
                                   rank=self.dist.rank, world=self.dist.world, sync=barrier, on_error=stage.on_error,
                                   owners={str(p): (s.source, s.id) for s in samples for p in s.images},
-                                  preprocess=self.model.processor.image)
+                                  preprocess=self.model.processor.image, max_pixels=stage.max_image_pixels)
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
-        samples = _stage_samples(stage)
+        samples, skips = _stage_samples(stage, self.run_dir / "stages" / stage.name if self.dist.is_main else None)
+        if resume_from is not None:
+            skips.restore()
         # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
         prealign = build_prealign(model, samples, stage)
         if prealign is not None:
@@ -249,6 +257,16 @@ class Trainer:
         else:
             n_items, paths = len(samples), [str(p) for s in samples for p in s.images]
         features = self._features(paths, stage, samples)
+        if features is not None and features.bad:
+            # The cache build decoded every image once: samples with a broken one go before step 1.
+            samples = drop_bad_images(samples, features.bad, skips, stage.on_error)
+            prealign = build_prealign(model, samples, stage) if prealign is not None else None
+            n_items = len(prealign) if prealign is not None else len(samples)
+        for sample_id, reason in getattr(prealign, "skipped", []):
+            skips.add(sample_id, reason)
+        if stage.on_error == "skip":
+            skips.write()
+        skips.check()
         seed = self.cfg.seed * 1000 + index
         order = stage_order(stage, samples, model, self.dist.world, seed) if prealign is None else None
         plan = StagePlan(n_items, stage, self.dist.world, seed, order=order)
@@ -300,7 +318,7 @@ class Trainer:
             factor = lr_at(step, plan.total, warmup, stage.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
-            loss_sum, n_tok, n_img, extra = 0.0, 0, 0, {}
+            loss_sum, n_tok, n_img, extra, dropped = 0.0, 0, 0, {}, 0
             # A step's micro-batches are read first: its loss is the mean over all their
             # supervised tokens on all ranks (chiasm.train.dist.token_weights).
             step_batches = [next(batches) for _ in range(stage.grad_accum)] if batches is not None else None
@@ -309,6 +327,7 @@ class Trainer:
                 indices = plan.indices(step, micro, self.dist.rank)
                 batch = step_batches[micro] if step_batches is not None else None
                 if batches is not None and batch is None:
+                    dropped += 1
                     continue  # every sample of this micro-batch was skipped (one process only)
                 sync = micro == stage.grad_accum - 1
                 with gradient_sync(wrapped, sync):
@@ -343,13 +362,18 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            loss = all_reduce_mean(loss_sum / stage.grad_accum)
+            # The mean over micro-batches that had samples (NaN when none had: no step was learnt from);
+            # token-weighted ones already count a dropped micro-batch as zero tokens.
+            parts = stage.grad_accum if weights is not None else stage.grad_accum - dropped
+            loss = all_reduce_mean(loss_sum / parts if dropped < stage.grad_accum else math.nan)
             record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
                       "epoch": plan.epoch(step + 1), "time_s": time.perf_counter() - t_stage,
                       **({"skipped": loader.count(self.dist.device)} if loader is not None else {}),
                       **{k: all_reduce_mean(v) for k, v in extra.items()}}
+            if loader is not None and self.dist.world == 1:
+                skips.absorb(loader.skipped)  # one process: the cap is checked as soon as it is passed
             if self.dist.is_main:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -362,6 +386,7 @@ class Trainer:
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
                 if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
                     self.skipped[stage.name] = loader.write_skipped()
+                    skips.absorb(self.skipped[stage.name])  # every rank's, gathered: all ranks check alike
                 self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done, self.dist.world))
             if self._steps_left is not None:
                 self._steps_left -= 1

@@ -1,0 +1,1 @@
+"""A corpus of broken inputs for the ``chiasm`` command (see ``tests/test_bad_inputs.py``)."""
