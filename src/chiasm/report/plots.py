@@ -12,6 +12,7 @@ half-written last line, an evaluation may not have run yet. Missing data gives
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+log = logging.getLogger(__name__)
 DPI = 110
 STAGE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 IMAGE_COLOR = "#1f77b4"
@@ -52,6 +54,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                log.warning("%s: skipped a line that is not whole JSON (cut off by a kill?): %.80s", path, line)
                 continue
             if isinstance(record, dict):
                 records.append(record)

@@ -5,17 +5,23 @@ has trained), ``optimizer.safetensors`` + ``optimizer.json`` (tensor and scalar 
 the optimizer state), ``rng.safetensors`` (the CPU RNG, and each CUDA device's where CUDA
 is used) and ``state.json`` (stage index, optimizer step, python RNG). The step number fixes
 the data position, since batches are a pure function of (seed, stage, epoch, step). Writes
-go to a temporary folder renamed into place, so a run killed mid-write keeps the previous
-checkpoint. Under FSDP every rank joins in gathering whole tensors (:func:`gather_state`)
-and rank 0 writes the same layout as one process does.
+go to a temporary folder renamed into place (:func:`save_checkpoint` says in which order), so
+a run killed at any instant of a save keeps the previous checkpoint or the new one. Under
+FSDP every rank joins in gathering whole tensors (:func:`gather_state`) and rank 0
+writes the same layout as one process does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import random
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ class TrainState:
     stage_index: int
     step: int
     stage_done: bool
+    world: int | None = None  # processes that trained it (None: a checkpoint that did not record it)
 
 
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,31 +107,171 @@ def restore_cuda_rng(rng: dict[str, torch.Tensor], writer_device: int | None) ->
         torch.cuda.set_rng_state(states[writer_device], torch.cuda.current_device())
 
 
+FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
+# A full disk, a folder this user may not write, a read-only file system, a spent quota, a file size limit.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+class CheckpointWriteError(ModelFolderError):
+    """A checkpoint that could not be written; the previous one is kept."""
+
+
+def _step(name: str) -> None:
+    """Called after each write, rename and delete of the save sequence.
+
+    ``CHIASM_CHECKPOINT_STEP_DELAY`` (seconds) pauses there: a crash test widens the window
+    in which a kill lands inside a checkpoint write. Tests also replace this function to stop
+    the sequence at a chosen point.
+    """
+    delay = os.environ.get("CHIASM_CHECKPOINT_STEP_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries, after a rename) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(data))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:  # its I/O errors carry the OS error only in the text: "(os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+    _fsync(path)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder, its completeness marker (``state.json``) first.
+
+    A delete cut short then leaves a folder that :func:`is_complete` refuses, never one that
+    looks whole with files missing.
+    """
+    marker = folder / "state.json"
+    if marker.exists():
+        marker.unlink()
+        _step(f"unlink {marker.name}")
+    if folder.exists():
+        shutil.rmtree(folder)
+        _step(f"rmtree {folder.name}")
+
+
 def save_checkpoint(folder: Path, params: dict[str, torch.Tensor], trained: set[str],
                     optimizer_state: dict[str, Any], state: TrainState) -> None:
-    """Atomically write the full training state (from :func:`gather_state`) to ``folder``."""
+    """Write the full training state (from :func:`gather_state`) to ``folder``, crash-safely.
+
+    The files go to ``folder.tmp``, each flushed to the disk, ``state.json`` last: it is the
+    marker of a complete folder. Then ``folder`` becomes ``folder.old``, ``folder.tmp``
+    becomes ``folder`` and ``folder.old`` is deleted. A kill at any point leaves a complete
+    ``folder``, ``folder.tmp`` or ``folder.old`` that :func:`recover` puts back in place. A
+    disk that is full or a folder that cannot be written raises :class:`CheckpointWriteError`
+    naming the path, and the previous checkpoint stays.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    try:
+        _write_all(folder, tmp, params, trained, optimizer_state, state)
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        where = exc.filename or tmp
+        raise CheckpointWriteError(f"cannot write the checkpoint at {where}: {exc.strerror or exc}; "
+                                   f"the last good checkpoint in {folder} is kept") from exc
+
+
+def _write_all(folder: Path, tmp: Path, params: dict[str, torch.Tensor], trained: set[str],
+               optimizer_state: dict[str, Any], state: TrainState) -> None:
+    _remove(tmp)
     tmp.mkdir(parents=True)
+    _step("mkdir tmp")
     params = {k: v.detach().contiguous() for k, v in params.items() if k in trained}
-    save_file(params, str(tmp / "model.safetensors"))
+    _save_tensors(params, tmp / "model.safetensors")
+    _step("write model.safetensors")
     tensors, scalars = _split_optimizer(optimizer_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(scalars))
-    save_file({"torch": torch.get_rng_state(), **cuda_rng_state()}, str(tmp / "rng.safetensors"))
+    _save_tensors(tensors, tmp / "optimizer.safetensors")
+    _step("write optimizer.safetensors")
+    _write_json(tmp / "optimizer.json", scalars)
+    _step("write optimizer.json")
+    _save_tensors({"torch": torch.get_rng_state(), **cuda_rng_state()}, tmp / "rng.safetensors")
+    _step("write rng.safetensors")
     py_state = random.getstate()
     meta = {"stage_index": state.stage_index, "step": state.step, "stage_done": state.stage_done,
+            "world": state.world,
             "cuda_device": torch.cuda.current_device() if torch.cuda.is_available() else None,
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]], "trained": sorted(trained)}
-    (tmp / "state.json").write_text(json.dumps(meta))
+    _write_json(tmp / "state.json.part", meta)
+    _step("write state.json.part")
+    (tmp / "state.json.part").rename(tmp / "state.json")
+    _fsync(tmp)
+    _step("rename state.json")
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
+        _remove(old)
         folder.rename(old)
+        _fsync(folder.parent)
+        _step("rename folder -> old")
     tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    _fsync(folder.parent)
+    _step("rename tmp -> folder")
+    _remove(old)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds every checkpoint file and a readable ``state.json``."""
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in FILES):
+        return False
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "step" in meta
+
+
+def recover(folder: Path) -> Path | None:
+    """Put the checkpoint a killed save left behind back at ``folder``; None if there is none.
+
+    ``folder`` itself when complete, else a complete ``folder.tmp`` (the new state, killed
+    before its rename), else ``folder.old`` (the previous state). Only the writing rank calls
+    this; the others wait at a barrier, then read ``folder``.
+    """
+    folder = Path(folder)
+    if is_complete(folder):
+        return folder
+    for suffix in (".tmp", ".old"):
+        candidate = folder.with_name(folder.name + suffix)
+        if is_complete(candidate):
+            log.warning("%s is missing or incomplete: resuming from %s (a save was cut short)", folder, candidate)
+            if folder.exists():
+                shutil.rmtree(folder)
+            candidate.rename(folder)
+            _fsync(folder.parent)
+            return folder
+    return None
+
+
+def remove_all(folder: Path) -> None:
+    """Delete ``folder`` and its ``.tmp``/``.old`` siblings: a run that starts over."""
+    folder = Path(folder)
+    for path in (folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
+        if path.exists():
+            _remove(path)
 
 
 def read_state(folder: Path) -> TrainState | None:
@@ -133,7 +280,7 @@ def read_state(folder: Path) -> TrainState | None:
     if not f.exists():
         return None
     meta = _read_json(f)
-    return TrainState(meta["stage_index"], meta["step"], meta["stage_done"])
+    return TrainState(meta["stage_index"], meta["step"], meta["stage_done"], meta.get("world"))
 
 
 def load_model_state(folder: Path, model: VisionLanguageModel) -> set[str]:
@@ -156,7 +303,18 @@ def load_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) -> No
         from chiasm.train.fsdp import shard_optimizer_state
 
         sd = shard_optimizer_state(sd, optimizer)
+    # The moments and step counts come from the checkpoint; lr and weight decay stay the current
+    # config's (chiasm.train.resume_config decides which changes a resume may make).
+    current = [{k: g[k] for k in ("lr", "base_lr", "weight_decay") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(sd)
+    for group, values in zip(optimizer.param_groups, current, strict=True):
+        group.update(values)
+    load_rng(folder)
+
+
+def load_rng(folder: Path) -> None:
+    """Put back the CPU, CUDA and python RNG states the checkpoint was taken with."""
+    folder = Path(folder)
     rng = _read_tensors(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     meta = _read_json(folder / "state.json")

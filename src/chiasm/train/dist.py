@@ -104,3 +104,32 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def supervised_tokens(batch: object | None) -> int:
+    """The tokens a batch's loss averages over: labelled next-token targets (none for a skipped batch)."""
+    if batch is None:
+        return 0
+    return int((batch.labels[:, 1:] != -100).sum())
+
+
+def token_weights(counts: list[int]) -> list[float]:
+    """Per micro-batch weights that make a step's loss the mean over every supervised token.
+
+    ``counts`` are this rank's micro-batches' supervised tokens. Each micro-batch's loss is a
+    mean over its own tokens; the trainer divides by the number of micro-batches and DDP
+    averages over ranks. Weighting micro-batch ``m`` by ``count_m * micro_batches * world /
+    total`` (total over the step's micro-batches on all ranks) turns that mean of means into
+    the mean over all the step's tokens, which does not depend on how the step's samples are
+    split into micro-batches and ranks. One micro-batch in one process gets 1.0.
+    """
+    local = float(sum(counts))
+    total = local
+    if is_distributed():
+        t = torch.tensor([local], dtype=torch.float64, device=collective_device())
+        dist.all_reduce(t)
+        total = float(t.item())
+    if total <= 0:
+        return [1.0] * len(counts)
+    world = dist.get_world_size() if is_distributed() else 1
+    return [c * len(counts) * world / total for c in counts]

@@ -211,9 +211,12 @@ class StageLoader:
         if stage.num_workers:
             # Fast tokenizers warn (and turn their threads off) in forked workers; say so up front.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Its own generator: the iterator, made at the first batch, draws its workers' base seed
+        # from it, not from the global RNG that a resumed run has just restored from its checkpoint.
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=stage.num_workers,
                                  collate_fn=Collator(processor.pad_token_id, pack_length=stage.pack_length,
-                                                     cached=features is not None))
+                                                     cached=features is not None),
+                                 generator=torch.Generator().manual_seed(plan.seed))
         self.skipped: list[dict] = _earlier_skips(stage_dir, start_step) if rank == 0 else []
         self._logged = len(self.skipped)
 

@@ -19,12 +19,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from chiasm.config import RunConfig, StageConfig, save_config
+from chiasm.config import RunConfig, StageConfig
 from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
-from chiasm.train.dist import DistInfo, all_reduce_mean, barrier, env_world_size, init_distributed
+from chiasm.train.dist import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    env_world_size,
+    init_distributed,
+    supervised_tokens,
+    token_weights,
+)
 from chiasm.train.features import FeatureCache
 from chiasm.train.grouping import stage_order
 from chiasm.train.loader import StageLoader
@@ -32,6 +40,7 @@ from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.replay import replay_loss, sample_text
+from chiasm.train.resume_config import record_fresh_start, record_resume, resume_run_config
 from chiasm.train.skips import SkipLog, drop_bad_images
 
 log = logging.getLogger(__name__)
@@ -158,7 +167,6 @@ class Trainer:
         self.skipped: dict[str, list[dict]] = {}  # per LM stage: the samples left out under on_error = "skip"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.json")
             (self.run_dir / "stages.json").write_text(json.dumps([s.name for s in cfg.stages]))
 
     @property
@@ -167,10 +175,13 @@ class Trainer:
 
     def run(self, *, resume: bool = False, stop_after_steps: int | None = None,
             on_stage_end: StageHook | None = None) -> VisionLanguageModel:
-        """Train every stage; ``resume`` continues from ``RUN/checkpoint`` if present."""
-        state = ckpt.read_state(self.checkpoint_dir) if resume else None
-        if resume and state is None:
-            log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
+        """Train every stage; ``resume`` continues from ``RUN/checkpoint`` if present.
+
+        The config must match the run folder's ``config.json`` where the weights so far depend
+        on it (:mod:`chiasm.train.resume_config`); a fresh start removes an earlier checkpoint,
+        which the new ``config.json`` no longer describes.
+        """
+        state = self._open_run_folder(resume)
         self._steps_left = stop_after_steps
         for i, stage in enumerate(self.cfg.stages):
             self.stage_counts[stage.name] = apply_stage_policies(
@@ -179,6 +190,7 @@ class Trainer:
             if state is not None and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
                 if i == state.stage_index:
                     self.trained = ckpt.load_model_state(self.checkpoint_dir, self.model)
+                    ckpt.load_rng(self.checkpoint_dir)  # the next stage's new weights (LoRA) draw from it
                     log.info("resumed after completed stage %s", stage.name)
                 continue
             start = 0
@@ -197,6 +209,23 @@ class Trainer:
         if self.dist.is_main:
             self._plot()
         return self.model
+
+    def _open_run_folder(self, resume: bool) -> ckpt.TrainState | None:
+        if self.dist.is_main and resume:
+            ckpt.recover(self.checkpoint_dir)  # a save cut short leaves its state beside the folder
+        barrier()
+        state = ckpt.read_state(self.checkpoint_dir) if resume else None
+        if resume and state is None:
+            log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
+        changes = resume_run_config(self.cfg, self.run_dir, state, self.dist.world) if state is not None else []
+        barrier()  # every rank has read the saved config before it is replaced
+        if self.dist.is_main and state is not None:
+            record_resume(self.cfg, self.run_dir, state, changes)
+        elif self.dist.is_main:
+            ckpt.remove_all(self.checkpoint_dir)
+            record_fresh_start(self.cfg, self.run_dir)
+        barrier()
+        return state
 
     def _mark_trained(self) -> None:
         self.trained |= {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -273,6 +302,9 @@ class Trainer:
         optimizer = _optimizer(model, stage)
         if resume_from is not None:
             ckpt.load_optimizer_and_rng(resume_from, optimizer)
+        if start_step > plan.total:
+            raise ValueError(f"stage {stage.name!r}: the checkpoint is at step {start_step}, past this config's "
+                             f"{plan.total} steps; resume with at least as many")
         warmup = int(stage.warmup_ratio * plan.total)
         trainable = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "stages" / stage.name / "metrics.jsonl"
@@ -287,9 +319,13 @@ class Trainer:
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             loss_sum, n_tok, n_img, extra, dropped = 0.0, 0, 0, {}, 0
+            # A step's micro-batches are read first: its loss is the mean over all their
+            # supervised tokens on all ranks (chiasm.train.dist.token_weights).
+            step_batches = [next(batches) for _ in range(stage.grad_accum)] if batches is not None else None
+            weights = token_weights([supervised_tokens(b) for b in step_batches]) if step_batches else None
             for micro in range(stage.grad_accum):
                 indices = plan.indices(step, micro, self.dist.rank)
-                batch = next(batches) if batches is not None else None
+                batch = step_batches[micro] if step_batches is not None else None
                 if batches is not None and batch is None:
                     dropped += 1
                     continue  # every sample of this micro-batch was skipped (one process only)
@@ -307,6 +343,7 @@ class Trainer:
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
                                              pixels=batch.pixels, features=batch.features,
                                              position_ids=batch.position_ids).loss
+                            loss_t = loss_t * weights[micro]
                             total = loss_t
                             if replay is not None and sync:
                                 # The same rows on every rank, once per step: DDP's mean leaves
@@ -325,8 +362,10 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            # The mean over micro-batches that had samples (NaN when none had: no step was learnt from).
-            loss = all_reduce_mean(loss_sum / (stage.grad_accum - dropped) if dropped < stage.grad_accum else math.nan)
+            # The mean over micro-batches that had samples (NaN when none had: no step was learnt from);
+            # token-weighted ones already count a dropped micro-batch as zero tokens.
+            parts = stage.grad_accum if weights is not None else stage.grad_accum - dropped
+            loss = all_reduce_mean(loss_sum / parts if dropped < stage.grad_accum else math.nan)
             record = {"stage": stage.name, "step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                       **({"tokens_per_s": n_tok * self.dist.world / dt} if prealign is None else {}),
                       "images_per_s": n_img * self.dist.world / dt,
@@ -348,7 +387,7 @@ class Trainer:
                 if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
                     self.skipped[stage.name] = loader.write_skipped()
                     skips.absorb(self.skipped[stage.name])  # every rank's, gathered: all ranks check alike
-                self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done))
+                self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done, self.dist.world))
             if self._steps_left is not None:
                 self._steps_left -= 1
                 if self._steps_left <= 0 and not done:
@@ -400,6 +439,15 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_upto]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:  # a line cut off by a kill mid-write
+            log.warning("%s: dropped a line that is not whole JSON (cut off by a kill?): %.80s", path, line)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= keep_upto:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")  # renamed over the file: a kill now loses no line
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    tmp.replace(path)
