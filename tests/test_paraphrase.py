@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from chiasm.data.llava import load_llava
-from chiasm.synthetic.paraphrase import PARAPHRASES, paraphrase_question, write_paraphrased
+from chiasm.synthetic.paraphrase import (
+    PARAPHRASES,
+    TRAINING_WORDINGS,
+    paraphrase_question,
+    training_wording,
+    write_paraphrased,
+)
 from chiasm.synthetic.world import make_world
 
 
@@ -43,3 +49,32 @@ def test_each_template_has_three_wordings_all_reachable() -> None:
 def test_a_question_outside_the_templates_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="no paraphrase for question 'Why is the sky blue\\?'"):
         paraphrase_question("Why is the sky blue?", random.Random(0))
+
+
+def test_training_wordings_are_disjoint_from_the_held_out_ones_and_keep_the_answers(tmp_path: Path) -> None:
+    plain = make_world(tmp_path / "plain", n_train=24, n_eval=6, image_size=32, turns_per_conversation=5)
+    varied = make_world(tmp_path / "varied", n_train=24, n_eval=6, image_size=32, turns_per_conversation=5,
+                        train_wordings=True)
+    held_out = {w for _, wordings in PARAPHRASES for w in wordings}
+    assert held_out.isdisjoint(w for table in TRAINING_WORDINGS for w in table)
+    a, b = load_llava(plain.instruct).samples, load_llava(varied.instruct).samples
+    changed = 0
+    for s, t in zip(a, b, strict=True):
+        assert [i.name for i in s.images] == [i.name for i in t.images] and s.meta == t.meta
+        for x, y in zip(s.conversations, t.conversations, strict=True):
+            assert x.role == y.role
+            if x.role == "gpt":
+                assert x.text == y.text  # the same answers, turn by turn
+            else:
+                q = y.text.replace("<image>", "").strip()
+                assert not any(re.fullmatch(re.sub(r"\\{\\w+\\}", ".+", re.escape(w)), q) for w in held_out)
+                changed += x.text != y.text
+    assert changed > 0
+    # The evaluation split is untouched by the option.
+    assert varied.eval.read_bytes() == plain.eval.read_bytes()  # image paths are stored relative
+
+
+def test_training_wording_draws_the_template_or_a_training_wording() -> None:
+    rng = random.Random(1)
+    seen = {training_wording("How many objects are there?", rng) for _ in range(80)}
+    assert seen == {"How many objects are there?", *TRAINING_WORDINGS[4]}

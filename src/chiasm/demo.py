@@ -60,6 +60,9 @@ class DemoSize:
     # Each conversation also asks existence both ways, "yes" and "no" (see make_world), so that no
     # prior on the answer meets both.
     existence_pairs: bool = True
+    # Each training question in the template's words or one of its training-only wordings (off:
+    # see the README for what it did to the demo).
+    train_wordings: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ def format_checks(checks: list[TargetCheck]) -> str:
 def demo_world(world_dir: Path, size: DemoSize, *, seed: int = 0) -> WorldFiles:
     """The demo's synthetic world (generated once, then read from its folder)."""
     return make_world(world_dir, n_train=size.n_train, n_eval=size.n_eval, seed=seed,
-                      turns_per_conversation=size.turns_per_conversation, existence_pairs=size.existence_pairs)
+                      turns_per_conversation=size.turns_per_conversation, existence_pairs=size.existence_pairs,
+                      train_wordings=size.train_wordings)
 
 
 def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str = "packaged:smollm2-135m-instruct",

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from chiasm.data.llava import save_llava
 from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from chiasm.synthetic.paraphrase import training_wording
 
 SHAPES = ("circle", "square", "triangle")
 # Far apart in RGB so that colour is never ambiguous, even after resizing.
@@ -255,6 +256,7 @@ def make_world(
     image_size: int = 224,
     turns_per_conversation: int = 4,
     existence_pairs: bool = False,
+    train_wordings: bool = False,
 ) -> WorldFiles:
     """Write images and the align/instruct/eval LLaVA files; reuse them if already there.
 
@@ -263,7 +265,10 @@ def make_world(
     would render identically to a training scene, so the eval split is truly held
     out. With ``existence_pairs`` every training conversation asks existence both ways,
     one "yes" and one "no" (the missing ones drawn from a separate RNG, so the other
-    turns and the eval split stay as they are). ``world.json`` is written last: its presence with matching parameters
+    turns and the eval split stay as they are). With ``train_wordings`` each training
+    question is asked in the template's words or in one of its training-only wordings
+    (``chiasm.synthetic.paraphrase``), drawn from a separate RNG too; the held-out wordings
+    stay unseen. ``world.json`` is written last: its presence with matching parameters
     means a complete world, and a half-written one is regenerated.
     """
     if n_train < 0 or n_eval < 0 or turns_per_conversation < 1 or image_size < 16:
@@ -274,6 +279,8 @@ def make_world(
               "image_size": image_size, "turns_per_conversation": turns_per_conversation}
     if existence_pairs:  # only recorded when on, so worlds written before the option stay valid
         params["existence_pairs"] = True
+    if train_wordings:
+        params["train_wordings"] = True
     manifest = root / "world.json"
     if manifest.is_file():
         try:
@@ -301,6 +308,7 @@ def make_world(
     rng = random.Random(f"chiasm-world:{seed}:text")
     balancer = _Balancer(random.Random(f"chiasm-world:{seed}:balance"))
     pair_rng = random.Random(f"chiasm-world:{seed}:pairs")
+    word_rng = random.Random(f"chiasm-world:{seed}:wordings")
     align, instruct = [], []
     for i, (scene, path) in enumerate(zip(train, train_paths, strict=False)):
         conv = [Turn("human", _prompt(rng.choice(_CAPTION_PROMPTS))), Turn("gpt", caption(scene, rng))]
@@ -309,6 +317,8 @@ def make_world(
         questions = _questions(scene, balancer.types(turns_per_conversation), rng, balancer)
         if existence_pairs:
             questions = _with_opposite_existence(scene, questions, pair_rng)
+        if train_wordings:
+            questions = [Question(q.question_type, training_wording(q.text, word_rng), q.answer) for q in questions]
         conv = []
         for j, q in enumerate(questions):
             conv += [Turn("human", _prompt(q.text) if j == 0 else q.text), Turn("gpt", q.answer)]
