@@ -21,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from chiasm.jsonl import read_records
+
 log = logging.getLogger(__name__)
 DPI = 110
 STAGE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -42,23 +44,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     mid-write leaves a truncated last line, and that must not hide every step
     written before it. A missing file gives an empty list.
     """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: skipped a line that is not whole JSON (cut off by a kill?): %.80s", path, line)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    return read_records(path)
 
 
 def stage_names(run_dir: Path) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chiasm.data.sample import DataError, Sample
+from chiasm.jsonl import read_records
 
 log = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped.jsonl"
@@ -125,17 +126,5 @@ def drop_bad_images(samples: list[Sample], bad: Mapping[str, str], skips: SkipLo
 
 
 def read_skips(path: Path) -> list[dict]:
-    """The records of a ``skipped.jsonl`` file ([] if it is missing; unreadable lines are ignored)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+    """The records of a ``skipped.jsonl`` file ([] if it is missing; unreadable lines are left out)."""
+    return read_records(path)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from chiasm.config import RunConfig, StageConfig
 from chiasm.config_checks import check_run_config
 from chiasm.data.llava import load_llava
+from chiasm.jsonl import read_records
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.dist import (
@@ -274,7 +275,7 @@ class Trainer:
             samples, model, stage, plan, rank=self.dist.rank, world=self.dist.world, start_step=start_step,
             features=features, stage_dir=self.run_dir / "stages" / stage.name)
         batches = iter(loader) if loader is not None else None
-        replay = self._replay_pool(stage, plan.total, self.cfg.seed * 1000 + index, resuming=resume_from is not None)
+        replay = self._replay_pool(stage, plan.total, seed, resuming=resume_from is not None)
         # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP/FSDP.
         inner = model.bridge if prealign is not None else model
         set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
@@ -439,15 +440,7 @@ def _trim_metrics(path: Path, keep_upto: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:  # a line cut off by a kill mid-write
-            log.warning("%s: dropped a line that is not whole JSON (cut off by a kill?): %.80s", path, line)
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= keep_upto:
-            kept.append(line)
+    kept = [json.dumps(r) for r in read_records(path) if r.get("step", 0) <= keep_upto]
     tmp = path.with_name(path.name + ".tmp")  # renamed over the file: a kill now loses no line
     tmp.write_text("".join(ln + "\n" for ln in kept))
     tmp.replace(path)
