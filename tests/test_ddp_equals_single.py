@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from safetensors.torch import load_file
 
 from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig, save_config
 from chiasm.synthetic.world import WorldFiles
+from chiasm.testing import run_ranks
 from chiasm.train.dist import token_weights
 from chiasm.train.trainer import StagePlan, Trainer
 
@@ -75,11 +73,8 @@ def test_accumulation_equals_the_whole_batch_at_once(tiny_model_config, tiny_wor
 def test_two_gloo_ranks_equal_one_process_with_twice_the_batch(tiny_model_config, tiny_world, tmp_path) -> None:
     ddp = _config(tiny_model_config, tiny_world, tmp_path / "ddp", batch=2)
     save_config(ddp, tmp_path / "ddp.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(__file__).parent / "dist_worker.py"), str(tmp_path), str(tmp_path / "ddp.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks([str(Path(__file__).parent / "dist_worker.py"), str(tmp_path), str(tmp_path / "ddp.json")],
+              timeout=400)
     single = Trainer(_config(tiny_model_config, tiny_world, tmp_path / "single", batch=4), show_progress=False).run()
     # The samples of one micro-batch differ in length: a plain mean of the two ranks' means
     # would not be the global token mean, so this comparison sees the token weighting.

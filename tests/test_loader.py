@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError
 from chiasm.features import FeatureCache
 from chiasm.synthetic.world import WorldFiles
+from chiasm.testing import run_ranks
 from chiasm.train.batches import collate, prepare
 from chiasm.train.grouping import estimate_lengths, length_grouped_order, stage_order
 from chiasm.train.loader import PlanBatchSampler, StageLoader
@@ -226,11 +224,7 @@ def test_ddp_ranks_skip_pack_and_share_the_cache_like_one_process(tiny_model_con
     kw = {"on_error": "skip", "max_steps": 4, "checkpoint_every": 0, "num_workers": 2, "pack_length": 300}
     ddp_cfg = _run(tiny_model_config, _stage(data, **kw), tmp_path / "ddp")
     save_config(ddp_cfg, tmp_path / "ddp.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks(["-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"], timeout=280)
     single = Trainer(_run(tiny_model_config, _stage(data, grad_accum=2, **kw), tmp_path / "single"),
                      show_progress=False)
     model = single.run()

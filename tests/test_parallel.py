@@ -9,9 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ from chiasm.config import (
     save_config,
 )
 from chiasm.synthetic.world import WorldFiles
-from chiasm.testing import make_tiny_vision_tower
+from chiasm.testing import make_tiny_vision_tower, run_ranks
 from chiasm.train.trainer import StagePlan
 
 FROZEN = PolicyConfig(mode="frozen")
@@ -88,11 +85,7 @@ def runs(tiny_lm_dir: Path, tiny_world: WorldFiles, tmp_path_factory: pytest.Tem
         _write(root, "lora_ddp", base, replay),
         _write(root, "lora_fsdp", base, replay, strategy="fsdp"),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(__file__).parent / "dist_worker.py"), str(root), *specs]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks([str(Path(__file__).parent / "dist_worker.py"), str(root), *specs], timeout=600)
     return root
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 
 from chiasm.config import EvalConfig, ModelConfig, PolicyConfig, RunConfig, StageConfig, save_config
 from chiasm.synthetic.world import WorldFiles
+from chiasm.testing import run_ranks
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer, cpu_has_native_bf16, lr_at, use_bf16
 
 
@@ -137,11 +135,7 @@ def test_ddp_two_processes_match_gradient_accumulation(tiny_model_config, tiny_w
     ddp_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "ddp", prealign=True, replay=2, max_steps=3,
                           checkpoint_every=0)
     save_config(ddp_cfg, tmp_path / "ddp.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks(["-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"], timeout=280)
     single_cfg = _run_config(tiny_model_config, tiny_world, tmp_path / "single", prealign=True, replay=2,
                              max_steps=3, checkpoint_every=0, grad_accum=2)
     single = Trainer(single_cfg, show_progress=False).run()

@@ -14,6 +14,9 @@ block is checked (and measured) against.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,3 +207,16 @@ def make_tiny_vision_tower(folder: str | Path, *, seed: int = 0) -> Path:
     CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def run_ranks(args: list[str], *, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone`` with ``args`` on ``nproc`` CPU ranks and check that it succeeded.
+
+    Each rank runs one thread (several ranks share this machine's cores) and finds this
+    checkout's sources first, so the multi-process tests exercise the code under test.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
