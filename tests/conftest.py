@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
+from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.synthetic.world import WorldFiles, make_world
 from chiasm.testing import make_tiny_lm
@@ -52,3 +53,15 @@ def tiny_model(tiny_model_config: ModelConfig) -> VisionLanguageModel:
     """A freshly built VisionLanguageModel from ``tiny_model_config``, seeded so runs repeat."""
     torch.manual_seed(0)
     return VisionLanguageModel.build(tiny_model_config)
+
+
+@pytest.fixture
+def saved_model(tiny_model: VisionLanguageModel, tmp_path: Path) -> Path:
+    """``tiny_model`` saved as a model folder, for the CLI and chat tests."""
+    return tiny_model.save(tmp_path / "model")
+
+
+@pytest.fixture
+def image(tiny_world: WorldFiles) -> Path:
+    """The first held-out image of the tiny world."""
+    return load_llava(tiny_world.eval).samples[0].images[0]

@@ -9,20 +9,9 @@ import pytest
 
 from chiasm.chat import ask
 from chiasm.cli import main
-from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError, Turn
 from chiasm.model import VisionLanguageModel
 from chiasm.synthetic.world import WorldFiles
-
-
-@pytest.fixture
-def saved_model(tiny_model: VisionLanguageModel, tmp_path: Path) -> Path:
-    return tiny_model.save(tmp_path / "model")
-
-
-@pytest.fixture
-def image(tiny_world: WorldFiles) -> Path:
-    return load_llava(tiny_world.eval).samples[0].images[0]
 
 
 def test_ask_returns_a_string(saved_model: Path, image: Path) -> None:

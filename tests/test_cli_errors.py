@@ -14,19 +14,8 @@ from pathlib import Path
 import pytest
 
 from chiasm.cli import main
-from chiasm.data.llava import load_llava
 from chiasm.data.synthetic import WorldFiles
 from chiasm.model import VisionLanguageModel
-
-
-@pytest.fixture
-def saved_model(tiny_model: VisionLanguageModel, tmp_path: Path) -> Path:
-    return tiny_model.save(tmp_path / "model")
-
-
-@pytest.fixture
-def image(tiny_world: WorldFiles) -> Path:
-    return load_llava(tiny_world.eval).samples[0].images[0]
 
 
 def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str], *named: object) -> str:
