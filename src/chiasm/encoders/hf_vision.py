@@ -39,6 +39,7 @@ def _vision_part(model: nn.Module) -> nn.Module:
 
 @ENCODERS.register("hf-vision")
 class HFVisionTower(VisionEncoder):
+    grid_kind = "patch grid"
     OPTIONS: ClassVar[dict[str, Any]] = {
         "pretrained": bool, "normalize": Literal["clip", "imagenet", "half"], "mean": list[float],
         "std": list[float], "interpolate_pos_encoding": bool}

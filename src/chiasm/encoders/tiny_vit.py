@@ -15,6 +15,7 @@ from chiasm.encoders.base import ENCODERS, VisionEncoder
 class TinyViT(VisionEncoder):
     """Patch embedding + a few pre-norm transformer layers; options: patch, dim, depth, heads."""
 
+    grid_kind = "patch grid"
     OPTIONS: ClassVar[dict[str, Any]] = {"patch": int, "dim": int, "depth": int, "heads": int}
 
     def __init__(self, cfg: EncoderConfig):
