@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from chiasm.serve.command import add_serve_parser
 
-    add_serve_parser(sub)
+    _add_load_options(add_serve_parser(sub))
     return p
 
 

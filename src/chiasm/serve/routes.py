@@ -84,17 +84,18 @@ def _load_images(chat: ChatRequest, settings: ServeSettings) -> list:
 
 async def _next(item: Item, http: HttpRequest) -> Any:
     """The item's next event, raised if it is an error; ClientGone if the client left meanwhile."""
-    while True:
-        try:
-            got = await asyncio.wait_for(item.events.get(), POLL_S)
-        except TimeoutError:
+    getter = asyncio.ensure_future(item.events.get())
+    try:
+        while not (await asyncio.wait({getter}, timeout=POLL_S))[0]:
             if await http.is_disconnected():
                 item.cancel()
-                raise ClientGone() from None
-            continue
-        if isinstance(got, BaseException):
-            raise got
-        return got
+                raise ClientGone()
+    finally:
+        getter.cancel()  # a no-op once it has its event; a pending get gives up without taking one
+    got = getter.result()
+    if isinstance(got, BaseException):
+        raise got
+    return got
 
 
 async def _sse(job: Job, first: Delta, reply: Reply) -> AsyncIterator[str]:
