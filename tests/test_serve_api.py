@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -178,6 +179,21 @@ def test_disconnect_mid_stream_ends_the_generation(served) -> None:
     after = c.chat.completions.create(model=MODEL, messages=[user("Still there?", data_url(png_bytes()))],
                                       max_tokens=5)
     assert after.usage.completion_tokens == 5
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_ends_the_generation(served) -> None:
+    server, app = served
+    body = json.dumps({"model": MODEL, "messages": [user("Go on.", data_url(png_bytes()))], "max_tokens": 400,
+                       "seed": 0}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with spy_on_batches(app, delay_s=0.01) as seen:
+        with socket.create_connection((server.host, server.port)) as sock:
+            sock.sendall(head + body)
+            assert wait_until(lambda: seen["deltas"] > 0)
+        assert wait_until(lambda: raw(server.url, "GET", "/health").json()["running"] == 0)
+        produced = seen["deltas"]
+    assert produced < 200  # stopped within a poll of the client leaving, not after 400 tokens
 
 
 def test_explain_route(served) -> None:
