@@ -21,6 +21,7 @@ from benchmarks import serve_load  # noqa: E402
     (["--default-max-tokens", "100", "--max-tokens-limit", "10"], "--default-max-tokens (100) is over"),
     (["--image-folder", "/no/such/folder"], "serve option --image-folder: /no/such/folder is not a folder"),
     (["--api-key", " "], "serve option --api-key: empty"),
+    (["--max-image-pixels", str(10**10)], "is over Pillow's own limit"),
 ])
 def test_bad_options_fail_before_the_model_loads(tmp_path: Path, capsys, options: list[str], message: str) -> None:
     assert main(["serve", str(tmp_path / "not-a-model"), *options]) == 2  # the folder would fail later

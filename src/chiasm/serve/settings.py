@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from PIL import Image
+
 MIB = 1024 * 1024
 
 
@@ -48,6 +50,9 @@ class ServeSettings:
                 raise ValueError(f"serve option {_flag(name)}: must be > 0, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"serve option {_flag('batch_wait_ms')}: must be >= 0, got {self.batch_wait_ms}")
+        if Image.MAX_IMAGE_PIXELS is not None and self.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"serve option --max-image-pixels: {self.max_image_pixels} is over Pillow's own limit "
+                             f"of {Image.MAX_IMAGE_PIXELS}, which refuses larger images first")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"serve option --port: must be in 0..65535, got {self.port}")
         if self.default_max_tokens > self.max_tokens_limit:
