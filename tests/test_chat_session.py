@@ -15,24 +15,13 @@ from chiasm.cli import main
 from chiasm.data.sample import Turn
 from chiasm.generation import Engine, Request, SamplingParams
 from chiasm.model import VisionLanguageModel
-from chiasm.testing import spread_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def model(tiny_model: VisionLanguageModel) -> VisionLanguageModel:
-    return spread_weights(tiny_model).eval()
-
-
-@pytest.fixture
-def images(tiny_world) -> list[Path]:
-    return sorted((tiny_world.image_dir / "eval").glob("*.png"))
-
-
-@pytest.fixture
-def saved(model: VisionLanguageModel, tmp_path: Path) -> Path:
-    return model.save(tmp_path / "model")
+def saved(spread_model: VisionLanguageModel, tmp_path: Path) -> Path:
+    return spread_model.save(tmp_path / "model")
 
 
 def _answers(out: str) -> list[str]:
@@ -40,27 +29,29 @@ def _answers(out: str) -> list[str]:
     return [line.split("model> ", 1)[1] for line in out.splitlines() if "model> " in line]
 
 
-def test_session_keeps_turns_and_images_in_order(model: VisionLanguageModel, images: list[Path]) -> None:
-    session = ChatSession(model, SamplingParams(max_new_tokens=6))
-    session.attach(images[0])
+def test_session_keeps_turns_and_images_in_order(spread_model: VisionLanguageModel, eval_images: list[Path]) -> None:
+    session = ChatSession(spread_model, SamplingParams(max_new_tokens=6))
+    session.attach(eval_images[0])
     first = "".join(session.answer("What colour is the circle?")).strip()
-    session.attach(images[1])
+    session.attach(eval_images[1])
     second = "".join(session.answer("And in this one?")).strip()
     assert [t.role for t in session.history] == ["human", "gpt", "human", "gpt"]
     assert session.history[0].text == "<image>\nWhat colour is the circle?"
     assert session.history[2].text == "<image>\nAnd in this one?"
     assert len(session.images) == 2 and session.pending == []
     # Each streamed answer is the engine's answer to the whole conversation so far.
-    assert first == ask(model, "What colour is the circle?", [images[0]], max_new_tokens=6)
-    expected = Engine(model).generate([Request(session.history[:3], images[:2], SamplingParams(max_new_tokens=6))])
+    assert first == ask(spread_model, "What colour is the circle?", [eval_images[0]], max_new_tokens=6)
+    request = Request(session.history[:3], eval_images[:2], SamplingParams(max_new_tokens=6))
+    expected = Engine(spread_model).generate([request])
     assert second == expected[0].text.strip()
     session.reset()
     assert session.history == [] and session.images == []
 
 
-def test_a_refused_question_leaves_the_conversation_as_it_was(model: VisionLanguageModel, images: list[Path]) -> None:
-    session = ChatSession(model, SamplingParams(max_new_tokens=4))
-    session.attach(images[0])
+def test_a_refused_question_leaves_the_conversation_as_it_was(spread_model: VisionLanguageModel,
+                                                              eval_images: list[Path]) -> None:
+    session = ChatSession(spread_model, SamplingParams(max_new_tokens=4))
+    session.attach(eval_images[0])
     with pytest.raises(ValueError, match="holds 2 <image> placeholder"):
         list(session.answer("<image> <image> which?"))
     assert session.history == [] and len(session.pending) == 1
@@ -70,11 +61,11 @@ def test_a_refused_question_leaves_the_conversation_as_it_was(model: VisionLangu
     assert session.history == [] and len(session.pending) == 1
 
 
-def test_repl_streams_answers_and_survives_bad_lines(model: VisionLanguageModel, images: list[Path],
+def test_repl_streams_answers_and_survives_bad_lines(spread_model: VisionLanguageModel, eval_images: list[Path],
                                                      tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.png"
     lines = iter(["What colour is the circle?", f"/image {missing}", "/image", "/frobnicate",
-                  f"/image {images[1]}", "And here?", "/quit", "never read"])
+                  f"/image {eval_images[1]}", "And here?", "/quit", "never read"])
     pieces: list[str] = []
 
     class Terminal(io.StringIO):
@@ -83,33 +74,34 @@ def test_repl_streams_answers_and_survives_bad_lines(model: VisionLanguageModel,
             return super().write(s)
 
     out = Terminal()
-    interactive(model, [images[0]], SamplingParams(max_new_tokens=6), read=lambda prompt: next(lines), out=out)
+    interactive(spread_model, [eval_images[0]], SamplingParams(max_new_tokens=6), read=lambda prompt: next(lines),
+                out=out)
     text = out.getvalue().splitlines()
     assert f"error: image not found: {missing}" in text
     assert "error: /image needs a path, e.g. /image photos/cat.jpg" in text
     assert any(line.startswith("error: unknown command /frobnicate") for line in text)
-    assert f"attached {images[1]} to the next question" in text
+    assert f"attached {eval_images[1]} to the next question" in text
     answers = _answers(out.getvalue())
     assert len(answers) == 2
     conversation = [Turn("human", "<image>\nWhat colour is the circle?"), Turn("gpt", answers[0]),
                     Turn("human", "<image>\nAnd here?")]
-    expected = Engine(model).generate([Request(conversation, images[:2], SamplingParams(max_new_tokens=6))])
+    expected = Engine(spread_model).generate([Request(conversation, eval_images[:2], SamplingParams(max_new_tokens=6))])
     assert answers[1] == expected[0].text.strip()
     assert all(answers)
     # Streamed: the answer reached the terminal in several writes, not as one line.
     assert len(pieces) > 2 * len(answers) + len(text)
 
 
-def test_cli_session_from_stdin(saved: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch,
+def test_cli_session_from_stdin(saved: Path, eval_images: list[Path], monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    feed = f"What colour is the circle?\n/image {images[1]}\nAnd here?\n"
+    feed = f"What colour is the circle?\n/image {eval_images[1]}\nAnd here?\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(feed))
-    assert main(["chat", str(saved), "--image", str(images[0]), "--max-new-tokens", "5"]) == 0
+    assert main(["chat", str(saved), "--image", str(eval_images[0]), "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     answers = _answers(out)
     assert len(answers) == 2
-    model = VisionLanguageModel.load(saved)
-    assert answers[0] == ask(model, "What colour is the circle?", [images[0]], max_new_tokens=5)
+    spread_model = VisionLanguageModel.load(saved)
+    assert answers[0] == ask(spread_model, "What colour is the circle?", [eval_images[0]], max_new_tokens=5)
 
 
 def test_cli_sampling_flags_repeat_with_a_seed(saved: Path, image: Path,
@@ -120,9 +112,9 @@ def test_cli_sampling_flags_repeat_with_a_seed(saved: Path, image: Path,
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first
-    model = VisionLanguageModel.load(saved)
+    spread_model = VisionLanguageModel.load(saved)
     params = SamplingParams(max_new_tokens=6, temperature=1.5, top_k=50, top_p=0.9, seed=11)
-    assert first == ask(model, "What is this?", [image], params=params) + "\n"
+    assert first == ask(spread_model, "What is this?", [image], params=params) + "\n"
 
 
 @pytest.mark.parametrize(("flag", "message"), [

@@ -22,8 +22,8 @@ def model(request, tiny_model_config: ModelConfig) -> VisionLanguageModel:
     return spread_weights(VisionLanguageModel.build(tiny_model_config)).eval()
 
 
-def test_cached_generation_equals_uncached(model: VisionLanguageModel, tiny_world) -> None:
-    images = sorted((tiny_world.image_dir / "eval").glob("*.png"))
+def test_cached_generation_equals_uncached(model: VisionLanguageModel, eval_images: list[Path]) -> None:
+    images = eval_images
     conversations = [[Turn("human", "<image>\nWhat colour is the circle?")],
                      [Turn("human", "Name a colour.")],
                      [Turn("human", "<image> and <image>: how many objects?")]]
@@ -42,7 +42,7 @@ def test_cached_generation_equals_uncached(model: VisionLanguageModel, tiny_worl
     assert [Engine(model).generate([r])[0].token_ids for r in reqs] == cached
 
 
-def test_images_reach_the_lm_through_every_bridge(model: VisionLanguageModel, tiny_world) -> None:
+def test_images_reach_the_lm_through_every_bridge(model: VisionLanguageModel) -> None:
     from PIL import Image
 
     turn = [Turn("human", "<image>\nWhat colour is the circle?")]
