@@ -92,6 +92,29 @@ def test_repl_streams_answers_and_survives_bad_lines(spread_model: VisionLanguag
     assert len(pieces) > 2 * len(answers) + len(text)
 
 
+def test_ctrl_c_stops_the_answer_not_the_session(spread_model: VisionLanguageModel,
+                                                 eval_images: list[Path]) -> None:
+    lines = iter(["What colour is the circle?", "Name a colour.", ""])
+    interrupted = []
+
+    class Terminal(io.StringIO):
+        def write(self, s: str) -> int:
+            if s.startswith("model> ") and not interrupted:
+                interrupted.append(s)
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    out = Terminal()
+    session_params = SamplingParams(max_new_tokens=5)
+    interactive(spread_model, [eval_images[0]], session_params, read=lambda prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert "[answer interrupted; it is left out of the conversation]" in text
+    assert text.count("model> ") == 1
+    # The interrupted turn is not in the conversation: the second answer is the one to the second question alone.
+    request = Request([Turn("human", "<image>\nName a colour.")], eval_images[:1], session_params)
+    assert "model> " + Engine(spread_model).generate([request])[0].text.strip() + "\n" in text
+
+
 def test_cli_session_from_stdin(saved: Path, eval_images: list[Path], monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     feed = f"What colour is the circle?\n/image {eval_images[1]}\nAnd here?\n"
@@ -140,7 +163,7 @@ def test_chat_command_reads_real_stdin(saved: Path, image: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-m", "chiasm.cli", "chat", str(saved), "--image", str(image),
                            "--max-new-tokens", "4"], input="What is this?\nAnd now?\n", env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = _answers(proc.stdout)
     assert len(answers) == 2 and all(answers)

@@ -5,7 +5,8 @@ and evaluation answer alike. In a session, every question and answer stays in th
 conversation; images are attached at the start (``--image``) or mid-conversation
 (``/image PATH``) and go before the next question, or where that question puts its
 ``<image>`` placeholders. A bad line (a missing image, placeholders that do not match, a
-conversation grown past the model's context) is reported and the session goes on.
+conversation grown past the model's context) is reported and the session goes on, and
+Ctrl-C while an answer streams stops that answer only.
 """
 
 from __future__ import annotations
@@ -116,13 +117,16 @@ def interactive(model: VisionLanguageModel, images: list[Path], params: Sampling
     while True:
         try:
             line = read("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
             break
         if not line or line == "/quit":
             break
         try:
             if not _command(session, line, out):
                 _stream_answer(session, line, out)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the session
+            print("\n[answer interrupted; it is left out of the conversation]", file=out)
         except (DataError, RequestError, ValueError) as exc:  # the line, not the session, is wrong
             print(f"error: {exc}", file=out)
 
