@@ -50,3 +50,31 @@ def test_images_reach_the_lm_through_every_bridge(model: VisionLanguageModel) ->
     noise = Image.effect_noise((64, 64), 80).convert("RGB")
     a, b = Engine(model).generate([Request(turn, [red]), Request(turn, [noise])])
     assert a.token_ids != b.token_ids
+
+
+@pytest.mark.parametrize("bridge", ["mlp", "gated_xattn", "visual_expert"])
+def test_lora_wrapped_lm_generates_with_the_cache_as_without(bridge: str, tiny_model_config: ModelConfig,
+                                                           eval_images: list[Path]) -> None:
+    from chiasm.config import PolicyConfig
+    from chiasm.train.policy import apply_policy
+
+    tiny_model_config.bridge = BridgeConfig(name=bridge)
+    torch.manual_seed(0)
+    model = spread_weights(VisionLanguageModel.build(tiny_model_config))
+    apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=4))
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    turns = [Turn("human", "<image>\nWhat colour is the circle?")]
+    cached = Engine(model).generate([Request(turns, eval_images[:1], SamplingParams(max_new_tokens=6))])[0]
+    assert model.training  # the engine answered in eval mode and gave the caller's mode back
+    model.eval()
+    batch = model.processor([Sample("s", turns, eval_images[:1])], for_generation=True)
+    uncached = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, max_new_tokens=6,
+                              use_cache=False)
+    assert [cached.token_ids] == uncached and len(cached.token_ids) == 6
+    with torch.no_grad(), model.lm.disable_adapter():  # the adapters take part in the answer
+        plain = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, max_new_tokens=6)
+    assert plain != uncached
