@@ -139,7 +139,7 @@ async function ask(event) {
     if (finish === "length") answerLi.title = "cut at max tokens";
     state.messages.push(turn, {role: "assistant", content: answer});
     $("question").value = "";
-    if (state.image) explain(question);
+    if (state.image) explain(question, answer || null);
   } catch (err) {
     // The failed turn leaves the conversation as it was; the question stays in the box.
     userLi.remove();
@@ -208,12 +208,13 @@ function setUpDrop() {
 }
 
 // ---- how the model sees ----------------------------------------------------------------------
-async function explain(question) {
+async function explain(question, answer) {
   const status = $("explain-status");
   status.textContent = "Looking inside the model…";
   status.classList.remove("error");
   try {
-    const res = await post("v1/explain", {image: state.image, question});
+    // The answer shown is the one explained (its attention), not a fresh generation that may differ.
+    const res = await post("v1/explain", {image: state.image, question, answer});
     state.explain = await res.json();
     state.focus = null;
     state.hover = null;
@@ -260,7 +261,7 @@ function renderExplain() {
   ex.answer.tokens.forEach((piece, i) => {
     const span = document.createElement("span");
     span.className = "atoken";
-    span.textContent = piece;
+    span.textContent = /\S/.test(piece) && !piece.includes("\uFFFD") ? piece : JSON.stringify(piece);
     const share = att.per_token[i]?.image_share;
     if (share !== undefined) span.title = `${(100 * share).toFixed(1)}% of its attention on the image`;
     span.addEventListener("mouseenter", () => { state.focus = i; draw(); });
@@ -314,12 +315,17 @@ function draw() {
   if (state.picture) ctx.drawImage(state.picture, 0, 0, ex.image.width, ex.image.height);
   const cells = ex.encoder.cells;
   const heat = heatValues();
+  $("heat-legend").textContent = heat ? heatLegend(heat) : "";
   if ($("show-heat").checked && heat) {
     const flat = heat.flat();
-    const top = Math.max(...flat, 1e-12);
+    const low = Math.min(...flat);
+    const high = Math.max(...flat);
+    // Colour by rank between the least and the most attended cell; a near-uniform map stays a light tint.
+    const spread = high > 0 && (high - low) / high > 0.05;
     cells.forEach((cell, i) => {
       const [x0, y0, x1, y1] = cell.box;
-      ctx.fillStyle = `rgba(255, 40, 0, ${(0.7 * flat[i] / top).toFixed(3)})`;
+      const alpha = spread ? 0.08 + 0.62 * (flat[i] - low) / (high - low) : 0.15;
+      ctx.fillStyle = `rgba(255, 40, 0, ${alpha.toFixed(3)})`;
       ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
     });
   }
@@ -339,6 +345,14 @@ function draw() {
     ctx.strokeStyle = "#ffd400";
     strokeBox(ctx, ex.tokens[state.hover].box);
   }
+}
+
+function heatLegend(heat) {
+  const flat = heat.flat();
+  const pct = (v) => `${(100 * v).toFixed(2)}%`;
+  const who = state.focus !== null ? `answer token ${JSON.stringify(state.explain.answer.tokens[state.focus])}` : "the answer (mean over its tokens)";
+  return `Heat: attention of ${who} per ${state.explain.encoder.grid_kind} cell, from ${pct(Math.min(...flat))} to ` +
+    `${pct(Math.max(...flat))}; ${pct(flat.reduce((a, b) => a + b, 0))} on the image in all.`;
 }
 
 function strokeBox(ctx, [x0, y0, x1, y1]) {
