@@ -56,8 +56,9 @@ def explain(model: VisionLanguageModel, image: Image.Image, question: str, *, an
             top_words: int = 3, last_layers: int | None = None, max_new_tokens: int = 64) -> dict:
     """JSON-serialisable: how the model sees ``image`` for ``question`` (see the module docstring).
 
-    The answer is generated greedily when ``answer`` is None, else the given answer is scored
-    as if the model had written it. ``last_layers``: how many of the LM's last layers the
+    The answer is generated greedily when ``answer`` is None, else the given answer (the one a
+    chat showed, say) is read as if the model had written it; an empty one explains the step
+    that ended the turn. ``last_layers``: how many of the LM's last layers the
     attention is averaged over (default: the upper half).
     """
     if not isinstance(image, Image.Image):
@@ -142,9 +143,7 @@ def _prompt_ids(model: VisionLanguageModel, question: str) -> list[int]:
 
 def _answer_ids(model: VisionLanguageModel, prompt: list[int], features: torch.Tensor, answer: str | None,
                 max_new_tokens: int) -> list[int]:
-    if answer is not None:
-        if not answer.strip():
-            raise ValueError("the answer is empty; give the answer to explain, or none to generate it")
+    if answer is not None:  # "" too: a model may answer nothing, and the end of its turn is then explained
         return list(model.tokenizer(answer, add_special_tokens=False).input_ids)
     ids = torch.tensor([prompt], device=model.device)
     return model.generate(ids, torch.ones_like(ids), features=features, max_new_tokens=max_new_tokens)[0]

@@ -105,7 +105,8 @@ function addMessage(role, text) {
 function userContent(question) {
   const first = !state.messages.some((m) => m.role === "user");
   if (!first || !state.image) return question;
-  return [{type: "text", text: question}, {type: "image_url", image_url: {url: state.image}}];
+  // The image before the question, as the model was trained ("<image>\nquestion") and as v1/explain asks.
+  return [{type: "image_url", image_url: {url: state.image}}, {type: "text", text: question}];
 }
 
 async function ask(event) {
@@ -118,6 +119,11 @@ async function ask(event) {
     showError(`max tokens must be a whole number of at least 1, not "${$("max-tokens").value}"`);
     return;
   }
+  const temperature = Number($("temperature").value);
+  if ($("temperature").value.trim() === "" || !Number.isFinite(temperature)) {
+    showError(`temperature must be a number (0: greedy), not "${$("temperature").value}"`);
+    return;
+  }
   showError("");
   setBusy(true);
   const turn = {role: "user", content: userContent(question)};
@@ -128,18 +134,20 @@ async function ask(event) {
   let answer = "";
   try {
     const res = await post("v1/chat/completions", {
-      model: state.model, messages: [...state.messages, turn], stream: true, max_tokens: maxTokens,
+      model: state.model, messages: [...state.messages, turn], stream: true, max_tokens: maxTokens, temperature,
     });
+    let pieces = 0;
     const finish = await readStream(res, (piece) => {
       answer += piece;
       text.textContent = answer;
+      answerLi.dataset.pieces = String(++pieces);
     });
     answerLi.dataset.state = "done";
     answerLi.dataset.finish = finish;
     if (finish === "length") answerLi.title = "cut at max tokens";
     state.messages.push(turn, {role: "assistant", content: answer});
     $("question").value = "";
-    if (state.image) explain(question, answer || null);
+    if (state.image) explain(question, answer);
   } catch (err) {
     // The failed turn leaves the conversation as it was; the question stays in the box.
     userLi.remove();
@@ -179,12 +187,8 @@ function chooseFile(file) {
       state.explain = null;
       $("explain-body").hidden = true;
       $("explain-status").textContent = "Ask a question to see how the model sees this image.";
-      if (state.messages.length) {
-        reset();
-        showError("A new image starts a new conversation.");
-      } else {
-        showError("");
-      }
+      if (state.messages.length) $("drop-hint").textContent += " (a new image starts a new conversation)";
+      reset();
     };
     picture.onerror = () => showError(`${file.name} is not an image this browser can read`);
     picture.src = reader.result;
@@ -212,6 +216,7 @@ async function explain(question, answer) {
   const status = $("explain-status");
   status.textContent = "Looking inside the model…";
   status.classList.remove("error");
+  document.body.dataset.explain = "loading";
   try {
     // The answer shown is the one explained (its attention), not a fresh generation that may differ.
     const res = await post("v1/explain", {image: state.image, question, answer});
@@ -223,6 +228,7 @@ async function explain(question, answer) {
   } catch (err) {
     status.textContent = err.message;
     status.classList.add("error");
+    document.body.dataset.explain = "error";
   }
 }
 
