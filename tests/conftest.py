@@ -35,17 +35,22 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> WorldFiles:
     return make_world(tmp_path_factory.mktemp("tiny-world"), n_train=32, n_eval=4, image_size=64)
 
 
-@pytest.fixture
-def tiny_model_config(tiny_lm_dir: Path) -> ModelConfig:
-    """A fresh ModelConfig per test: tiny-vit (64 px, 16 px patches, width 32) -> mlp -> tiny LM.
+def tiny_config(lm_dir: Path) -> ModelConfig:
+    """tiny-vit (64 px, 16 px patches, width 32) -> mlp -> the LM in ``lm_dir``.
 
     The encoder yields a 4 x 4 grid, so one image occupies 16 sequence positions.
     """
     return ModelConfig(
         encoder=EncoderConfig(name="tiny-vit", image_size=64, options={"patch": 16, "dim": 32}),
         bridge=BridgeConfig(name="mlp"),
-        lm=LMConfig(source=str(tiny_lm_dir)),
+        lm=LMConfig(source=str(lm_dir)),
     )
+
+
+@pytest.fixture
+def tiny_model_config(tiny_lm_dir: Path) -> ModelConfig:
+    """A fresh :func:`tiny_config` per test (tests mutate it)."""
+    return tiny_config(tiny_lm_dir)
 
 
 @pytest.fixture
@@ -59,6 +64,13 @@ def tiny_model(tiny_model_config: ModelConfig) -> VisionLanguageModel:
 def saved_model(tiny_model: VisionLanguageModel, tmp_path: Path) -> Path:
     """``tiny_model`` saved as a model folder, for the CLI and chat tests."""
     return tiny_model.save(tmp_path / "model")
+
+
+@pytest.fixture(scope="session")
+def saved_model_dir(tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (as ``tiny_model`` builds it) saved once per session, for tests that only read it."""
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(tiny_config(tiny_lm_dir)).save(tmp_path_factory.mktemp("saved") / "model")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The ``chiasm`` command: demo, train, eval, chat."""
+"""The ``chiasm`` command: demo, train, eval, chat, serve."""
 
 from __future__ import annotations
 
@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("question", nargs="?", help="omit for an interactive session")
     _add_load_options(c)
     c.set_defaults(func=_cmd_chat)
+
+    from chiasm.serve.command import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -25,9 +25,11 @@ orientation phones write instead of rotating pixels. :func:`to_rgb` handles each
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,32 +67,55 @@ def load_image(path: str | Path, *, sample_id: str | None = None, source: str | 
         raise fail(f"cannot read image {path}: permission denied")
     if path.stat().st_size == 0:
         raise fail(f"image file is empty (0 bytes): {path}")
+    try:
+        return _decode(lambda: Image.open(path), str(path), max_pixels, fail)
+    except DataError as exc:
+        if exc.sample_id is None and exc.source is None and (sample_id or source):
+            raise fail(str(exc)) from exc
+        raise
+    except PermissionError as exc:
+        raise fail(f"cannot read image {path}: permission denied") from exc
+
+
+def decode_image(data: bytes, *, describe: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_image` for bytes already in memory (an upload): the same checks, the same RGB rules.
+
+    ``describe`` names the image in errors (e.g. "message 2, image 1"), as the path does for a file.
+    """
+    if not data:
+        raise DataError(f"{describe} is empty (0 bytes)", image=describe)
+
+    def fail(message: str) -> DataError:
+        return DataError(message, image=describe)
+
+    return _decode(lambda: Image.open(io.BytesIO(data)), describe, max_pixels, fail)
+
+
+def _decode(open_image: Callable[[], Image.Image], describe: str, max_pixels: int | None,
+            fail: Callable[[str], DataError]) -> Image.Image:
+    """Size check from the header (before any pixel is decoded), structural verify, full decode, RGB."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are refusals here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as probe:
+            with open_image() as probe:
                 width, height = probe.size
                 if limit is not None and width * height > limit:
-                    raise fail(f"image {path} has {width}x{height} = {width * height} pixels, over the limit "
+                    raise fail(f"image {describe} has {width}x{height} = {width * height} pixels, over the limit "
                                f"of {limit} (a decompression bomb or a huge scan)")
                 probe.verify()
-            with Image.open(path) as image:
+            with open_image() as image:
                 image.load()
-                return to_rgb(image, describe=str(path))
-    except DataError as exc:
-        if exc.sample_id is None and exc.source is None and (sample_id or source):
-            raise fail(str(exc)) from exc
-        raise
+                return to_rgb(image, describe=describe)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise fail(f"image {path} refused as a decompression bomb: {exc}") from exc
-    except PermissionError as exc:
-        raise fail(f"cannot read image {path}: permission denied") from exc
+        raise fail(f"image {describe} refused as a decompression bomb: {exc}") from exc
+    except (PermissionError, DataError):
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL signals corruption with several exception types depending on the
         # format plugin (SyntaxError for some broken PNG chunks, for instance).
-        raise fail(f"cannot decode image {path}: {exc}") from exc
+        raise fail(f"cannot decode image {describe}: {exc}") from exc
 
 
 def to_rgb(image: Image.Image, *, describe: str = "image") -> Image.Image:

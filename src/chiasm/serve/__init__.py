@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP server for a saved model (``chiasm serve``); see :mod:`chiasm.serve.app`."""
