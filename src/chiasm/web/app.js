@@ -143,6 +143,12 @@ async function ask(event) {
       answerLi.dataset.pieces = String(++pieces);
     });
     answerLi.dataset.state = "done";
+    if (!answer.trim()) {
+      const note = document.createElement("span");
+      note.className = "note";
+      note.textContent = answer ? `(whitespace only: ${JSON.stringify(answer)})` : "(empty answer)";
+      answerLi.append(note);
+    }
     answerLi.dataset.finish = finish;
     if (finish === "length") answerLi.title = "cut at max tokens";
     state.messages.push(turn, {role: "assistant", content: answer});
