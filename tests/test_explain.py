@@ -92,8 +92,10 @@ def test_attention_rows_and_heat_map_add_up(tiny_model: VisionLanguageModel, pic
     for entry in att["per_token"]:
         assert 0 < entry["image_share"] < 1
         assert np.sum(entry["heat"]) == pytest.approx(entry["image_share"])
+        assert np.sum(entry["token_attention"]) == pytest.approx(entry["image_share"])
     assert np.mean([e["image_share"] for e in att["per_token"]]) == pytest.approx(att["image_share"])
     assert np.sum(att["token_attention"]) == pytest.approx(att["image_share"])
+    assert att["token_attention"] == pytest.approx(np.mean([e["token_attention"] for e in att["per_token"]], axis=0))
     assert np.array(att["heat_map"]) == pytest.approx(np.mean([e["heat"] for e in att["per_token"]], axis=0))
     assert out["answer"]["token_ids"] == tiny_model.tokenizer("two red circles", add_special_tokens=False).input_ids
 

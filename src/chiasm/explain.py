@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 
 from chiasm.chat import check_question
 from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from chiasm.explain_geometry import cell_boxes, geometry, resample_grid
+from chiasm.explain_geometry import Geometry, cell_boxes, geometry, resample_grid
 from chiasm.model import VisionLanguageModel
 
 # Vocabulary rows compared with the visual tokens at a time: bounds the float32 copy of the table.
@@ -193,7 +193,7 @@ def _answer_attention(model: VisionLanguageModel, prompt: list[int], answer_ids:
         "row_sums": [round(float(s), 6) for s in rows.sum(-1)],
         "image_share": float(to_image.sum(-1).mean()),
         "token_attention": to_image.mean(0).tolist(),
-        "per_token": [{"image_share": float(r.sum())} for r in to_image],
+        "per_token": [{"image_share": float(r.sum()), "token_attention": r.tolist()} for r in to_image],
         "heat_map": None, "note": None,
     }
     if model.bridge.in_lm and token_grid is None:
@@ -215,7 +215,7 @@ def _answer_attention(model: VisionLanguageModel, prompt: list[int], answer_ids:
 
 
 def _visual_tokens(model: VisionLanguageModel, visual: torch.Tensor, top_words: int,
-                   token_grid: tuple[int, int] | None, geo) -> list[dict]:
+                   token_grid: tuple[int, int] | None, geo: Geometry) -> list[dict]:
     table = model.lm.get_input_embeddings().weight.detach()
     ids, cos = nearest_words(visual, table, top_words, word_rows(model))
     boxes = cell_boxes(geo, token_grid) if token_grid is not None else None
