@@ -92,8 +92,10 @@ def test_attention_rows_and_heat_map_add_up(tiny_model: VisionLanguageModel, pic
     for entry in att["per_token"]:
         assert 0 < entry["image_share"] < 1
         assert np.sum(entry["heat"]) == pytest.approx(entry["image_share"])
+        assert np.sum(entry["token_attention"]) == pytest.approx(entry["image_share"])
     assert np.mean([e["image_share"] for e in att["per_token"]]) == pytest.approx(att["image_share"])
     assert np.sum(att["token_attention"]) == pytest.approx(att["image_share"])
+    assert att["token_attention"] == pytest.approx(np.mean([e["token_attention"] for e in att["per_token"]], axis=0))
     assert np.array(att["heat_map"]) == pytest.approx(np.mean([e["heat"] for e in att["per_token"]], axis=0))
     assert out["answer"]["token_ids"] == tiny_model.tokenizer("two red circles", add_special_tokens=False).input_ids
 
@@ -156,12 +158,16 @@ def test_bad_input_is_refused(tiny_model: VisionLanguageModel, picture: Image.Im
         explain(tiny_model, picture, "<image> <image> compare")
     with pytest.raises(ValueError, match="top_words must be at least 1, got 0"):
         explain(tiny_model, picture, "what?", top_words=0)
-    with pytest.raises(ValueError, match="the answer is empty"):
-        explain(tiny_model, picture, "what?", answer=" ")
     with pytest.raises(ValueError, match="last_layers must be between 1 and the LM's 2 layers, got 3"):
         explain(tiny_model, picture, "what?", answer="x", last_layers=3)
     with pytest.raises(TypeError, match="needs a PIL image, got str"):
         explain(tiny_model, "photo.png", "what?")  # type: ignore[arg-type]
+
+
+def test_empty_answer_explains_the_end_of_the_turn(tiny_model: VisionLanguageModel, picture: Image.Image) -> None:
+    out = explain(tiny_model, picture, "what?", answer="")
+    assert out["answer"]["token_ids"] == [] and not out["answer"]["generated"]
+    assert len(out["attention"]["per_token"]) == 1 and out["attention"]["row_sums"] == [pytest.approx(1.0)]
 
 
 def test_eager_attention_is_restored(tiny_model: VisionLanguageModel) -> None:

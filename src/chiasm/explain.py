@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 
 from chiasm.chat import check_question
 from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from chiasm.explain_geometry import cell_boxes, geometry, resample_grid
+from chiasm.explain_geometry import Geometry, cell_boxes, geometry, resample_grid
 from chiasm.model import VisionLanguageModel
 
 # Vocabulary rows compared with the visual tokens at a time: bounds the float32 copy of the table.
@@ -56,8 +56,9 @@ def explain(model: VisionLanguageModel, image: Image.Image, question: str, *, an
             top_words: int = 3, last_layers: int | None = None, max_new_tokens: int = 64) -> dict:
     """JSON-serialisable: how the model sees ``image`` for ``question`` (see the module docstring).
 
-    The answer is generated greedily when ``answer`` is None, else the given answer is scored
-    as if the model had written it. ``last_layers``: how many of the LM's last layers the
+    The answer is generated greedily when ``answer`` is None, else the given answer (the one a
+    chat showed, say) is read as if the model had written it; an empty one explains the step
+    that ended the turn. ``last_layers``: how many of the LM's last layers the
     attention is averaged over (default: the upper half).
     """
     if not isinstance(image, Image.Image):
@@ -142,9 +143,7 @@ def _prompt_ids(model: VisionLanguageModel, question: str) -> list[int]:
 
 def _answer_ids(model: VisionLanguageModel, prompt: list[int], features: torch.Tensor, answer: str | None,
                 max_new_tokens: int) -> list[int]:
-    if answer is not None:
-        if not answer.strip():
-            raise ValueError("the answer is empty; give the answer to explain, or none to generate it")
+    if answer is not None:  # "" too: a model may answer nothing, and the end of its turn is then explained
         return list(model.tokenizer(answer, add_special_tokens=False).input_ids)
     ids = torch.tensor([prompt], device=model.device)
     return model.generate(ids, torch.ones_like(ids), features=features, max_new_tokens=max_new_tokens)[0]
@@ -194,7 +193,7 @@ def _answer_attention(model: VisionLanguageModel, prompt: list[int], answer_ids:
         "row_sums": [round(float(s), 6) for s in rows.sum(-1)],
         "image_share": float(to_image.sum(-1).mean()),
         "token_attention": to_image.mean(0).tolist(),
-        "per_token": [{"image_share": float(r.sum())} for r in to_image],
+        "per_token": [{"image_share": float(r.sum()), "token_attention": r.tolist()} for r in to_image],
         "heat_map": None, "note": None,
     }
     if model.bridge.in_lm and token_grid is None:
@@ -216,7 +215,7 @@ def _answer_attention(model: VisionLanguageModel, prompt: list[int], answer_ids:
 
 
 def _visual_tokens(model: VisionLanguageModel, visual: torch.Tensor, top_words: int,
-                   token_grid: tuple[int, int] | None, geo) -> list[dict]:
+                   token_grid: tuple[int, int] | None, geo: Geometry) -> list[dict]:
     table = model.lm.get_input_embeddings().weight.detach()
     ids, cos = nearest_words(visual, table, top_words, word_rows(model))
     boxes = cell_boxes(geo, token_grid) if token_grid is not None else None

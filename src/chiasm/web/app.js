@@ -105,7 +105,8 @@ function addMessage(role, text) {
 function userContent(question) {
   const first = !state.messages.some((m) => m.role === "user");
   if (!first || !state.image) return question;
-  return [{type: "text", text: question}, {type: "image_url", image_url: {url: state.image}}];
+  // The image before the question, as the model was trained ("<image>\nquestion") and as v1/explain asks.
+  return [{type: "image_url", image_url: {url: state.image}}, {type: "text", text: question}];
 }
 
 async function ask(event) {
@@ -118,6 +119,11 @@ async function ask(event) {
     showError(`max tokens must be a whole number of at least 1, not "${$("max-tokens").value}"`);
     return;
   }
+  const temperature = Number($("temperature").value);
+  if ($("temperature").value.trim() === "" || !Number.isFinite(temperature)) {
+    showError(`temperature must be a number (0: greedy), not "${$("temperature").value}"`);
+    return;
+  }
   showError("");
   setBusy(true);
   const turn = {role: "user", content: userContent(question)};
@@ -128,18 +134,26 @@ async function ask(event) {
   let answer = "";
   try {
     const res = await post("v1/chat/completions", {
-      model: state.model, messages: [...state.messages, turn], stream: true, max_tokens: maxTokens,
+      model: state.model, messages: [...state.messages, turn], stream: true, max_tokens: maxTokens, temperature,
     });
+    let pieces = 0;
     const finish = await readStream(res, (piece) => {
       answer += piece;
       text.textContent = answer;
+      answerLi.dataset.pieces = String(++pieces);
     });
     answerLi.dataset.state = "done";
+    if (!answer.trim()) {
+      const note = document.createElement("span");
+      note.className = "note";
+      note.textContent = answer ? `(whitespace only: ${JSON.stringify(answer)})` : "(empty answer)";
+      answerLi.append(note);
+    }
     answerLi.dataset.finish = finish;
     if (finish === "length") answerLi.title = "cut at max tokens";
     state.messages.push(turn, {role: "assistant", content: answer});
     $("question").value = "";
-    if (state.image) explain(question);
+    if (state.image) explain(question, answer);
   } catch (err) {
     // The failed turn leaves the conversation as it was; the question stays in the box.
     userLi.remove();
@@ -179,12 +193,8 @@ function chooseFile(file) {
       state.explain = null;
       $("explain-body").hidden = true;
       $("explain-status").textContent = "Ask a question to see how the model sees this image.";
-      if (state.messages.length) {
-        reset();
-        showError("A new image starts a new conversation.");
-      } else {
-        showError("");
-      }
+      if (state.messages.length) $("drop-hint").textContent += " (a new image starts a new conversation)";
+      reset();
     };
     picture.onerror = () => showError(`${file.name} is not an image this browser can read`);
     picture.src = reader.result;
@@ -208,12 +218,14 @@ function setUpDrop() {
 }
 
 // ---- how the model sees ----------------------------------------------------------------------
-async function explain(question) {
+async function explain(question, answer) {
   const status = $("explain-status");
   status.textContent = "Looking inside the model…";
   status.classList.remove("error");
+  document.body.dataset.explain = "loading";
   try {
-    const res = await post("v1/explain", {image: state.image, question});
+    // The answer shown is the one explained (its attention), not a fresh generation that may differ.
+    const res = await post("v1/explain", {image: state.image, question, answer});
     state.explain = await res.json();
     state.focus = null;
     state.hover = null;
@@ -222,6 +234,7 @@ async function explain(question) {
   } catch (err) {
     status.textContent = err.message;
     status.classList.add("error");
+    document.body.dataset.explain = "error";
   }
 }
 
@@ -249,7 +262,8 @@ function renderExplain() {
   fact("bridge", `${ex.bridge.name}: ${ex.bridge.note}`);
   fact("visual tokens", `${ex.tokens.length}, mean norm ${tokenNorm.toFixed(2)} (words: ${ex.word_norm.toFixed(2)})`);
   const att = ex.attention;
-  fact("answer on the image", `${(100 * att.image_share).toFixed(1)}% of its attention (mean over ${att.heads} heads, layers ${att.layers.join(", ")})`);
+  const onWhat = ex.bridge.in_lm && !ex.bridge.spatial ? "answer on the image marker" : "answer on the image";
+  fact(onWhat, `${(100 * att.image_share).toFixed(1)}% of its attention (mean over ${att.heads} heads, layers ${att.layers.join(", ")})`);
   $("attention-note").textContent = att.note ?? "";
   $("show-tokens").disabled = !ex.bridge.spatial;
   $("show-heat").disabled = !att.heat_map;
@@ -260,7 +274,7 @@ function renderExplain() {
   ex.answer.tokens.forEach((piece, i) => {
     const span = document.createElement("span");
     span.className = "atoken";
-    span.textContent = piece;
+    span.textContent = /\S/.test(piece) && !piece.includes("\uFFFD") ? piece : JSON.stringify(piece);
     const share = att.per_token[i]?.image_share;
     if (share !== undefined) span.title = `${(100 * share).toFixed(1)}% of its attention on the image`;
     span.addEventListener("mouseenter", () => { state.focus = i; draw(); });
@@ -291,10 +305,25 @@ function viewScale() {
   return VIEW_SIDE / Math.max(ex.image.width, ex.image.height);
 }
 
-function heatValues() {
+// The heat drawn: per encoder cell (the heat map), or per visual token when the token cells are
+// shown (finer than the encoder grid for an upsampling bridge, coarser for a compressing one).
+// Returns the boxes and their values, or null where the bridge has no spatial layout.
+function heatShown() {
+  const ex = state.explain;
+  const att = ex.attention;
+  const one = state.focus !== null ? att.per_token[state.focus] : null;
+  if ($("show-tokens").checked && ex.bridge.spatial) {
+    return {boxes: ex.tokens.map((t) => t.box), values: one ? one.token_attention : att.token_attention, per: "visual token"};
+  }
+  const grid = one ? one.heat : att.heat_map;
+  if (!grid) return null;
+  return {boxes: ex.encoder.cells.map((c) => c.box), values: grid.flat(), per: `${ex.encoder.grid_kind} cell`};
+}
+
+function cellHeat(cellIndex) {
   const att = state.explain.attention;
-  if (state.focus !== null && att.per_token[state.focus]?.heat) return att.per_token[state.focus].heat;
-  return att.heat_map;
+  const grid = state.focus !== null ? att.per_token[state.focus].heat : att.heat_map;
+  return grid ? grid.flat()[cellIndex] : null;
 }
 
 function draw() {
@@ -313,19 +342,26 @@ function draw() {
   ctx.imageSmoothingEnabled = scale < 4;
   if (state.picture) ctx.drawImage(state.picture, 0, 0, ex.image.width, ex.image.height);
   const cells = ex.encoder.cells;
-  const heat = heatValues();
+  const heat = heatShown();
+  $("heat-legend").textContent = heat ? heatLegend(heat) : "";
   if ($("show-heat").checked && heat) {
-    const flat = heat.flat();
-    const top = Math.max(...flat, 1e-12);
-    cells.forEach((cell, i) => {
-      const [x0, y0, x1, y1] = cell.box;
-      ctx.fillStyle = `rgba(255, 40, 0, ${(0.7 * flat[i] / top).toFixed(3)})`;
+    const low = Math.min(...heat.values);
+    const high = Math.max(...heat.values);
+    // Colour by rank between the least and the most attended box; a near-uniform map stays a light tint.
+    const spread = high > 0 && (high - low) / high > 0.05;
+    heat.boxes.forEach(([x0, y0, x1, y1], i) => {
+      const alpha = spread ? 0.08 + 0.62 * (heat.values[i] - low) / (high - low) : 0.15;
+      ctx.fillStyle = `rgba(255, 40, 0, ${alpha.toFixed(3)})`;
       ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
     });
   }
   ctx.lineWidth = 1 / scale;
-  if ($("show-grid").checked) {
-    ctx.strokeStyle = "rgba(255, 255, 255, 0.85)";
+  if ($("show-grid").checked) {  // dark under light: visible on any picture
+    ctx.lineWidth = 3 / scale;
+    ctx.strokeStyle = "rgba(0, 0, 0, 0.35)";
+    cells.forEach((cell) => strokeBox(ctx, cell.box));
+    ctx.lineWidth = 1 / scale;
+    ctx.strokeStyle = "rgba(255, 255, 255, 0.9)";
     cells.forEach((cell) => strokeBox(ctx, cell.box));
   }
   if ($("show-tokens").checked && ex.bridge.spatial) {
@@ -339,6 +375,14 @@ function draw() {
     ctx.strokeStyle = "#ffd400";
     strokeBox(ctx, ex.tokens[state.hover].box);
   }
+}
+
+function heatLegend(heat) {
+  const pct = (v) => `${(100 * v).toFixed(2)}%`;
+  const who = state.focus !== null ? `answer token ${JSON.stringify(state.explain.answer.tokens[state.focus])}`
+    : "the answer (mean over its tokens)";
+  return `Heat: attention of ${who} per ${heat.per}, from ${pct(Math.min(...heat.values))} to ` +
+    `${pct(Math.max(...heat.values))}; ${pct(heat.values.reduce((a, b) => a + b, 0))} on the image in all.`;
 }
 
 function strokeBox(ctx, [x0, y0, x1, y1]) {
@@ -361,14 +405,16 @@ function showCard(tokenIndex, cellIndex) {
   };
   if (cellIndex !== null) {
     const cell = ex.encoder.cells[cellIndex];
-    const heat = heatValues();
-    const value = heat ? heat[cell.row][cell.col] : null;
+    const value = cellHeat(cellIndex);
     line(`${ex.encoder.grid_kind} cell row ${cell.row}, col ${cell.col}` +
       (value !== null ? `: ${(100 * value).toFixed(2)}% of the attention` : ""), "cell");
   }
   if (tokenIndex !== null) {
     const tok = ex.tokens[tokenIndex];
-    line(`visual token #${tok.index}, position ${tok.sequence_index} in the sequence, norm ${tok.norm.toFixed(2)}`);
+    const att = ex.attention;
+    const share = (state.focus !== null ? att.per_token[state.focus].token_attention : att.token_attention)[tokenIndex];
+    line(`visual token #${tok.index}, position ${tok.sequence_index} in the sequence, norm ${tok.norm.toFixed(2)}, ` +
+      `${(100 * share).toFixed(2)}% of the attention`);
     tok.nearest.forEach((w) => line(`${wordLabel(w)}  cos ${w.cosine.toFixed(3)}`, "word"));
   }
   card.hidden = false;
