@@ -188,6 +188,42 @@ def test_official_client_raises_the_matching_errors(server) -> None:
         c.chat.completions.create(model=MODEL, messages=[user(LONG)], stream=True)
 
 
+ODD_VALUES = [None, 0, -1, 2**70, 1e308, float("nan"), "", "x", "<image>", [], [None], [[[]]], {}, {"a": 1}, True]
+
+
+def _paths(value, prefix: tuple = ()):
+    """Every place in a JSON value: the keys and indices that lead to it."""
+    yield prefix
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _paths(child, (*prefix, key))
+
+
+def _replaced(value, path: tuple, new):
+    if not path:
+        return new
+    copy = json.loads(json.dumps(value))
+    inner = copy
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = new
+    return copy
+
+
+def test_any_value_in_any_field_is_answered_without_a_server_error(server) -> None:
+    """Each place of a full request, in turn, takes each of a set of odd values: never a 5xx."""
+    good = chat(messages=[{"role": "system", "content": "Be brief."}, user("What?", RED)], temperature=0.5,
+                top_p=0.9, seed=1, stop=["x"], stream=False, top_k=3, n=1, max_tokens=2)
+    seen = set()
+    for path in list(_paths(good)):
+        for odd in ODD_VALUES:
+            reply = raw(server.url, "POST", "/v1/chat/completions", json.dumps(_replaced(good, path, odd)).encode(),
+                        {"Content-Type": "application/json"})
+            assert reply.status < 500 and (reply.status == 200 or reply.error), (path, odd, reply.body)
+            seen.add(reply.status)
+    assert seen >= {200, 400, 404}
+
+
 def test_still_serving_after_every_refusal(server) -> None:
     """Runs last in this file: the worker survived everything above."""
     assert raw(server.url, "GET", "/health").json()["status"] == "ok"

@@ -103,7 +103,7 @@ def _parse_messages(messages: Any, settings: ServeSettings) -> tuple[list[Turn],
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object, got {_kind(message)}", where)
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise bad_request(f"{where}.role {role!r} is not supported; use one of {', '.join(_ROLES)}",
                               f"{where}.role")
         text, images = _parse_content(message.get("content"), where, settings)
