@@ -1,4 +1,4 @@
-"""The ``chiasm`` command: demo, train, eval, chat."""
+"""The ``chiasm`` command: demo, train, eval, chat, import, export."""
 
 from __future__ import annotations
 
@@ -102,6 +102,20 @@ def _cmd_arena(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from chiasm.interop.cli import import_checkpoint
+
+    print(f"model saved to {import_checkpoint(args.src, args.out, fmt=args.format, dtype=args.dtype)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from chiasm.interop.cli import export_model
+
+    print(f"{args.format} checkpoint written to {export_model(args.model, args.out, fmt=args.format)}")
+    return 0
+
+
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
@@ -157,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("question", nargs="?", help="omit for an interactive session")
     _add_load_options(c)
     c.set_defaults(func=_cmd_chat)
+
+    i = sub.add_parser("import", help="turn another format's checkpoint (a transformers LLaVA folder) into a model")
+    i.add_argument("--format", required=True, choices=["llava"])
+    i.add_argument("src", help="the checkpoint folder")
+    i.add_argument("out", help="the chiasm model folder to write (new or empty)")
+    i.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the LM's dtype (default: the checkpoint's)")
+    i.set_defaults(func=_cmd_import)
+
+    x = sub.add_parser("export", help="write a model as a transformers LLaVA checkpoint (what vLLM serves)")
+    x.add_argument("model", help="a chiasm model folder")
+    x.add_argument("--format", required=True, choices=["hf"])
+    x.add_argument("out", help="the checkpoint folder to write (new or empty)")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

@@ -218,6 +218,12 @@ class VisionLanguageModel(nn.Module):
         return rows
 
     # ---- persistence ---------------------------------------------------------------
+    def merged_lm(self) -> PreTrainedModel:
+        """The plain transformers LM: a LoRA-merged copy under LoRA, else the LM itself."""
+        if hasattr(self.lm, "merge_and_unload"):
+            return copy.deepcopy(self.lm).merge_and_unload()
+        return self.lm
+
     def save(self, folder: str | Path) -> Path:
         """Write a self-contained folder: config, processor, encoder, bridge and a plain transformers LM.
 
@@ -227,9 +233,7 @@ class VisionLanguageModel(nn.Module):
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        lm = self.lm
-        if hasattr(lm, "merge_and_unload"):
-            lm = copy.deepcopy(lm).merge_and_unload()
+        lm = self.merged_lm()
         config = replace(self.config, dtype=dtype_name(next(lm.parameters()).dtype))
         (folder / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2) + "\n")
         save_file(_contiguous(self.bridge.export_state(self.base_lm)), str(folder / "bridge.safetensors"))

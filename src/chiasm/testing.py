@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     GenerationConfig,
@@ -31,9 +32,15 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 CHATML = (
@@ -192,20 +199,74 @@ def per_token_cross_attention(block: torch.nn.Module, h: torch.Tensor, memory: t
     return block.out(attn) * (image_of_token >= 0)[..., None].to(h.dtype)
 
 
-def make_tiny_vision_tower(folder: str | Path, *, seed: int = 0) -> Path:
-    """Write a randomly initialised 2-layer CLIP vision tower (32 px, 8 px patches) and its image processor.
+# The shape of the tiny vision towers: 2 layers, width 32, 32 px images in 8 px patches (a 4 x 4 grid).
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
 
-    It loads through the ``hf-vision`` encoder like a hub checkpoint, for tests of a trainable
+
+def make_tiny_vision_tower(folder: str | Path, *, seed: int = 0, kind: str = "clip") -> Path:
+    """Write a randomly initialised 2-layer vision tower (32 px, 8 px patches) and its image processor.
+
+    ``kind`` "clip" (a class token before the patches) or "siglip" (patches only). It loads
+    through the ``hf-vision`` encoder like a hub checkpoint, for tests of a trainable
     transformers tower (e.g. read at ``feature_layer = -2``).
     """
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
+    if kind == "siglip":
+        SiglipVisionModel(SiglipVisionConfig(**TINY_TOWER)).save_pretrained(folder, safe_serialization=True)
+        SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+        return folder
+    CLIPVisionModel(CLIPVisionConfig(**TINY_TOWER)).save_pretrained(folder, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+# LLaVA-1.5's conversation format ("USER: <image>\nquestion ASSISTANT: answer</s>") as a template over
+# content parts, the way transformers' multimodal processors take them: images first, then the text.
+LLAVA_LIKE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ part['text'] }}{% endif %}{{ ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def make_tiny_llava(folder: str | Path, *, tower: str = "clip", seed: int = 0, **config: object) -> Path:
+    """Write a randomly initialised ``LlavaForConditionalGeneration`` folder with its processor.
+
+    A 2-layer ``tower`` ("clip": class token, read with strategy "default"; "siglip": none, "full")
+    at 32 px in 8 px patches, LLaVA-1.5's projector, a 2-layer Llama whose vocabulary holds
+    ``<image>``, and :data:`LLAVA_LIKE` as the chat template. ``config`` overrides
+    ``LlavaConfig`` fields (e.g. ``vision_feature_layer``), to write settings that are refused.
+    """
+    from chiasm.tokens import add_image_token
+
+    folder = Path(folder)
+    tok = make_tiny_tokenizer("chatml")
+    tok.chat_template = None  # the processor carries the multimodal template
+    image_id = add_image_token(tok)
+    towers = {"clip": (CLIPVisionConfig, CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), "default", 1),
+              "siglip": (SiglipVisionConfig, SiglipImageProcessorPil(size={"height": 32, "width": 32}), "full", 0)}
+    vision_cls, image_processor, strategy, extra_tokens = towers[tower]
+    vision = vision_cls(**TINY_TOWER)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    settings = {"image_token_index": image_id, "image_seq_length": 16, "vision_feature_layer": -2,
+                "vision_feature_select_strategy": strategy, **config}
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, **settings)).save_pretrained(
+        folder, safe_serialization=True)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, chat_template=LLAVA_LIKE,
+                   vision_feature_select_strategy=settings["vision_feature_select_strategy"],
+                   num_additional_image_tokens=extra_tokens).save_pretrained(folder)
     return folder
 
 
