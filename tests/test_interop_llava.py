@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextCo
 
 from chiasm.chat import ask
 from chiasm.cli import main
-from chiasm.config import BridgeConfig, ConfigError, EncoderConfig, LMConfig, ModelConfig, load_config
+from chiasm.config import BridgeConfig, ConfigError, EncoderConfig, LMConfig, ModelConfig, RunConfig, load_config
 from chiasm.data.sample import Sample, Turn
 from chiasm.interop import NotRepresentable
 from chiasm.interop.export_hf import KEEPS_FORMAT, export_llava
 from chiasm.interop.llava import import_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.testing import make_tiny_llava, make_tiny_lm, make_tiny_vision_tower
+from chiasm.train.init_from import resolve_init_from
 from chiasm.train.trainer import Trainer
 
 QUESTION = "What colour is the circle?"
@@ -126,13 +128,17 @@ def test_import_cli_writes_a_model_folder_that_chats_and_trains(clip_llava_dir: 
     trained = trainer.run()
     assert not torch.equal(before, trained.bridge.fc2.weight)
     assert any("lora_" in n and p.requires_grad for n, p in trained.lm.named_parameters())
+    # The run folder's resolved config.json starts the same run again; another [model] beside init_from does not.
+    assert resolve_again(tmp_path / "run" / "config.json").model == model.config
+    cfg.model = replace(model.config, system_prompt="Answer briefly.")
+    with pytest.raises(ConfigError, match=r"^init_from: \[model\] differs from the model config in .*; leave "):
+        resolve_init_from(cfg)
 
 
-def test_init_from_and_model_together_are_refused(tmp_path: Path) -> None:
-    run = tmp_path / "run.toml"
-    run.write_text('init_from = "m"\n[model]\nsystem_prompt = "x"\n[[stages]]\nname = "a"\ndata = "d.json"\n')
-    with pytest.raises(ConfigError, match=r"give either \[model\] or init_from"):
-        load_config(run)
+def resolve_again(config_json: Path) -> RunConfig:
+    cfg = load_config(config_json)
+    resolve_init_from(cfg)
+    return cfg
 
 
 # ---- export -----------------------------------------------------------------------------

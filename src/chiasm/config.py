@@ -195,7 +195,8 @@ class RunConfig:
     # encoder and bridge in a batch without images). None: found per stage (chiasm.train.parallel).
     find_unused_parameters: bool | None = None
     # A saved chiasm model folder the run starts from (its weights and model config), in place of
-    # building [model] from its sources: e.g. a model made by `chiasm import`. Leave [model] out.
+    # building [model] from its sources: e.g. a model made by `chiasm import`. Leave [model] out
+    # (or give the folder's own, as the run folder's config.json does).
     init_from: str | None = None
 
 
@@ -288,9 +289,6 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
     if not data:
         raise ConfigError(f"{path}: the config file is empty; a run needs [model] and at least one [[stages]]")
-    if "init_from" in data and "model" in data:
-        raise ConfigError(f"{path}: give either [model] or init_from: the model folder init_from names brings its "
-                          "own model config")
     try:
         cfg = from_dict(RunConfig, data)
     except ConfigError as exc:

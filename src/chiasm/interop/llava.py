@@ -87,7 +87,9 @@ def import_llava(folder: str | Path, *, dtype: str | None = None) -> VisionLangu
     """Read a ``LlavaForConditionalGeneration`` folder as a chiasm model (in eval mode).
 
     ``dtype`` ("fp32", "bf16", "fp16") is the LM's; None keeps the checkpoint's. The encoder and
-    the bridge are float32, as in every chiasm model.
+    the bridge are float32, as in every chiasm model. The config's sources record ``folder``,
+    which holds no plain causal LM: evaluation's language-retention baseline needs the saved
+    model's own ``lm/`` as its LM source, which ``chiasm import`` sets.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():

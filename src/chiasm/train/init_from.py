@@ -28,6 +28,9 @@ def resolve_init_from(cfg: RunConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"init_from: {file}: not a valid model config: {exc}") from None
     check_saved_config(model, file)
+    if cfg.model not in (ModelConfig(), model):  # [model] given, and not the folder's own (a resolved config.json)
+        raise ConfigError(f"init_from: [model] differs from the model config in {file}; leave [model] out: the "
+                          "folder brings its own")
     cfg.model = model
 
 
