@@ -45,9 +45,12 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=[
+    {"tower": "clip"}, {"tower": "siglip"},
+    # A tokenizer that adds BOS (as Llama's) under a template that writes none; a projector without biases.
+    {"tower": "clip", "bos": True, "multimodal_projector_bias": False}], ids=["clip", "siglip", "bos-nobias"])
 def llava_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llava(tmp_path_factory.mktemp(f"llava-{request.param}"), tower=request.param)
+    return make_tiny_llava(tmp_path_factory.mktemp("llava"), **request.param)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +65,11 @@ def _sample(image: Path, answer: str | None = None) -> Sample:
 
 def _hf_inputs(processor, image: Path, answer: str | None = None) -> dict:
     """transformers' processor on the same conversation, in its typed-content form."""
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    conv = [{"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": QUESTION}]}]
     if answer:
         conv.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    text = processor.apply_chat_template(conv, add_generation_prompt=answer is None, tokenize=False)
-    return processor(images=[Image.open(image)], text=text, return_tensors="pt")
+    return processor.apply_chat_template(conv, add_generation_prompt=answer is None, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
 
 
 def _assert_same(model: VisionLanguageModel, reference, processor, image: Path, answer: str | None) -> None:
@@ -85,7 +88,7 @@ def _assert_same(model: VisionLanguageModel, reference, processor, image: Path, 
 
 
 # ---- import -----------------------------------------------------------------------------
-def test_import_matches_transformers(llava_dir: Path, image_path: Path) -> None:
+def test_import_matches_transformers(llava_dir: Path, image_path: Path, tmp_path: Path) -> None:
     model = import_llava(llava_dir)
     reference = AutoModelForImageTextToText.from_pretrained(llava_dir).eval()
     processor = AutoProcessor.from_pretrained(llava_dir, backend="pil")
@@ -95,6 +98,12 @@ def test_import_matches_transformers(llava_dir: Path, image_path: Path) -> None:
     # the template's prompt, so the space stays in the answer's first token, as in training.
     prompt = model.tokenizer.decode(model.processor([_sample(image_path)], for_generation=True).input_ids[0])
     assert prompt.endswith("ASSISTANT:")
+    adds_bos = model.tokenizer("a")["input_ids"][0] == model.tokenizer.bos_token_id  # as transformers' processor
+    assert prompt.startswith(model.tokenizer.bos_token) == adds_bos
+    # Export writes the same conversation format back: transformers reads chiasm's ids from it.
+    out = export_llava(model, tmp_path / "hf")
+    exported = AutoModelForImageTextToText.from_pretrained(out).eval()
+    _assert_same(model, exported, AutoProcessor.from_pretrained(out), image_path, answer=ANSWER)
 
 
 def test_import_cli_writes_a_model_folder_that_chats_and_trains(clip_llava_dir: Path, image_path: Path,

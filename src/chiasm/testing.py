@@ -236,12 +236,14 @@ LLAVA_LIKE = (
 )
 
 
-def make_tiny_llava(folder: str | Path, *, tower: str = "clip", seed: int = 0, **config: object) -> Path:
+def make_tiny_llava(folder: str | Path, *, tower: str = "clip", bos: bool = False, seed: int = 0,
+                    **config: object) -> Path:
     """Write a randomly initialised ``LlavaForConditionalGeneration`` folder with its processor.
 
     A 2-layer ``tower`` ("clip": class token, read with strategy "default"; "siglip": none, "full")
     at 32 px in 8 px patches, LLaVA-1.5's projector, a 2-layer Llama whose vocabulary holds
-    ``<image>``, and :data:`LLAVA_LIKE` as the chat template. ``config`` overrides
+    ``<image>``, and :data:`LLAVA_LIKE` as the chat template. ``bos``: the tokenizer puts its BOS
+    before every text, as Llama's does (the template writes none). ``config`` overrides
     ``LlavaConfig`` fields (e.g. ``vision_feature_layer``), to write settings that are refused.
     """
     from chiasm.tokens import add_image_token
@@ -249,6 +251,7 @@ def make_tiny_llava(folder: str | Path, *, tower: str = "clip", seed: int = 0, *
     folder = Path(folder)
     tok = make_tiny_tokenizer("chatml")
     tok.chat_template = None  # the processor carries the multimodal template
+    tok.add_bos_token = bos
     image_id = add_image_token(tok)
     towers = {"clip": (CLIPVisionConfig, CLIPImageProcessorPil(size={"shortest_edge": 32},
                                                             crop_size={"height": 32, "width": 32}), "default", 1),

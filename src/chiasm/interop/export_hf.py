@@ -30,6 +30,7 @@ from chiasm.chat_template import ChatTemplate, stop_token_ids
 from chiasm.content_parts import accepting_parts
 from chiasm.encoders.preprocessing import RESAMPLE, ImagePreprocessing
 from chiasm.interop import NotRepresentable
+from chiasm.interop.llava import processor_adds_bos
 from chiasm.interop.towers import LEADING_TOKENS, strategy_for, tower_problem
 from chiasm.model import VisionLanguageModel
 from chiasm.tokens import IMAGE_TOKEN
@@ -192,6 +193,8 @@ def chat_template(model: VisionLanguageModel) -> str:
 
 def _processor(model: VisionLanguageModel, vision: Any) -> LlavaProcessor:
     tokenizer = copy.deepcopy(model.tokenizer)
+    if processor_adds_bos(tokenizer):  # chiasm's prompts have no BOS there: the processor must not add one
+        tokenizer.add_bos_token = False
     template = chat_template(model)
     tokenizer.chat_template = template
     return LlavaProcessor(image_processor=image_processor(model.encoder.preprocessing), tokenizer=tokenizer,

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
 
 from chiasm.bridges.base import build_bridge
+from chiasm.chat_template import ChatTemplate
 from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
 from chiasm.encoders.base import build_encoder
 from chiasm.encoders.hf_vision import _vision_part
@@ -76,6 +77,23 @@ def _processor_problems(processor: Any, config: Any, grid_tokens: int) -> list[s
     return problems
 
 
+def processor_adds_bos(tokenizer: Any) -> bool:
+    """Whether transformers' processor puts a BOS before the rendered prompt that chiasm's tokenisation would not.
+
+    The processor tokenises the template's text with the tokenizer's special tokens unless the
+    text starts with BOS already (a Llama tokenizer adds one; LLaVA-1.5's template writes none);
+    chiasm tokenises the template's text as it is.
+    """
+    bos = tokenizer.bos_token
+    if bos is None or tokenizer.chat_template is None:
+        return False
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if ids[:1] != [tokenizer.bos_token_id] or ids[1 : 1 + len(plain)] != plain:
+        return False
+    return not ChatTemplate(tokenizer).render([{"role": "user", "content": "a"}]).startswith(bos)
+
+
 def _checkpoint_dtype(config: Any) -> str:
     dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None)
     if isinstance(dtype, str):
@@ -107,6 +125,8 @@ def import_llava(folder: str | Path, *, dtype: str | None = None) -> VisionLangu
         raise NotRepresentable(f"{folder} cannot be imported", [
             "no chat template (chat_template.jinja or chat_template.json): chiasm builds every prompt with it"])
     tokenizer.chat_template = template
+    if processor_adds_bos(tokenizer):
+        tokenizer.chat_template = "{{ bos_token }}" + template
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = dtype or _checkpoint_dtype(config)
