@@ -23,6 +23,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextCo
 from chiasm.chat import ask
 from chiasm.cli import main
 from chiasm.config import BridgeConfig, ConfigError, EncoderConfig, LMConfig, ModelConfig, RunConfig, load_config
+from chiasm.content_parts import to_parts
 from chiasm.data.sample import Sample, Turn
 from chiasm.interop import NotRepresentable
 from chiasm.interop.export_hf import KEEPS_FORMAT, export_llava
@@ -187,6 +188,23 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(parts, ima
     theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     stop = set(reference.generation_config.eos_token_id)
     assert ours == [t for t in theirs.tolist()[: len(ours)]] and (len(ours) == 8 or int(theirs[len(ours)]) in stop)
+
+
+def test_export_keeps_the_system_prompt(parts, image_path: Path, tmp_path: Path) -> None:
+    model = _chiasm_model(parts, "clip", "mlp")
+    model.config = replace(model.config, system_prompt='Answer in "one" word.')
+    out = export_llava(model, tmp_path / "hf")
+    batch = model.processor([_sample(image_path)], for_generation=True)
+    assert 'Answer in "one" word.' in model.tokenizer.decode(batch.input_ids[0])
+    _assert_same(model, AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out),
+                 image_path, answer=None)
+
+
+def test_content_parts_round_trip() -> None:
+    parts = to_parts("Compare <image>\n and\n<image>: which is red?")
+    assert parts == [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "and"},
+                     {"type": "image"}, {"type": "text", "text": ": which is red?"}]
+    assert to_parts("no image here ") == [{"type": "text", "text": "no image here "}]  # no image: untouched
 
 
 def test_round_trip_import_export_import(clip_llava_dir: Path, image_path: Path, tmp_path: Path) -> None:
