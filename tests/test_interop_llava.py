@@ -25,6 +25,7 @@ from chiasm.cli import main
 from chiasm.config import BridgeConfig, ConfigError, EncoderConfig, LMConfig, ModelConfig, RunConfig, load_config
 from chiasm.content_parts import to_parts
 from chiasm.data.sample import Sample, Turn
+from chiasm.errors import ModelFolderError
 from chiasm.interop import NotRepresentable
 from chiasm.interop.export_hf import KEEPS_FORMAT, export_llava
 from chiasm.interop.llava import import_llava
@@ -257,6 +258,13 @@ def test_import_refuses_llava_next_anyres(clip_llava_dir: Path, tmp_path: Path, 
     err = capsys.readouterr().err
     assert "image_grid_pinpoints [[32, 32], [32, 64]]...: LLaVA-NeXT's anyres tiling" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_folder_without_image_processor(clip_llava_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no-processor"
+    shutil.copytree(clip_llava_dir, folder, ignore=shutil.ignore_patterns("processor_config.json"))
+    with pytest.raises(ModelFolderError, match=r"cannot load it from this folder: Can't load image processor"):
+        import_llava(folder)
 
 
 def test_export_refuses_other_bridges_and_encoders(tiny_model_config: ModelConfig, tmp_path: Path, capsys) -> None:

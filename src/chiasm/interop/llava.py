@@ -119,6 +119,10 @@ def import_llava(folder: str | Path, *, dtype: str | None = None) -> VisionLangu
         raise NotRepresentable(f"{folder} cannot be imported", problems)
     with hub_errors(str(folder), "LLaVA checkpoint"):
         processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    if not hasattr(processor, "image_processor"):  # AutoProcessor gives the bare tokenizer where no processor is saved
+        raise NotRepresentable(f"{folder} cannot be imported", [
+            "no image processor (processor_config.json or preprocessor_config.json): an image's resize and "
+            "normalisation would be guessed"])
     tokenizer = processor.tokenizer
     template = getattr(processor, "chat_template", None) or tokenizer.chat_template
     if template is None:
