@@ -271,7 +271,8 @@ class VisionLanguageModel(nn.Module):
         if not (folder / "lm").is_dir():
             raise ModelFolderError(f"{folder / 'lm'}: folder missing; the model folder is incomplete (save it again)")
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype),
+                                                      trust_remote_code=config.lm.trust_remote_code, **extra)
         except (OSError, ValueError, SafetensorError) as exc:
             raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
         processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
