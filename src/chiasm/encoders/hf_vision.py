@@ -22,12 +22,15 @@ import inspect
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.utils import logging as hf_logging
 
 from chiasm.checkpointing import enable_module_checkpointing
 from chiasm.config import EncoderConfig
@@ -94,7 +97,7 @@ class HFVisionTower(VisionEncoder):
         if not cfg.options.get("pretrained", True):
             return AutoModel.from_config(self.vision_config, trust_remote_code=remote)
         extra = {"config": self.vision_config} if dual else {}
-        with hub_errors(source, "vision tower", SECTION):
+        with hub_errors(source, "vision tower", SECTION), _quiet(dual):
             model, info = AutoModel.from_pretrained(source, trust_remote_code=remote, dtype=torch.float32,
                                                     output_loading_info=True, **extra)
         # A head or pooler a checkpoint lacks is unused here; most of the tower missing means the
@@ -196,6 +199,18 @@ class HFVisionTower(VisionEncoder):
         self.vision_config.save_pretrained(folder)
         if self.processor_config is not None:
             (folder / PREPROCESSOR_FILE).write_text(json.dumps(self.processor_config, indent=2) + "\n")
+
+
+@contextmanager
+def _quiet(dual: bool) -> Iterator[None]:
+    """Without transformers' load report for a dual checkpoint: its text side is left out on purpose."""
+    level = hf_logging.get_verbosity()
+    if dual:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _explicit_normalisation(opts: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
