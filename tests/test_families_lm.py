@@ -147,3 +147,22 @@ def test_a_multimodal_gemma3_folder_gives_its_text_model(parts: dict[str, Path],
         torch.testing.assert_close(model.base_lm(ids).logits, full(input_ids=ids).logits, atol=0, rtol=0)
     folder = model.save(tmp_path / "model")
     assert AutoConfig.from_pretrained(folder / "lm").model_type == "gemma3_text"
+
+
+def test_a_saved_model_reloads_its_lm_with_the_trust_remote_code_it_was_built_with(
+        parts: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = _build(parts["qwen2"], parts["tower"])
+    model.config.lm.trust_remote_code = True
+    folder = model.save(tmp_path / "model")
+    seen: list[object] = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    assert VisionLanguageModel.load(folder).config.lm.trust_remote_code is True
+    assert seen == [True]

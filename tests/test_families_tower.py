@@ -184,3 +184,16 @@ def test_the_encoders_trust_remote_code_reaches_transformers(towers: dict[str, P
         build_encoder(EncoderConfig(name="hf-vision", source=str(towers["clip"]), trust_remote_code=asked))
         assert {name for name, _ in seen} == {"AutoConfig", "AutoModel", "AutoImageProcessor"}
         assert {value for _, value in seen} == {asked}
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_the_tower_is_refused(towers: dict[str, Path], tmp_path: Path) -> None:
+    # ViT weights under a CLIP config: transformers would run a randomly initialised CLIP tower.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for f in towers["vit"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_bytes((towers["clip"] / "config.json").read_bytes())
+    with pytest.raises(ModelFolderError, match=rf"^vision tower {folder}: \d+ of CLIPVisionModel's \d+ weights are "
+                                               r"not in the checkpoint \(e\.g\. \S+\); it is not a "
+                                               r"checkpoint of this tower$"):
+        build_encoder(EncoderConfig(name="hf-vision", source=str(folder)))
