@@ -151,18 +151,17 @@ def test_a_multimodal_gemma3_folder_gives_its_text_model(parts: dict[str, Path],
 
 def test_a_saved_model_reloads_its_lm_with_the_trust_remote_code_it_was_built_with(
         parts: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = _build(parts["qwen2"], parts["tower"])
     model.config.lm.trust_remote_code = True
     folder = model.save(tmp_path / "model")
-    seen: list[object] = []
-    original = AutoModelForCausalLM.from_pretrained.__func__
+    seen: list[tuple[str, object]] = []
+    for auto in (AutoModelForCausalLM, AutoTokenizer):
+        def spy(cls, *args, _original=auto.from_pretrained.__func__, _name=auto.__name__, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _original(cls, *args, **kwargs)
 
-    def spy(cls, *args, **kwargs):
-        seen.append(kwargs.get("trust_remote_code"))
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(spy))
     assert VisionLanguageModel.load(folder).config.lm.trust_remote_code is True
-    assert seen == [True]
+    assert sorted(seen) == [("AutoModelForCausalLM", True), ("AutoTokenizer", True)]
