@@ -81,9 +81,10 @@ def test_training_wording_draws_the_template_or_a_grammar_wording() -> None:
 
 
 def _shape_of(text: str) -> str:
-    """A wording with synonyms as set names and the question's own words as slots: its sentence shape."""
+    """A wording with synonyms as set names, without articles and demonstratives: its sentence shape."""
     names = {w: "{" + n + "}" for n, ws in SYNONYMS.items() for w in ws}
-    return " ".join(names.get(w, w) for w in re.findall(r"[\w{}']+|[^\w\s]", text.lower()))
+    fillers = {"a", "an", "the", "this", "that", "here", "there"}
+    return " ".join(names.get(w, w) for w in re.findall(r"[\w{}']+|[^\w\s]", text.lower()) if w not in fillers)
 
 
 @pytest.mark.parametrize("index", range(len(PARAPHRASES)))

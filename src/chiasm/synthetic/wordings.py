@@ -56,28 +56,35 @@ FRAMES: tuple[tuple[str, ...], ...] = (
      "How many {objs} does the {img} contain?", "How many {objs} are shown?", "How many {objs} do you see?",
      "What is the count of {objs} in the {img}?", "Number of {objs} in the {img}?",
      "Give the number of {objs}.", "Say how many {objs} there are.", "How many {objs} does the {img} have?",
-     "How many {objs} appear in the {img}?"),
+     "How many {objs} appear in the {img}?", "Count the {objs}.", "Count how many {objs} there are.",
+     "What number of {objs} is there?", "How many {objs} in total?"),
     ("Where is the {colour} {shape}?", "Where is the {colour} {shape} located?",
      "Where in the {img} is the {colour} {shape}?", "In which quadrant is the {colour} {shape}?",
      "Which quadrant contains the {colour} {shape}?", "Where can the {colour} {shape} be found?",
      "Where does the {colour} {shape} appear?", "Locate the {colour} {shape}.",
-     "What is the position of the {colour} {shape}?", "Where is the {colour} {shape} in the {img}?"),
+     "What is the position of the {colour} {shape}?", "Where is the {colour} {shape} in the {img}?",
+     "Where is the {colour} {shape} placed?", "Name the quadrant of the {colour} {shape}.",
+     "Which corner is the {colour} {shape} in?"),
     ("Is there {a} {colour} {shape}?", "Is there {a} {colour} {shape} in the {img}?",
      "Does the {img} show {a} {colour} {shape}?", "Does the {img} have {a} {colour} {shape}?",
      "Do you see {a} {colour} {shape}?", "Is {a} {colour} {shape} present?",
      "Is there any {colour} {shape} in the {img}?", "Does {a} {colour} {shape} appear in the {img}?",
-     "Is {a} {colour} {shape} shown?", "Is {a} {colour} {shape} visible in the {img}?"),
+     "Is {a} {colour} {shape} shown?", "Is {a} {colour} {shape} visible in the {img}?",
+     "Can you find {a} {colour} {shape}?", "Is {a} {colour} {shape} in the {img}?"),
 )
 
 TEMPLATE_SHARE = 0.25  # how often a training question keeps its template's own words
 
 
+_FILLERS = frozenset(("a", "an", "{a}", "the", "this", "that", "here", "there"))
+
+
 def _normalise(text: str) -> str:
-    """A wording with each synonym replaced by its set's name, articles unified, lower case."""
+    """A wording with each synonym replaced by its set's name and without articles, demonstratives
+    or "here"/"there", lower case: two wordings equal in this form are one sentence, not two."""
     words = re.findall(r"\{\w+\}|[\w']+|[^\w\s]", text.lower())
     names = {w: name for name, ws in SYNONYMS.items() for w in ws}
-    out = [names.get(w, "a" if w in ("a", "an", "{a}") else w) for w in words]
-    return " ".join(out)
+    return " ".join(names.get(w, w) for w in words if w not in _FILLERS)
 
 
 @cache
