@@ -271,13 +271,15 @@ class VisionLanguageModel(nn.Module):
         if not (folder / "lm").is_dir():
             raise ModelFolderError(f"{folder / 'lm'}: folder missing; the model folder is incomplete (save it again)")
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype),
+                                                      trust_remote_code=config.lm.trust_remote_code, **extra)
         except (OSError, ValueError, SafetensorError) as exc:
             raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
-        processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
-        tokenizer = processor.tokenizer if processor is not None else load_tokenizer(folder / "lm")
+        tokenizer = load_tokenizer(folder / "lm", trust_remote_code=config.lm.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        has_processor = (folder / PROCESSOR_FILE).is_file()
+        processor = Processor.from_pretrained(folder, tokenizer=tokenizer) if has_processor else None
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
         model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
