@@ -80,8 +80,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed)
     try:
         check_params(params)  # a bad value costs no model loading
-    except ValueError as exc:
-        raise ValueError(f"chat option: {exc}") from None
+    except ValueError as exc:  # "top_p must be ..." -> "--top-p: must be ...", named as the user typed it
+        field, _, rest = str(exc).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')}: {rest}") from None
     if question is not None:
         check_question(question, len(args.image))  # before the model loads
     images = [Path(p) for p in args.image]
