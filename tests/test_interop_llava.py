@@ -157,7 +157,7 @@ def resolve_again(config_json: Path) -> RunConfig:
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parts")
     return {"lm": make_tiny_lm(root / "lm"), "clip": make_tiny_vision_tower(root / "clip"),
-            "siglip": make_tiny_vision_tower(root / "siglip", kind="siglip")}
+            "siglip": make_tiny_vision_tower(root / "siglip", family="siglip")}
 
 
 def _chiasm_model(parts: dict[str, Path], tower: str, bridge: str, **encoder_options) -> VisionLanguageModel:

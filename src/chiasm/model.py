@@ -205,17 +205,13 @@ class VisionLanguageModel(nn.Module):
 
     def _generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   use_cache: bool, layer_inputs: dict[str, torch.Tensor]) -> list[list[int]]:
+        # The generation engine's own greedy loop, so that evaluation and chat answer alike.
         from chiasm.chat_template import stop_token_ids  # the LM's own turn ends, not hard-coded names
+        from chiasm.generation.decode import greedy_rows
 
-        stop = stop_token_ids(self.base_lm, self.tokenizer)
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False,
-                               max_new_tokens=max_new_tokens, eos_token_id=stop, use_cache=use_cache,
-                               pad_token_id=self.tokenizer.pad_token_id, **layer_inputs)
-        rows = []
-        for row in out.tolist():
-            cut = next((k for k, t in enumerate(row) if t in stop), len(row))
-            rows.append(row[:cut])
-        return rows
+        return greedy_rows(self.lm, embeds, attention_mask, layer_inputs, max_new_tokens=max_new_tokens,
+                           stop_ids=stop_token_ids(self.base_lm, self.tokenizer), use_cache=use_cache,
+                           suppress=[self.image_token_id])
 
     # ---- persistence ---------------------------------------------------------------
     def merged_lm(self) -> PreTrainedModel:
@@ -275,13 +271,15 @@ class VisionLanguageModel(nn.Module):
         if not (folder / "lm").is_dir():
             raise ModelFolderError(f"{folder / 'lm'}: folder missing; the model folder is incomplete (save it again)")
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype),
+                                                      trust_remote_code=config.lm.trust_remote_code, **extra)
         except (OSError, ValueError, SafetensorError) as exc:
             raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
-        processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
-        tokenizer = processor.tokenizer if processor is not None else load_tokenizer(folder / "lm")
+        tokenizer = load_tokenizer(folder / "lm", trust_remote_code=config.lm.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        has_processor = (folder / PROCESSOR_FILE).is_file()
+        processor = Processor.from_pretrained(folder, tokenizer=tokenizer) if has_processor else None
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
         model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
