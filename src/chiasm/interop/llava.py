@@ -33,6 +33,9 @@ from chiasm.model import VisionLanguageModel
 from chiasm.sources import hub_errors
 from chiasm.tokens import IMAGE_TOKEN
 
+# Where hub_errors says trust_remote_code would go: nowhere, LLaVA is built into transformers.
+SECTION = "no table (chiasm import reads transformers' own LLaVA and runs no code shipped with a checkpoint)"
+
 
 def llava_problems(config: Any) -> list[str]:
     """Every setting of a LLaVA ``config`` that chiasm cannot represent (empty: importable)."""
@@ -112,12 +115,12 @@ def import_llava(folder: str | Path, *, dtype: str | None = None) -> VisionLangu
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json; give the folder of a transformers LLaVA checkpoint")
-    with hub_errors(str(folder), "LLaVA checkpoint"):
+    with hub_errors(str(folder), "LLaVA checkpoint", SECTION):
         config = AutoConfig.from_pretrained(folder)
     problems = llava_problems(config)
     if problems:
         raise NotRepresentable(f"{folder} cannot be imported", problems)
-    with hub_errors(str(folder), "LLaVA checkpoint"):
+    with hub_errors(str(folder), "LLaVA checkpoint", SECTION):
         processor = AutoProcessor.from_pretrained(folder, backend="pil")
     if not hasattr(processor, "image_processor"):  # AutoProcessor gives the bare tokenizer where no processor is saved
         raise NotRepresentable(f"{folder} cannot be imported", [
@@ -138,7 +141,7 @@ def import_llava(folder: str | Path, *, dtype: str | None = None) -> VisionLangu
     problems = _processor_problems(processor, config, encoder.grid()[0] * encoder.grid()[1])
     if problems:
         raise NotRepresentable(f"{folder} cannot be imported", problems)
-    with hub_errors(str(folder), "LLaVA checkpoint"):
+    with hub_errors(str(folder), "LLaVA checkpoint", SECTION):
         llava = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype(dtype))
     with torch.no_grad():
         encoder.tower.load_state_dict(_vision_part(llava.model.vision_tower).state_dict())
