@@ -141,9 +141,9 @@ def test_cli_sampling_flags_repeat_with_a_seed(saved: Path, image: Path,
 
 
 @pytest.mark.parametrize(("flag", "message"), [
-    (["--top-p", "0"], "chat option: top_p must be in (0, 1], got 0.0"),
-    (["--temperature", "-1"], "chat option: temperature must be a finite number >= 0 (0: greedy), got -1.0"),
-    (["--max-new-tokens", "0"], "chat option: max_new_tokens must be an integer >= 1, got 0"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+    (["--temperature", "-1"], "--temperature: must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, got 0"),
 ])
 def test_cli_bad_sampling_flag_fails_before_loading(tmp_path: Path, image: Path, flag: list[str], message: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -146,12 +146,6 @@ def test_image_size_other_than_the_towers_interpolates_or_is_refused(towers: dic
     torch.testing.assert_close(ours, hidden[:, -36:], rtol=1e-5, atol=1e-5)
 
 
-def test_a_tower_that_cannot_interpolate_is_refused(towers: dict[str, Path]) -> None:
-    with pytest.raises(ValueError, match="Dinov2Model cannot interpolate its position embeddings"):
-        build_encoder(EncoderConfig(name="hf-vision", source=str(towers["dinov2"]), image_size=48,
-                                    options={"interpolate_pos_encoding": True}))
-
-
 def test_dinov2_features_skip_the_class_token(towers: dict[str, Path]) -> None:
     from transformers import Dinov2Model
 

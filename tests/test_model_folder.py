@@ -106,7 +106,12 @@ def test_a_missing_lm_folder_is_reported_as_a_folder(tiny_model_config: ModelCon
 def test_hub_ids_without_network_say_how_to_use_a_local_copy(tmp_path: Path) -> None:
     # In a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
     code = """
-import sys
+import socket
+attempts = []
+def blocked(*args, **kwargs):  # no name lookup or connection may even be tried
+    attempts.append(args[:2])
+    raise OSError("blocked")
+socket.socket.connect = socket.getaddrinfo = blocked
 from chiasm.config import EncoderConfig
 from chiasm.encoders import build_encoder
 from chiasm.lm.loader import load_language_model
@@ -115,16 +120,18 @@ for load in (lambda: build_encoder(EncoderConfig(name="hf-vision", source="no-su
     try:
         load()
     except FileNotFoundError as exc:
-        print(exc)
+        print(exc if exc.__cause__ is None and exc.__suppress_context__ else "chained: " + str(exc))
+print(f"connections tried: {attempts}")
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    lines = [line for line in out.stdout.splitlines() if line]
-    assert len(lines) == 2, out.stderr[-2000:]
+    *lines, tried = [line for line in out.stdout.splitlines() if line]
+    assert len(lines) == 2 and tried == "connections tried: []", out.stderr[-2000:]
     for line, (what, name) in zip(lines, [("vision tower", "no-such-org/no-such-tower"),
                                           ("language model", "no-such-org/no-such-lm")], strict=True):
         assert line.startswith(f"{what} '{name}' is not a local folder and could not be fetched (no network")
         assert f"hf download {name} --local-dir DIR" in line and "set the source to that folder" in line
+        assert f"snapshot_download('{name}', local_dir=DIR)" in line and "with HF_HUB_OFFLINE=1" in line
 
 
 def test_trust_remote_code_is_off_unless_asked(tiny_model_config: ModelConfig, monkeypatch) -> None:

@@ -16,7 +16,10 @@ by rendering, never by token names:
   earlier turn) is refused for that sample, by name;
 - the generation prompt is the text the template writes before an answer, so generation
   continues exactly where training put the answers;
-- the end-of-turn token is the special token the template writes right after an answer.
+- the end-of-turn token is the special token the template writes right after an answer;
+- a template that reads a message's content as a list of typed parts (the multimodal
+  processors' templates, LLaVA's among them) gets parts (:mod:`chiasm.content_parts`) and
+  writes the image token per image itself; each is then expanded to the image's tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from functools import cached_property
 
 from jinja2 import TemplateError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from chiasm.content_parts import IMAGE_PART, to_parts
+from chiasm.data.sample import IMAGE_PLACEHOLDER
+from chiasm.tokens import IMAGE_TOKEN
 
 Message = dict[str, str]
 _MARK = "@@chiasm-answer-{}@@"
@@ -43,16 +50,43 @@ class TemplateProblem(ValueError):
 class ChatTemplate:
     """Rendering helpers for one tokenizer's chat template."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, image_text: str | None = None):
+        """``image_text``: what each ``<image>`` placeholder becomes (the image's tokens); None keeps it."""
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; chiasm needs an instruct/chat LM")
         self.tok = tokenizer
+        self.image_text = image_text
 
-    def render(self, msgs: list[Message], *, generation_prompt: bool = False) -> str:
+    def _apply(self, msgs: list[dict], generation_prompt: bool) -> str:
         try:
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except TemplateError as exc:  # e.g. roles that do not alternate: a problem of this conversation
             raise TemplateProblem(f"the chat template refuses this conversation: {exc}") from None
+
+    @cached_property
+    def structured(self) -> bool:
+        """Whether the template reads a message's content as a list of typed parts, not as a string."""
+        probe = "chiasm content probe"
+        try:
+            if probe in self._apply([{"role": "user", "content": probe}], False):
+                return False
+            return probe in self._apply([{"role": "user", "content": [{"type": "text", "text": probe}]}], False)
+        except (TemplateProblem, TypeError, AttributeError):
+            return False
+
+    def render(self, msgs: list[Message], *, generation_prompt: bool = False) -> str:
+        """The template's text for ``msgs`` (string contents), with every image placeholder expanded."""
+        if not self.structured:
+            if self.image_text is not None:
+                msgs = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_text)} for m in msgs]
+            return self._apply(msgs, generation_prompt)
+        parted = [{**m, "content": to_parts(m["content"])} for m in msgs]
+        text = self._apply(parted, generation_prompt)
+        images = sum(p == IMAGE_PART for m in parted for p in m["content"])
+        if text.count(IMAGE_TOKEN) != images:
+            raise TemplateProblem(f"the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} for {images} "
+                                  f"image part(s); chiasm needs one {IMAGE_TOKEN} per image")
+        return text if self.image_text is None else text.replace(IMAGE_TOKEN, self.image_text)
 
     @cached_property
     def accepts_system(self) -> bool:
@@ -114,12 +148,22 @@ class ChatTemplate:
         return text, spans
 
     def prompt_text(self, msgs: list[Message]) -> str:
-        """The conversation so far and the text the template writes before an assistant answer."""
+        """The conversation so far and the text the template writes before an assistant answer.
+
+        Where the template's own generation prompt is that text less trailing whitespace (LLaVA's
+        ``ASSISTANT:`` before ``ASSISTANT: answer``), the generation prompt is taken: tokenizers
+        that merge a space into the word after it put that space in the answer's first token in
+        training, so a prompt ending in a lone space token would be one training never showed.
+        """
         mark = _MARK.format("next")
         text = self.render([*msgs, {"role": "assistant", "content": mark}])
         if text.count(mark) != 1:
             raise TemplateProblem("the chat template drops or repeats the assistant turn to be generated")
-        return text.split(mark, 1)[0]
+        before = text.split(mark, 1)[0]
+        own = self.render(msgs, generation_prompt=True)
+        if before != own and before.startswith(own) and not before[len(own):].strip() and own != self.render(msgs):
+            return own
+        return before
 
     def tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         """Token ids of ``text`` and, per token, whether it overlaps one of ``spans``."""

@@ -1,4 +1,4 @@
-"""The ``chiasm`` command: demo, train, eval, chat, serve."""
+"""The ``chiasm`` command: demo, train, eval, chat, serve, import, export."""
 
 from __future__ import annotations
 
@@ -80,8 +80,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed)
     try:
         check_params(params)  # a bad value costs no model loading
-    except ValueError as exc:
-        raise ValueError(f"chat option: {exc}") from None
+    except ValueError as exc:  # "top_p must be ..." -> "--top-p: must be ...", named as the user typed it
+        field, _, rest = str(exc).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')}: {rest}") from None
     if question is not None:
         check_question(question, len(args.image))  # before the model loads
     images = [Path(p) for p in args.image]
@@ -119,6 +120,20 @@ def _cmd_arena(args: argparse.Namespace) -> int:
     rows = run_arena(out, base, world, budget, {n: DEFAULT_BRIDGES[n] for n in names})
     print((out / "arena.md").read_text())
     return 0 if rows else 1
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from chiasm.interop.cli import import_checkpoint
+
+    print(f"model saved to {import_checkpoint(args.src, args.out, fmt=args.format, dtype=args.dtype)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from chiasm.interop.cli import export_model
+
+    print(f"{args.format} checkpoint written to {export_model(args.model, args.out, fmt=args.format)}")
+    return 0
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     from chiasm.serve.command import add_serve_parser
 
     _add_load_options(add_serve_parser(sub))
+
+    i = sub.add_parser("import", help="turn another format's checkpoint (a transformers LLaVA folder) into a model")
+    i.add_argument("--format", required=True, choices=["llava"])
+    i.add_argument("src", help="the checkpoint folder")
+    i.add_argument("out", help="the chiasm model folder to write (new or empty)")
+    i.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the LM's dtype (default: the checkpoint's)")
+    i.set_defaults(func=_cmd_import)
+
+    x = sub.add_parser("export", help="write a model as a transformers LLaVA checkpoint (what vLLM serves)")
+    x.add_argument("model", help="a chiasm model folder")
+    x.add_argument("--format", required=True, choices=["hf"])
+    x.add_argument("out", help="the checkpoint folder to write (new or empty)")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

@@ -194,6 +194,10 @@ class RunConfig:
     # Parameters that may get no gradient in a step (a tower read below its last layer, the
     # encoder and bridge in a batch without images). None: found per stage (chiasm.train.parallel).
     find_unused_parameters: bool | None = None
+    # A saved chiasm model folder the run starts from (its weights and model config), in place of
+    # building [model] from its sources: e.g. a model made by `chiasm import`. Leave [model] out
+    # (or give the folder's own, as the run folder's config.json does).
+    init_from: str | None = None
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from chiasm.chat_template import ChatTemplate, TemplateProblem
-from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
+from chiasm.data.sample import DataError, Sample, Turn
 from chiasm.layout import image_text
 
 IGNORE_INDEX = -100
@@ -45,21 +45,19 @@ class ConversationEncoder:
         system_prompt: str | None = None,
         image_layout: str = "raster",
     ):
-        self.template = ChatTemplate(tokenizer)
+        self.template = ChatTemplate(tokenizer, image_text=image_text(image_layout, tokens_per_image))
         self.tok = tokenizer
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
         self.system_prompt = system_prompt
-        self.image_text = image_text(image_layout, tokens_per_image)
 
     def _messages(self, turns: list[Turn]) -> list[dict[str, str]]:
         msgs = []
         if self.system_prompt is not None and (not turns or turns[0].role != "system"):
             msgs.append({"role": "system", "content": self.system_prompt})
-        for t in turns:
-            text = t.text.replace(IMAGE_PLACEHOLDER, self.image_text)
-            msgs.append({"role": _ROLES[t.role], "content": text})
+        # The template expands each placeholder (it knows whether it writes the image token itself).
+        msgs.extend({"role": _ROLES[t.role], "content": t.text} for t in turns)
         return msgs
 
     def encode(self, sample: Sample) -> Encoded:

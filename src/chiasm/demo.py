@@ -60,9 +60,9 @@ class DemoSize:
     # Each conversation also asks existence both ways, "yes" and "no" (see make_world), so that no
     # prior on the answer meets both.
     existence_pairs: bool = True
-    # Each training question in the template's words or one of its training-only wordings (off:
-    # see the README for what it did to the demo).
-    train_wordings: bool = False
+    # Each training question in the template's words or in one of a grammar's training-only
+    # wordings (chiasm.synthetic.wordings), as instruction data asks one thing in many words.
+    train_wordings: bool = True
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,12 @@ class VisionLanguageModel(nn.Module):
                            suppress=[self.image_token_id])
 
     # ---- persistence ---------------------------------------------------------------
+    def merged_lm(self) -> PreTrainedModel:
+        """The plain transformers LM: a LoRA-merged copy under LoRA, else the LM itself."""
+        if hasattr(self.lm, "merge_and_unload"):
+            return copy.deepcopy(self.lm).merge_and_unload()
+        return self.lm
+
     def save(self, folder: str | Path) -> Path:
         """Write a self-contained folder: config, processor, encoder, bridge and a plain transformers LM.
 
@@ -223,9 +229,7 @@ class VisionLanguageModel(nn.Module):
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        lm = self.lm
-        if hasattr(lm, "merge_and_unload"):
-            lm = copy.deepcopy(lm).merge_and_unload()
+        lm = self.merged_lm()
         config = replace(self.config, dtype=dtype_name(next(lm.parameters()).dtype))
         (folder / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2) + "\n")
         save_file(_contiguous(self.bridge.export_state(self.base_lm)), str(folder / "bridge.safetensors"))
@@ -267,13 +271,15 @@ class VisionLanguageModel(nn.Module):
         if not (folder / "lm").is_dir():
             raise ModelFolderError(f"{folder / 'lm'}: folder missing; the model folder is incomplete (save it again)")
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype), **extra)
+            lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch_dtype(config.dtype),
+                                                      trust_remote_code=config.lm.trust_remote_code, **extra)
         except (OSError, ValueError, SafetensorError) as exc:
             raise ModelFolderError(f"{folder / 'lm'}: cannot load the language model: {exc}") from exc
-        processor = Processor.from_pretrained(folder) if (folder / PROCESSOR_FILE).is_file() else None
-        tokenizer = processor.tokenizer if processor is not None else load_tokenizer(folder / "lm")
+        tokenizer = load_tokenizer(folder / "lm", trust_remote_code=config.lm.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        has_processor = (folder / PROCESSOR_FILE).is_file()
+        processor = Processor.from_pretrained(folder, tokenizer=tokenizer) if has_processor else None
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
         model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))

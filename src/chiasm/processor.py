@@ -194,14 +194,15 @@ class Processor:
         return self.collate(prepared, left_pad=for_generation, features=features)
 
 
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``folder``; a missing or corrupt one is named as a broken model folder.
 
     transformers answers a folder without tokenizer files with a ValueError about its backends,
-    which says nothing about which folder lacks what.
+    which says nothing about which folder lacks what. ``trust_remote_code`` is the LM's: a
+    tokenizer whose code ships with the model loads only with it.
     """
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"{folder}: cannot load the tokenizer ({one_line(str(exc))}); the folder lacks "
                                "its tokenizer files or holds corrupt ones (save the model again)") from exc

@@ -4,7 +4,9 @@ transformers treats any string that is not an existing folder as a hub id, so a 
 local path comes back as a complaint about a malformed repository name, and a hub id on a
 machine without network as a connection error deep in huggingface_hub. Both are turned
 here into a sentence that names the problem and the fix, and so is a local folder that is not
-a checkpoint (no config.json, corrupt weights).
+a checkpoint (no config.json, corrupt weights), and one whose config needs Python code shipped
+with the model (transformers' message names a hub URL even for a folder, and an argument the
+user never passes: the config option is what they can change).
 """
 
 from __future__ import annotations
@@ -43,11 +45,20 @@ def check_source(source: str, what: str) -> str:
 
 
 @contextmanager
-def hub_errors(source: str, what: str) -> Iterator[None]:
-    """Turn a failed hub lookup of ``source`` into an error that says how to use a local copy."""
+def hub_errors(source: str, what: str, section: str) -> Iterator[None]:
+    """Turn a failed hub lookup of ``source`` into an error that says how to use a local copy.
+
+    ``section`` is the config table that names ``source`` (e.g. ``[model.lm]``), where the
+    remedy for a model that needs its own code goes.
+    """
     try:
         yield
     except (OSError, ValueError, SafetensorError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelFolderError(
+                f"{what} {source}: its config needs Python code that comes with the model (auto_map), and chiasm "
+                f"runs such code only when asked; if you trust that code, set trust_remote_code = true under "
+                f"{section}") from None
         if Path(source).expanduser().exists():  # a local folder that is not a (complete) checkpoint
             raise ModelFolderError(f"{what} {source}: cannot load it from this folder: {exc}") from exc
         if isinstance(exc, ValueError):  # e.g. a name that is no valid hub id either
@@ -58,4 +69,6 @@ def hub_errors(source: str, what: str) -> Iterator[None]:
         raise FileNotFoundError(
             f"{what} {source!r} is not a local folder and could not be fetched ({why}: "
             f"{str(exc).splitlines()[0]}). Download it once where a network exists "
-            f"(`hf download {source} --local-dir DIR`) and set the source to that folder") from None
+            f"(`hf download {source} --local-dir DIR`, or huggingface_hub.snapshot_download({source!r}, "
+            f"local_dir=DIR)), copy DIR here and set the source to that folder; a copy already in the hub cache "
+            f"loads by its id with HF_HUB_OFFLINE=1") from None

@@ -139,10 +139,16 @@ def _centre_crop(arr: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     return arr[top : top + ch, left : left + cw]
 
 
-def from_image_processor(proc: Any) -> ImagePreprocessing:
-    """Translate a transformers image processor (CLIP, SigLIP, ViT, BiT/DINOv2 style) into chiasm's steps."""
+def from_image_processor(proc: Any, *, fixed: tuple[int, int] | None = None) -> ImagePreprocessing:
+    """Translate a transformers image processor (CLIP, SigLIP, ViT, BiT/DINOv2 style) into chiasm's steps.
+
+    ``fixed`` = (height, width) replaces the processor's resize by an exact one, for processors
+    that choose the size per image (SigLIP2's NaFlex), which chiasm runs at one size.
+    """
     size = proc.size if getattr(proc, "do_resize", True) else None
-    if size is None:
+    if fixed is not None:
+        resize, dims = "exact", fixed
+    elif size is None:
         resize, dims = "none", (0,)
     elif _get(size, "height") and _get(size, "width"):
         resize, dims = "exact", (_get(size, "height"), _get(size, "width"))
@@ -152,7 +158,7 @@ def from_image_processor(proc: Any) -> ImagePreprocessing:
         raise ValueError(f"unsupported image processor size {dict(size)!r}: chiasm reads height/width or "
                          "shortest_edge")
     crop = None
-    if getattr(proc, "do_center_crop", False):
+    if getattr(proc, "do_center_crop", False) and fixed is None:
         cs = proc.crop_size
         crop = (_get(cs, "height"), _get(cs, "width"))
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from chiasm.errors import UnknownNameError
+from chiasm.lm.multimodal import is_multimodal, load_text_part
 from chiasm.packaged import PACKAGED_PREFIX, package_folder
 from chiasm.sources import check_source, hub_errors
 
@@ -132,16 +133,20 @@ def load_language_model(
     """Load ``(model, tokenizer)`` for any transformers causal LM.
 
     ``source`` is a hub id (needs a network the first time), a local folder, or
-    ``packaged:smollm2-135m-instruct`` for the offline default.
+    ``packaged:smollm2-135m-instruct`` for the offline default. A multimodal checkpoint
+    gives its text model (see ``chiasm.lm.multimodal``).
     """
     check_attn_implementation(attn_implementation)
     path = check_source(resolve_lm_path(source), "language model source")
     kwargs = {"trust_remote_code": trust_remote_code}
-    with hub_errors(path, "language model"):
+    with hub_errors(path, "language model", "[model.lm]"):
         config = AutoConfig.from_pretrained(path, **kwargs)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype), **kwargs)
+        if is_multimodal(config):  # e.g. Gemma 3 4B+: its text model only
+            model = load_text_part(path, config, torch_dtype(dtype), **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

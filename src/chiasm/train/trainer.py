@@ -36,6 +36,7 @@ from chiasm.train.dist import (
 )
 from chiasm.train.features import FeatureCache
 from chiasm.train.grouping import stage_order
+from chiasm.train.init_from import resolve_init_from, start_model
 from chiasm.train.loader import StageLoader
 from chiasm.train.objectives import build_prealign
 from chiasm.train.parallel import check_parallel_config, gradient_sync, needs_unused_search, unwrap, wrap
@@ -152,6 +153,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model: VisionLanguageModel | None = None,
                  dist_info: DistInfo | None = None, show_progress: bool = True):
+        resolve_init_from(cfg)  # the saved folder's model config, checked with the rest
         check_run_config(cfg)  # before the model is built: a bad value costs no loading time
         self.cfg = cfg
         check_parallel_config(cfg, dist_info.world if dist_info else env_world_size(), torch.cuda.is_available())
@@ -160,7 +162,7 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model = model or VisionLanguageModel.build(cfg.model)
+        self.model = model or start_model(cfg)
         self.model.to(self.dist.device)
         self.bf16 = use_bf16(cfg.precision, self.dist.device)
         self.trained: set[str] = set()
