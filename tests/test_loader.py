@@ -19,6 +19,7 @@ from chiasm.testing import run_ranks
 from chiasm.train.batches import collate, prepare
 from chiasm.train.grouping import estimate_lengths, length_grouped_order, stage_order
 from chiasm.train.loader import PlanBatchSampler, StageLoader
+from chiasm.train.skips import read_skips
 from chiasm.train.trainer import Interrupted, StagePlan, Trainer
 
 
@@ -141,8 +142,10 @@ def test_skipped_samples_are_counted_logged_and_written(tiny_model_config, tiny_
     trainer = Trainer(_run(tiny_model_config, stage, tmp_path / "run"), show_progress=False)
     trainer.run()
     assert sorted(e["sample"] for e in trainer.skipped["instruct"]) == ["instruct-00003", "instruct-00011"]
-    written = json.loads((tmp_path / "run/stages/instruct/skipped.json").read_text())
-    assert written == trainer.skipped["instruct"]
+    written = read_skips(tmp_path / "run/stages/instruct/skipped.jsonl")  # the stage's one skip file
+    assert [(r["id"], r["step"], r["reason"]) for r in written] == [
+        (e["sample"], e["step"], e["error"]) for e in trainer.skipped["instruct"]]
+    assert not (tmp_path / "run/stages/instruct/skipped.json").exists()
     recs = [json.loads(x) for x in (tmp_path / "run/stages/instruct/metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in recs][-1] == 2 and recs[0]["skipped"] <= recs[-1]["skipped"]
 
@@ -212,7 +215,8 @@ def test_a_resumed_run_keeps_the_skips_recorded_before_its_checkpoint(tiny_model
     resumed = Trainer(cfg, show_progress=False)
     resumed.run(resume=True)
     assert resumed.skipped["instruct"] == straight.skipped["instruct"]
-    assert json.loads((tmp_path / "b/stages/instruct/skipped.json").read_text()) == straight.skipped["instruct"]
+    skip_file = "stages/instruct/skipped.jsonl"
+    assert read_skips(tmp_path / "b" / skip_file) == read_skips(tmp_path / "a" / skip_file)
     last = json.loads((tmp_path / "b/stages/instruct/metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped"] == 2
 

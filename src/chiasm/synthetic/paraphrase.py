@@ -42,44 +42,13 @@ PARAPHRASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-# Other wordings that training may use (``make_world(train_wordings=True)``), in the same order
-# as PARAPHRASES and disjoint from its held-out ones: a model that has met one question in
-# several words is asked, at evaluation, in words it has met in none.
-TRAINING_WORDINGS: tuple[tuple[str, ...], ...] = (
-    ("What is the colour of the object in the {cell}?", "Say the colour of whatever is in the {cell}."),
-    ("What is the colour of the {shape}?", "Say the colour of the {shape}."),
-    ("What is the shape of the {colour} object?", "Which form does the {colour} object have?"),
-    ("What is the shape of the object in the {cell}?", "What kind of shape is in the {cell}?"),
-    ("How many shapes are in the image?", "What is the count of objects in the picture?",
-     "Number of objects in this image?"),
-    ("Where in the image is the {colour} {shape}?", "In which quadrant is the {colour} {shape}?"),
-    ("Does the image show a {colour} {shape}?", "Do you see a {colour} {shape}?"),
-)
-
-
-def _reword(text: str, rng: random.Random, tables: tuple[tuple[str, ...], ...]) -> str:
-    for (pattern, _), wordings in zip(PARAPHRASES, tables, strict=True):
+def paraphrase_question(text: str, rng: random.Random) -> str:
+    """One held-out wording of a training-template question, or a clear error for any other text."""
+    for pattern, wordings in PARAPHRASES:
         m = re.fullmatch(pattern, text.strip())
         if m:
             return rng.choice(wordings).format(**m.groupdict())
     raise ValueError(f"no paraphrase for question {text!r}: it does not follow a synthetic-world template")
-
-
-def paraphrase_question(text: str, rng: random.Random) -> str:
-    """One held-out wording of a training-template question, or a clear error for any other text."""
-    return _reword(text, rng, tuple(w for _, w in PARAPHRASES))
-
-
-def training_wording(text: str, rng: random.Random) -> str:
-    """The template's own words or one of its training-only wordings, each equally likely."""
-    tables = tuple((template_text(p), *w) for (p, _), w in zip(PARAPHRASES, TRAINING_WORDINGS, strict=True))
-    return _reword(text, rng, tables)
-
-
-def template_text(pattern: str) -> str:
-    """A template pattern written back as a format string (``(?P<cell>...)`` -> ``{cell}``)."""
-    text = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
-    return text.replace("an?", "a").replace("\\?", "?")
 
 
 def write_paraphrased(eval_file: Path, out_file: Path, *, image_root: Path | None = None, seed: int = 0) -> Path:

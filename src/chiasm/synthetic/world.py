@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from chiasm.data.llava import save_llava
 from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from chiasm.synthetic.paraphrase import training_wording
+from chiasm.synthetic.wordings import training_wording
 
 SHAPES = ("circle", "square", "triangle")
 # Far apart in RGB so that colour is never ambiguous, even after resizing.
@@ -40,7 +40,7 @@ SIZES = {"small": 30, "large": 45}  # radius in pixels at 224 x 224
 CELLS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = {"white": (255, 255, 255), "light grey": (225, 225, 225)}
 QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
-WORLD_FORMAT = 2
+WORLD_FORMAT = 3
 
 _CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
 _CAPTION_TEMPLATES = ("{}.", "The image shows {}.", "In this picture there is {}.")

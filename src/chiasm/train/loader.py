@@ -10,13 +10,12 @@ and a resumed run reads exactly the batches an uninterrupted run would have.
 A sample that fails (its conversation does not tokenise, an image does not decode) comes
 back from the worker as a :class:`DataError` naming the data file and the sample id. Under
 ``on_error = "raise"`` it is raised in the training process; under ``"skip"`` the batch goes
-on without the sample and the sample is recorded (``skipped`` here, ``skipped.json`` in the
-stage folder).
+on without the sample and the sample is recorded (``skipped`` here; the trainer passes them to
+the stage's :class:`chiasm.train.skips.SkipLog`, which writes ``skipped.jsonl``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -36,12 +35,12 @@ from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
 from chiasm.train.batches import Batch
 from chiasm.train.packing import build_rows, check_packable, pack_rows
+from chiasm.train.skips import loader_skips_before
 
 if TYPE_CHECKING:
     from chiasm.train.trainer import StagePlan
 
 log = logging.getLogger(__name__)
-SKIPPED_FILE = "skipped.json"
 
 
 @dataclass
@@ -217,8 +216,7 @@ class StageLoader:
                                  collate_fn=Collator(processor.pad_token_id, pack_length=stage.pack_length,
                                                      cached=features is not None),
                                  generator=torch.Generator().manual_seed(plan.seed))
-        self.skipped: list[dict] = _earlier_skips(stage_dir, start_step) if rank == 0 else []
-        self._logged = len(self.skipped)
+        self.skipped: list[dict] = loader_skips_before(stage_dir, start_step) if rank == 0 else []
 
     def batch(self, indices: Sequence[int]) -> LoaderBatch:
         """The batch of ``indices``, read in this process (e.g. a trial forward before wrapping the model)."""
@@ -250,32 +248,15 @@ class StageLoader:
             n = int(t.item())
         return n
 
-    def write_skipped(self) -> list[dict]:
-        """Gather every rank's skipped samples; rank 0 writes them to ``stage_dir/skipped.json``.
+    def gather_skipped(self) -> list[dict]:
+        """Every rank's skipped samples, in plan order (a collective: every rank must call it).
 
-        A collective (every rank must call it): the trainer calls it at every checkpoint, so
-        that a resumed run still lists the samples skipped before it.
+        The trainer hands them to the stage's SkipLog, which writes the one skip file
+        (``skipped.jsonl``) that the report shows and a resumed run reads back.
         """
         entries = self.skipped
         if dist.is_available() and dist.is_initialized():
             parts: list[list[dict] | None] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, self.skipped)
             entries = [e for p in parts for e in (p or [])]
-        entries.sort(key=lambda e: (e["step"], e["micro"], e["rank"]))
-        file = None if self.stage_dir is None else self.stage_dir / SKIPPED_FILE
-        if self.rank == 0 and file is not None and (entries or file.exists()):
-            self.stage_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.stage_dir / f".{SKIPPED_FILE}.tmp"
-            tmp.write_text(json.dumps(entries, indent=1) + "\n")
-            os.replace(tmp, file)
-            if len(entries) != self._logged:
-                log.warning("stage %s: %d samples skipped so far, listed in %s", self.stage.name, len(entries), file)
-                self._logged = len(entries)
-        return entries
-
-
-def _earlier_skips(stage_dir: Path | None, start_step: int) -> list[dict]:
-    """A resumed stage keeps the skips recorded before its checkpoint (later ones will recur)."""
-    if stage_dir is None or not start_step or not (stage_dir / SKIPPED_FILE).is_file():
-        return []
-    return [e for e in json.loads((stage_dir / SKIPPED_FILE).read_text()) if e["step"] < start_step]
+        return sorted(entries, key=lambda e: (e["step"], e["micro"], e["rank"]))

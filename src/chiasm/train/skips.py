@@ -26,12 +26,17 @@ SKIPPED_FILE = "skipped.jsonl"
 
 @dataclass(frozen=True)
 class Skip:
-    """One left-out sample: its id, the data file, the image at fault (if any) and why."""
+    """One left-out sample: its id, the data file, the image at fault (if any) and why; for a sample
+    the data loader left out while training, also where (optimizer step, micro-batch, rank), which a
+    resumed run reads back to count the skips before its checkpoint."""
 
     id: str
     file: str
     image: str | None
     reason: str
+    step: int | None = None
+    micro: int | None = None
+    rank: int | None = None
 
 
 class SkipLog:
@@ -55,11 +60,13 @@ class SkipLog:
     def fraction(self) -> float:
         return len(self.skips) / self.total if self.total else 0.0
 
-    def add(self, sample_id: str, reason: str, *, image: str | None = None) -> bool:
-        """Record a skip; False if this sample was already skipped."""
+    def add(self, sample_id: str, reason: str, *, image: str | None = None, file: str | None = None,
+            where: tuple[int, int, int] | None = None) -> bool:
+        """Record a skip (``where``: step, micro-batch and rank of a training-time one); False if
+        this sample was already skipped."""
         if sample_id in self.skips:
             return False
-        self.skips[sample_id] = Skip(sample_id, self.data, image, reason)
+        self.skips[sample_id] = Skip(sample_id, file or self.data, image, reason, *(where or (None, None, None)))
         return True
 
     def add_error(self, error: DataError, fallback_id: str = "?") -> bool:
@@ -72,7 +79,9 @@ class SkipLog:
         if self.out is not None:
             for record in read_skips(self.out / SKIPPED_FILE):
                 if isinstance(record.get("id"), str) and isinstance(record.get("reason"), str):
-                    self.add(record["id"], record["reason"], image=record.get("image"))
+                    where = tuple(record.get(k) for k in ("step", "micro", "rank"))
+                    self.add(record["id"], record["reason"], image=record.get("image"), file=record.get("file"),
+                             where=where if all(isinstance(v, int) for v in where) else None)
 
     def check(self) -> None:
         """Raise if more than ``max_fraction`` of the data file's records were skipped."""
@@ -89,14 +98,17 @@ class SkipLog:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / SKIPPED_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(asdict(s)) + "\n" for s in self.skips.values()), encoding="utf-8")
+        # Where a skip was seen during training is written only for those skips.
+        rows = [{k: v for k, v in asdict(s).items() if v is not None or k == "image"} for s in self.skips.values()]
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
     def absorb(self, entries: Iterable[dict]) -> None:
         """Take in the skips the stage's data loader recorded while training (its ``sample``,
-        ``image`` and ``error`` keys); new ones are logged, written and checked against the cap."""
-        new = [e for e in entries if self.add(str(e.get("sample")), str(e.get("error")), image=e.get("image"))]
+        ``image``, ``error`` and position keys); new ones are logged, written and checked against the cap."""
+        new = [e for e in entries if self.add(str(e.get("sample")), str(e.get("error")), image=e.get("image"),
+                                              file=e.get("source"), where=(e["step"], e["micro"], e["rank"]))]
         if not new:
             return
         log.warning("stage %s: %d more samples skipped while training (%d in all; first: %s)",
@@ -128,3 +140,14 @@ def drop_bad_images(samples: list[Sample], bad: Mapping[str, str], skips: SkipLo
 def read_skips(path: Path) -> list[dict]:
     """The records of a ``skipped.jsonl`` file ([] if it is missing; unreadable lines are left out)."""
     return read_records(path)
+
+
+def loader_skips_before(stage_dir: Path | None, start_step: int) -> list[dict]:
+    """The skips the data loader recorded before ``start_step``, read back from the stage's skip
+    file in the loader's own form: a resumed stage does not see those batches again."""
+    if stage_dir is None or not start_step:
+        return []
+    return [{"step": r["step"], "micro": r["micro"], "rank": r["rank"], "sample": r["id"], "source": r["file"],
+             "image": r.get("image"), "error": r["reason"]}
+            for r in read_skips(stage_dir / SKIPPED_FILE)
+            if isinstance(r.get("step"), int) and r["step"] < start_step and isinstance(r.get("micro"), int)]

@@ -386,7 +386,7 @@ class Trainer:
             done = step + 1 == plan.total
             if done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
                 if loader is not None:  # the skips so far, beside the checkpoint a resumed run starts from
-                    self.skipped[stage.name] = loader.write_skipped()
+                    self.skipped[stage.name] = loader.gather_skipped()
                     skips.absorb(self.skipped[stage.name])  # every rank's, gathered: all ranks check alike
                 self._checkpoint(optimizer, ckpt.TrainState(index, step + 1, done, self.dist.world))
             if self._steps_left is not None:
