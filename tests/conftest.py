@@ -16,7 +16,7 @@ from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
 from chiasm.data.llava import load_llava
 from chiasm.model import VisionLanguageModel
 from chiasm.synthetic.world import WorldFiles, make_world
-from chiasm.testing import make_tiny_lm
+from chiasm.testing import make_tiny_lm, spread_weights
 
 # The test models are tiny: one thread is faster than several spinning over 64-wide matmuls,
 # and it keeps the suite quick on a machine that is busy with other work.
@@ -77,3 +77,15 @@ def saved_model_dir(tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def image(tiny_world: WorldFiles) -> Path:
     """The first held-out image of the tiny world."""
     return load_llava(tiny_world.eval).samples[0].images[0]
+
+
+@pytest.fixture
+def spread_model(tiny_model: VisionLanguageModel) -> VisionLanguageModel:
+    """``tiny_model`` with wide random weights, so its answers depend on the prompt and the images."""
+    return spread_weights(tiny_model).eval()
+
+
+@pytest.fixture
+def eval_images(tiny_world: WorldFiles) -> list[Path]:
+    """The held-out images of the tiny world, in name order."""
+    return sorted((tiny_world.image_dir / "eval").glob("*.png"))

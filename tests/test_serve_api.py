@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,10 +163,32 @@ def test_concurrent_clients_are_batched_and_each_answered_correctly(served, engi
     assert sum(seen["batches"]) == 8 and max(seen["batches"]) > 1  # several requests shared a batch
 
 
+def test_a_bad_request_is_refused_alone_and_its_batch_mates_answered(served, engine: Engine) -> None:
+    server, _ = served
+    c = client(server.url)
+    too_long = " ".join(["the quick brown fox jumps over the lazy dog"] * 28)  # fits alone, not with 100 more
+
+    def ask(i: int) -> str:
+        question = too_long if i == 0 else f"Question {i}?"
+        try:
+            reply = c.chat.completions.create(model=MODEL, messages=[user(question, data_url(png_bytes()))],
+                                              max_tokens=100 if i == 0 else 6, temperature=1.0, seed=i)
+        except openai.BadRequestError as exc:
+            return f"refused: {exc.message}"
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert answers[0].startswith("refused:") and "exceed the model's context of 512 tokens" in answers[0]
+    for i in range(1, 4):
+        assert answers[i] == reference(engine, f"Question {i}?", COLOURS[0], max_new_tokens=6, temperature=1.0,
+                                       seed=i).text
+
+
 def test_disconnect_mid_stream_ends_the_generation(served) -> None:
     server, app = served
     c = client(server.url)
-    with spy_on_batches(app, delay_s=0.01) as seen:
+    with spy_on_batches(app, delay_s=0.02) as seen:
         stream = c.chat.completions.create(model=MODEL, messages=[user("Go on.", data_url(png_bytes()))],
                                            max_tokens=400, temperature=1.0, seed=0, stream=True)
         for n, _ in enumerate(stream):
@@ -174,10 +197,25 @@ def test_disconnect_mid_stream_ends_the_generation(served) -> None:
         stream.close()
         assert wait_until(lambda: raw(server.url, "GET", "/health").json()["running"] == 0)
         produced = seen["deltas"]
-    assert produced < 200  # the batch ended well before its 400 tokens (about 4 s at this pace)
+    assert produced < 200  # the batch ended well before its 400 tokens (about 8 s at this pace)
     after = c.chat.completions.create(model=MODEL, messages=[user("Still there?", data_url(png_bytes()))],
                                       max_tokens=5)
     assert after.usage.completion_tokens == 5
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_ends_the_generation(served) -> None:
+    server, app = served
+    body = json.dumps({"model": MODEL, "messages": [user("Go on.", data_url(png_bytes()))], "max_tokens": 400,
+                       "seed": 0}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with spy_on_batches(app, delay_s=0.02) as seen:
+        with socket.create_connection((server.host, server.port)) as sock:
+            sock.sendall(head + body)
+            assert wait_until(lambda: seen["deltas"] > 0)
+        assert wait_until(lambda: raw(server.url, "GET", "/health").json()["running"] == 0)
+        produced = seen["deltas"]
+    assert produced < 200  # stopped within a poll of the client leaving, not after 400 tokens
 
 
 def test_explain_route(served) -> None:

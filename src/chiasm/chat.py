@@ -1,32 +1,50 @@
-"""Answer a question about an image with a saved model (``chiasm chat``)."""
+"""Talk to a saved model (``chiasm chat``): one question, or a multi-turn terminal session.
+
+Both go through the generation engine (``chiasm.generation``), so the terminal, the server
+and evaluation answer alike. In a session, every question and answer stays in the
+conversation; images are attached at the start (``--image``) or mid-conversation
+(``/image PATH``) and go before the next question, or where that question puts its
+``<image>`` placeholders. A bad line (a missing image, placeholders that do not match, a
+conversation grown past the model's context) is reported and the session goes on, and
+Ctrl-C while an answer streams stops that answer only.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch
+from PIL import Image
 
 from chiasm.data.images import load_image
-from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Turn
+from chiasm.generation import Engine, Request, RequestError, SamplingParams
 from chiasm.model import VisionLanguageModel
+
+HELP = ("commands: /image PATH attaches an image to the next question, /reset starts over, /help, "
+        "/quit (or an empty line, or Ctrl-D) ends")
 
 
 @torch.no_grad()
 def ask(model: VisionLanguageModel, question: str, images: list[Path], *, history: list[Turn] | None = None,
-        max_new_tokens: int = 64) -> str:
-    """One greedy answer. Images go where ``<image>`` stands, or before the question if absent."""
+        max_new_tokens: int = 64, params: SamplingParams | None = None) -> str:
+    """One whole answer, greedy unless ``params`` say otherwise.
+
+    Images go where ``<image>`` stands, or before the question if there is no placeholder.
+    """
     check_question(question, len(images), history)
     for img in images:
         # Fail early, with the path, on a missing or corrupt file.
         load_image(Path(img), sample_id="chat", source="<chat>")
     text = question
     if images and IMAGE_PLACEHOLDER not in question and not any(IMAGE_PLACEHOLDER in t.text for t in history or []):
-        text = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [question])
-    turns = [*(history or []), Turn("human", text)]
-    sample = Sample(id="chat", conversations=turns, images=[Path(p) for p in images], source="<chat>")
-    batch = model.processor([sample], for_generation=True).to(model.device)
-    rows = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, max_new_tokens=max_new_tokens)
-    return model.tokenizer.decode(rows[0], skip_special_tokens=True).strip()
+        text = _with_placeholders(question, len(images))
+    params = params or SamplingParams(max_new_tokens=max_new_tokens)
+    request = Request([*(history or []), Turn("human", text)], list(images), params)
+    return Engine(model).generate([request])[0].text.strip()
 
 
 def check_question(question: str, n_images: int, history: list[Turn] | None = None) -> None:
@@ -44,26 +62,105 @@ def check_question(question: str, n_images: int, history: list[Turn] | None = No
                          f"were given; give one --image per {IMAGE_PLACEHOLDER}, or leave the placeholders out")
 
 
-def interactive(model: VisionLanguageModel, images: list[Path]) -> None:
-    """A small REPL: the images stay in the conversation, each line is a new question."""
-    for img in images:
-        load_image(Path(img))  # a missing image fails before the first question, not after it
-    history: list[Turn] = []
-    print("chiasm chat: empty line or Ctrl-D to quit")
+def _with_placeholders(question: str, n_images: int) -> str:
+    return "\n".join([IMAGE_PLACEHOLDER] * n_images + [question])
+
+
+class ChatSession:
+    """A conversation with one model: its turns, its images in placeholder order, and those not yet asked about."""
+
+    def __init__(self, model: VisionLanguageModel, params: SamplingParams | None = None):
+        self.engine = Engine(model, max_batch_size=1)
+        self.params = params or SamplingParams()
+        self.history: list[Turn] = []
+        self.images: list[Image.Image] = []  # those the history's placeholders refer to
+        self.pending: list[Image.Image] = []  # attached, for the next question
+
+    def attach(self, path: str | Path) -> None:
+        """Attach an image to the next question; a missing or broken file raises DataError naming it."""
+        self.pending.append(load_image(Path(path)))
+
+    def reset(self) -> None:
+        self.history, self.images, self.pending = [], [], []
+
+    def answer(self, question: str) -> Iterator[str]:
+        """Stream the answer to ``question``; the turn joins the conversation once it is complete.
+
+        A question the engine refuses raises before anything is streamed, and leaves the
+        conversation (and the attached images) as they were.
+        """
+        check_question(question, len(self.pending))
+        text = question if IMAGE_PLACEHOLDER in question else _with_placeholders(question, len(self.pending))
+        turn = Turn("human", text)
+        request = Request([*self.history, turn], [*self.images, *self.pending], self.params)
+        stream = self.engine.stream([request])  # checks the request in full on the first next()
+        first = next(stream)
+        pieces = [first.text]
+        yield first.text
+        for delta in stream:
+            pieces.append(delta.text)
+            yield delta.text
+        self.history += [turn, Turn("gpt", "".join(pieces).strip())]
+        self.images += self.pending
+        self.pending = []
+
+
+def interactive(model: VisionLanguageModel, images: list[Path], params: SamplingParams | None = None, *,
+                read: Callable[[str], str] | None = None, out: TextIO | None = None) -> None:
+    """A terminal REPL: answers are streamed as they come; a bad line is reported and the session goes on."""
+    read = read or input
+    out = out or sys.stdout
+    session = ChatSession(model, params)
+    for img in images:  # a missing image fails before the first question, not after it
+        session.attach(img)
+    print(f"chiasm chat: empty line or Ctrl-D to quit; {HELP}", file=out)
     while True:
         try:
-            q = input("you> ").strip()
-        except EOFError:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
             break
-        if not q:
+        if not line or line == "/quit":
             break
         try:
-            check_question(q, len(images), history)
-        except ValueError as exc:  # the line, not the session, is wrong: say so and ask again
-            print(f"error: {exc}")
-            continue
-        a = ask(model, q, images, history=history)
-        if not history and images and IMAGE_PLACEHOLDER not in q:
-            q = "\n".join([IMAGE_PLACEHOLDER] * len(images) + [q])
-        history += [Turn("human", q), Turn("gpt", a)]
-        print(f"model> {a}")
+            if not _command(session, line, out):
+                _stream_answer(session, line, out)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the session
+            print("\n[answer interrupted; it is left out of the conversation]", file=out)
+        except (DataError, RequestError, ValueError) as exc:  # the line, not the session, is wrong
+            print(f"error: {exc}", file=out)
+
+
+def _command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Run a ``/`` command; False when the line is a question."""
+    word, _, rest = line.partition(" ")
+    if word == "/image":
+        if not rest.strip():
+            raise ValueError("/image needs a path, e.g. /image photos/cat.jpg")
+        session.attach(rest.strip())
+        print(f"attached {rest.strip()} to the next question", file=out)
+    elif word == "/reset":
+        session.reset()
+        print("conversation and images cleared", file=out)
+    elif word == "/help":
+        print(HELP, file=out)
+    elif word.startswith("/") and word[1:].isalpha():
+        raise ValueError(f"unknown command {word}; {HELP}")
+    else:
+        return False
+    return True
+
+
+def _stream_answer(session: ChatSession, question: str, out: TextIO) -> None:
+    started = False
+    for piece in session.answer(question):
+        if not started:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+            print("model> ", end="", file=out)
+            started = True
+        print(piece, end="", file=out, flush=True)
+    if not started:
+        print("model> ", end="", file=out)
+    print(file=out, flush=True)

@@ -71,21 +71,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from chiasm.chat import ask, check_question, interactive
     from chiasm.data.images import load_image
+    from chiasm.generation import SamplingParams
+    from chiasm.generation.checks import check_params
     from chiasm.model import VisionLanguageModel
 
-    if args.max_new_tokens < 1:  # generate() would refuse it only after the model loaded, with a traceback
-        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if args.question is not None:
-        check_question(args.question, len(args.image))  # before the model loads
+    model_dir, question = _chat_positionals(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    try:
+        check_params(params)  # a bad value costs no model loading
+    except ValueError as exc:
+        raise ValueError(f"chat option: {exc}") from None
+    if question is not None:
+        check_question(question, len(args.image))  # before the model loads
     images = [Path(p) for p in args.image]
     for image in images:  # a missing or broken image costs no model loading
         load_image(image)
-    model = VisionLanguageModel.load(args.model, device=args.device, dtype=args.dtype)
-    if args.question is not None:
-        print(ask(model, args.question, images, max_new_tokens=args.max_new_tokens))
+    model = VisionLanguageModel.load(model_dir, device=args.device, dtype=args.dtype)
+    if question is not None:
+        print(ask(model, question, images, params=params))
     else:
-        interactive(model, images)
+        interactive(model, images, params)
     return 0
+
+
+def _chat_positionals(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``chiasm chat MODEL [QUESTION]`` or ``chiasm chat --model MODEL [QUESTION]``."""
+    words = list(args.words)
+    model = args.model if args.model is not None else (words.pop(0) if words else None)
+    if model is None:
+        raise ValueError("chat needs a model folder: chiasm chat MODEL, or chiasm chat --model MODEL")
+    if len(words) > 1:
+        raise ValueError(f"chat takes one question (quote it), got {len(words)} words: {words}; "
+                         "with --model, the model folder is not given again")
+    return model, words[0] if words else None
 
 
 def _cmd_arena(args: argparse.Namespace) -> int:
@@ -150,22 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bridges", help="comma-separated subset, e.g. mlp,qformer")
     a.set_defaults(func=_cmd_arena)
 
-    c = sub.add_parser("chat", help="ask a saved model about an image")
-    c.add_argument("--model", required=True)
+    c = sub.add_parser("chat", help="talk to a saved model about images (one question, or a session)",
+                       description="chiasm chat MODEL [--image I ...] [QUESTION]: without a question, a multi-turn "
+                                   "session whose answers stream as they come (/image PATH attaches an image).")
+    c.add_argument("words", nargs="*", metavar="MODEL [QUESTION]",
+                   help="the model folder (unless --model gives it), then the question; no question: a session")
+    c.add_argument("--model", help="the model folder (instead of the first positional argument)")
     c.add_argument("--image", action="append", default=[], help="repeat for several images")
     c.add_argument("--max-new-tokens", type=int, default=64)
-    c.add_argument("question", nargs="?", help="omit for an interactive session")
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0, help="0: off")
+    c.add_argument("--seed", type=int, help="repeat a sampled session exactly")
     _add_load_options(c)
     c.set_defaults(func=_cmd_chat)
 
     from chiasm.serve.command import add_serve_parser
 
-    add_serve_parser(sub)
+    _add_load_options(add_serve_parser(sub))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "chat" and not any(e.startswith("-") for e in extra):
+        args.words += extra  # `chat MODEL --image I "question"`: argparse ends a positional list at an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -220,3 +220,20 @@ def run_ranks(args: list[str], *, nproc: int = 2, timeout: float = 300) -> subpr
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def spread_weights(model: torch.nn.Module, *, seed: int = 1, std: float = 0.5) -> torch.nn.Module:
+    """Redraw every matrix of ``model`` with a wide spread and open every zero-initialised gate.
+
+    A freshly built tiny model greedily repeats one token whatever it is shown, which would
+    let a generation test pass with rows mixed up or images ignored. Wide random weights
+    make every answer depend on its prompt and images token by token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.rsplit(".", 1)[-1].startswith("gate_"):
+                p.fill_(1.0)
+    return model

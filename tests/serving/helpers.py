@@ -120,7 +120,7 @@ def spy_on_batches(app: Starlette, delay_s: float = 0.0) -> Iterator[dict]:
         del engine.stream  # the class's method again
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

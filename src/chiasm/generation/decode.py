@@ -38,6 +38,7 @@ class BatchDecoder:
         self.suppress = [i for i in (suppress or []) if i >= 0]
         self.cache = DynamicCache(config=_base(lm).config) if use_cache else None
         self.embeds = embeds  # the whole sequence, kept only without a cache
+        self._last_only = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
         self._logits = self._forward(embeds, self.positions, last_only=True)
 
     def logits(self) -> torch.Tensor:
@@ -74,7 +75,7 @@ class BatchDecoder:
             self.embeds = self.embeds[idx]
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, *, last_only: bool) -> torch.Tensor:
-        extra = {"logits_to_keep": 1} if last_only and _keeps_logits(self.lm) else {}
+        extra = self._last_only if last_only else {}
         out = self.lm(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
                       past_key_values=self.cache, use_cache=self.use_cache, **extra, **self.layer_inputs)
         logits = out.logits[:, -1].float()

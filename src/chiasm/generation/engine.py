@@ -75,7 +75,15 @@ class Engine:
     @torch.no_grad()
     def _run(self, items: list[PreparedRequest], offset: int) -> Iterator[Delta]:
         model = self.model
-        model.eval()
+        was_training = model.training
+        model.eval()  # no dropout while answering; the caller's mode comes back when the run ends
+        try:
+            yield from self._decode(items, offset)
+        finally:
+            model.train(was_training)
+
+    def _decode(self, items: list[PreparedRequest], offset: int) -> Iterator[Delta]:
+        model = self.model
         ids, mask = _left_pad([it.input_ids for it in items], self.processor.pad_token_id, model.device)
         images = [im for it in items for im in it.images]  # placeholder order across rows, as embed() reads them
         features = model.encode_images(self.processor.pixels(images).to(model.device)) if images else None

@@ -48,7 +48,12 @@ class Request:
 
 @dataclass
 class Delta:
-    """One streamed piece of one request: the text and tokens new since its previous Delta."""
+    """One streamed piece of one request: the text and tokens new since its previous Delta.
+
+    ``completion_tokens`` counts the answer's tokens so far; an end-of-turn token that ends
+    the answer is neither listed nor counted (its Delta has no token ids), so the token ids of
+    all Deltas of a request are exactly its Completion's.
+    """
 
     index: int
     text: str

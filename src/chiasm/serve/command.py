@@ -16,7 +16,7 @@ from chiasm.serve.settings import MIB, ServeSettings
 API_KEY_ENV = "CHIASM_API_KEY"
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = ServeSettings()
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a saved model")
     s.add_argument("model", help="a saved model folder (e.g. runs/demo/model)")
@@ -35,6 +35,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="one image's width x height")
     s.add_argument("--max-images-per-message", type=int, default=d.max_images_per_message)
     s.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
+    s.add_argument("--max-messages", type=int, default=d.max_messages, help="messages in one request")
+    s.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections at once; more are answered 503")
     s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                    help="the largest max_tokens a client may ask for")
     s.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
@@ -42,10 +45,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (the server then makes requests wherever clients say)")
     s.add_argument("--image-folder", help="allow local image paths, only inside this folder")
-    s.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cpu)")
-    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="weights dtype of the LM (default: the dtype the model was saved in)")
     s.set_defaults(func=run_serve)
+    return s  # the caller adds the model-loading options (--device, --dtype) shared with other commands
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
@@ -55,7 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
         max_body_bytes=int(args.max_body_mb * MIB), max_image_bytes=int(args.max_image_mb * MIB),
         max_image_pixels=args.max_image_pixels, max_images_per_message=args.max_images_per_message,
-        max_images_per_request=args.max_images_per_request, max_tokens_limit=args.max_tokens_limit,
+        max_images_per_request=args.max_images_per_request, max_connections=args.max_connections,
+        max_messages=args.max_messages, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, allow_remote_images=args.allow_remote_images,
         image_folder=Path(args.image_folder) if args.image_folder else None, device=args.device, dtype=args.dtype)
 
@@ -71,5 +73,5 @@ def run_serve(args: argparse.Namespace) -> int:
               "pip install 'chiasm[serve]'", file=sys.stderr)
         return 2
     app = create_app(args.model, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **settings.uvicorn_options())
     return 0

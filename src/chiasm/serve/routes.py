@@ -61,20 +61,17 @@ async def chat_completions(http: HttpRequest) -> Response:
               max_tokens=chat.max_tokens)
     state.worker.submit(job)
     reply = Reply(state.model_name, include_usage=chat.include_usage)
+    waiter = Waiter(job, http)
     try:
-        first = await _next(job, http)
-    except BaseException:
-        job.cancel()
-        raise
-    if chat.stream:
-        return StreamingResponse(_sse(job, first, reply), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    deltas = [first]
-    try:
+        deltas = [await waiter.next()]  # a refusal comes first, as a status code, even when streaming
+        if chat.stream:
+            return StreamingResponse(_sse(job, deltas[0], reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         while not deltas[-1].finished:
-            deltas.append(await _next(job, http))
-    finally:
-        job.cancel()  # a no-op once finished; stops the model's work for a client that left
+            deltas.append(await waiter.next())
+    except BaseException:
+        job.cancel()  # stops the model's work for a client that left
+        raise
     return JSONResponse(reply.completion(deltas))
 
 
@@ -82,16 +79,33 @@ def _load_images(chat: ChatRequest, settings: ServeSettings) -> list:
     return [load_image_url(url, settings, where=where) for url, where in chat.image_urls]
 
 
-async def _next(item: Item, http: HttpRequest) -> Any:
-    """The item's next event, raised if it is an error; ClientGone if the client left meanwhile."""
-    while True:
+class Waiter:
+    """Takes an item's events while watching its client: ClientGone (and the item cancelled) once it left.
+
+    The client is looked at every ``POLL_S`` however fast events come, so a long answer whose
+    pieces arrive without pause is still stopped when nobody waits for it any more.
+    """
+
+    def __init__(self, item: Item, http: HttpRequest) -> None:
+        self.item, self.http = item, http
+        self.checked = time.monotonic()
+
+    async def next(self) -> Any:
+        """The next event, raised if it is an error."""
+        getter = asyncio.ensure_future(self.item.events.get())
         try:
-            got = await asyncio.wait_for(item.events.get(), POLL_S)
-        except TimeoutError:
-            if await http.is_disconnected():
-                item.cancel()
-                raise ClientGone() from None
-            continue
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=POLL_S)
+                if time.monotonic() - self.checked >= POLL_S:
+                    self.checked = time.monotonic()
+                    if await self.http.is_disconnected():
+                        self.item.cancel()
+                        raise ClientGone()
+                if done:
+                    break
+        finally:
+            getter.cancel()  # a no-op once it has its event; a pending get gives up without taking one
+        got = getter.result()
         if isinstance(got, BaseException):
             raise got
         return got
@@ -171,7 +185,7 @@ async def explain_route(http: HttpRequest) -> Response:
                 fn=lambda: explain(state.model, image, question, answer=answer, top_words=top_words))
     state.worker.submit(call)
     try:
-        result = await _next(call, http)
+        result = await Waiter(call, http).next()
     except ValueError as exc:  # chiasm's own refusals of a question or an image
         raise bad_request(str(exc)) from exc
     finally:

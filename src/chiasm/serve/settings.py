@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from PIL import Image
+
 MIB = 1024 * 1024
 
 
@@ -30,6 +32,7 @@ class ServeSettings:
     max_images_per_message: int = 4
     max_images_per_request: int = 8
     max_messages: int = 256
+    max_connections: int = 256             # open connections and requests at once; more get 503 from uvicorn
     max_tokens_limit: int = 4096           # the largest max_tokens a client may ask for
     default_max_tokens: int = 256          # when the client sends none (the context may lower it)
     allow_remote_images: bool = False      # fetch http(s) image URLs
@@ -40,13 +43,16 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels",
-                    "max_images_per_message", "max_images_per_request", "max_messages", "max_tokens_limit",
-                    "default_max_tokens", "remote_timeout_s")
+                    "max_images_per_message", "max_images_per_request", "max_messages", "max_connections",
+                    "max_tokens_limit", "default_max_tokens", "remote_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"serve option {_flag(name)}: must be > 0, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"serve option {_flag('batch_wait_ms')}: must be >= 0, got {self.batch_wait_ms}")
+        if Image.MAX_IMAGE_PIXELS is not None and self.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"serve option --max-image-pixels: {self.max_image_pixels} is over Pillow's own limit "
+                             f"of {Image.MAX_IMAGE_PIXELS}, which refuses larger images first")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"serve option --port: must be in 0..65535, got {self.port}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -59,6 +65,10 @@ class ServeSettings:
             if not folder.is_dir():
                 raise ValueError(f"serve option --image-folder: {folder} is not a folder")
             object.__setattr__(self, "image_folder", folder.resolve())
+
+    def uvicorn_options(self) -> dict:
+        """What uvicorn itself enforces: every connection (and the body it may be sending) costs memory."""
+        return {"limit_concurrency": self.max_connections, "timeout_keep_alive": 5, "timeout_graceful_shutdown": 10}
 
     def describe(self) -> dict:
         """The settings as logged at start-up (the key itself never appears)."""

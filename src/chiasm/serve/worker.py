@@ -165,16 +165,20 @@ class ModelWorker:
     def _checked(self, job: Job) -> bool:
         """Fit the job's token budget to the context and check it; a refusal goes to that job alone."""
         try:
-            if job.max_tokens is None:
+            if job.max_tokens is None:  # as many as the default and the context allow: fits by construction
                 probe = replace(job.request, params=replace(job.request.params, max_new_tokens=1))
                 prompt = len(prepare(probe, self.engine.processor, self.engine.context).input_ids)
-                budget = min(self.default_max_tokens, self.engine.context - prompt)
-                job.request.params.max_new_tokens = budget
-            self.engine.validate(job.request)
+                job.request.params.max_new_tokens = min(self.default_max_tokens, self.engine.context - prompt)
+            else:
+                self.engine.validate(job.request)
             return True
         except RequestError as exc:
             job.send(ApiError(400, str(exc), code="invalid_request"))
-            return False
+        except Exception:  # a bug met by this request only: the rest of its batch still runs
+            log.exception("checking a request failed")
+            job.send(ApiError(500, "checking the request failed inside the server (see its log)",
+                              code="internal_error"))
+        return False
 
     def _run(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not job.cancelled.is_set() and self._checked(job)]
