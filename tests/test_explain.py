@@ -160,6 +160,8 @@ def test_bad_input_is_refused(tiny_model: VisionLanguageModel, picture: Image.Im
         explain(tiny_model, picture, "what?", top_words=0)
     with pytest.raises(ValueError, match="last_layers must be between 1 and the LM's 2 layers, got 3"):
         explain(tiny_model, picture, "what?", answer="x", last_layers=3)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        explain(tiny_model, picture, "what?", max_new_tokens=0)
     with pytest.raises(TypeError, match="needs a PIL image, got str"):
         explain(tiny_model, "photo.png", "what?")  # type: ignore[arg-type]
 
@@ -168,6 +170,13 @@ def test_empty_answer_explains_the_end_of_the_turn(tiny_model: VisionLanguageMod
     out = explain(tiny_model, picture, "what?", answer="")
     assert out["answer"]["token_ids"] == [] and not out["answer"]["generated"]
     assert len(out["attention"]["per_token"]) == 1 and out["attention"]["row_sums"] == [pytest.approx(1.0)]
+
+
+def test_module_modes_are_restored(tiny_model: VisionLanguageModel, picture: Image.Image) -> None:
+    tiny_model.train()
+    tiny_model.encoder.eval()  # as a trainer leaves a frozen encoder
+    explain(tiny_model, picture, "what?", answer="red")
+    assert tiny_model.training and tiny_model.lm.training and not tiny_model.encoder.training
 
 
 def test_eager_attention_is_restored(tiny_model: VisionLanguageModel) -> None:

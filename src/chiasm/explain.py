@@ -65,6 +65,8 @@ def explain(model: VisionLanguageModel, image: Image.Image, question: str, *, an
         raise TypeError(f"explain needs a PIL image, got {type(image).__name__}")
     if top_words < 1:
         raise ValueError(f"top_words must be at least 1, got {top_words}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     check_question(question, 1)
     if IMAGE_PLACEHOLDER not in question:
         question = f"{IMAGE_PLACEHOLDER}\n{question}"
@@ -72,7 +74,7 @@ def explain(model: VisionLanguageModel, image: Image.Image, question: str, *, an
     grid = model.encoder.grid()
     token_grid = model.bridge.token_grid(grid)
     geo = geometry(model.encoder.preprocessing, *image.size)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored as they were (a trainer keeps frozen parts in eval)
     model.eval()
     try:
         with torch.no_grad():
@@ -83,7 +85,8 @@ def explain(model: VisionLanguageModel, image: Image.Image, question: str, *, an
             attention = _answer_attention(model, prompt, answer_ids, features, last_layers, token_grid, grid)
             tokens = _visual_tokens(model, visual, top_words, token_grid, geo)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return {
         "model": {"encoder": model.config.encoder.name, "bridge": model.config.bridge.name,
                   "lm": type(model.base_lm).__name__, "image_layout": model.config.image_layout},
