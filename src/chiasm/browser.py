@@ -45,7 +45,7 @@ def browser_page(profile: Path, *, width: int = 1280, height: int = 900, timeout
 
     executable = find_chromium()
     if executable is None:
-        raise FileNotFoundError("no chromium found: install Debian's chromium (scripts/setup.sh does, as root) "
+        raise FileNotFoundError("no chromium found: install Debian's chromium (scripts/setup.sh --dev does, as root) "
                                 "or set CHIASM_CHROMIUM to a chromium binary")
     if profile.exists():
         raise FileExistsError(f"{profile}: a browser profile must start empty; give a new folder")
