@@ -36,14 +36,14 @@ def ask(model: VisionLanguageModel, question: str, images: list[Path], *, histor
     Images go where ``<image>`` stands, or before the question if there is no placeholder.
     """
     check_question(question, len(images), history)
-    for img in images:
-        # Fail early, with the path, on a missing or corrupt file.
-        load_image(Path(img), sample_id="chat", source="<chat>")
+    # Decoded here, so a missing or corrupt file fails naming its path, and handed to the engine
+    # decoded, so it is not read twice.
+    pictures = [load_image(Path(img), sample_id="chat", source="<chat>") for img in images]
     text = question
     if images and IMAGE_PLACEHOLDER not in question and not any(IMAGE_PLACEHOLDER in t.text for t in history or []):
         text = _with_placeholders(question, len(images))
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
-    request = Request([*(history or []), Turn("human", text)], list(images), params)
+    request = Request([*(history or []), Turn("human", text)], pictures, params)
     return Engine(model).generate([request])[0].text.strip()
 
 
