@@ -12,7 +12,7 @@ from chiasm.config import BridgeConfig, ModelConfig
 from chiasm.data.sample import Sample, Turn
 from chiasm.generation import Engine, Request, SamplingParams
 from chiasm.model import VisionLanguageModel
-from chiasm.testing import spread_weights
+from chiasm.testing import randomise_lora, spread_weights
 
 
 @pytest.fixture(params=sorted(BRIDGES.names()))
@@ -62,10 +62,7 @@ def test_lora_wrapped_lm_generates_with_the_cache_as_without(bridge: str, tiny_m
     torch.manual_seed(0)
     model = spread_weights(VisionLanguageModel.build(tiny_model_config))
     apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=4))
-    with torch.no_grad():
-        for name, p in model.lm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    randomise_lora(model.lm, std=0.5)
     model.train()
     turns = [Turn("human", "<image>\nWhat colour is the circle?")]
     cached = Engine(model).generate([Request(turns, eval_images[:1], SamplingParams(max_new_tokens=6))])[0]

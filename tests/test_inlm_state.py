@@ -8,6 +8,7 @@ import torch
 from chiasm.bridges.layer_inputs import IMAGE_MEMORY, IMAGE_OF_TOKEN, IMAGE_POSITIONS
 from chiasm.config import BridgeConfig, ModelConfig, PolicyConfig
 from chiasm.model import VisionLanguageModel
+from chiasm.testing import randomise_lora
 from chiasm.train.policy import apply_policy
 
 IN_LM = {"visual_expert": {}, "gated_xattn": {"every": 1, "num_latents": 4, "heads": 4}}
@@ -62,10 +63,7 @@ def _rows(model: VisionLanguageModel) -> list[list[int]]:
 def test_beam_search_of_a_batch_equals_each_prompt_alone(model: VisionLanguageModel, lora: bool) -> None:
     if lora:
         apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=4))
-        with torch.no_grad():
-            for name, p in model.lm.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+        randomise_lora(model.lm, std=0.05)
         model.eval()
     rows = _rows(model)
     torch.manual_seed(2)

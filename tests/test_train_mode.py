@@ -7,6 +7,7 @@ from torch import nn
 
 from chiasm.config import PolicyConfig, RunConfig, StageConfig
 from chiasm.model import VisionLanguageModel
+from chiasm.testing import randomise_lora
 from chiasm.train.policy import COMPONENTS, apply_stage_policies, set_train_modes
 from chiasm.train.trainer import Trainer
 
@@ -42,10 +43,7 @@ def test_lora_dropout_acts_only_in_train_mode(tiny_model: VisionLanguageModel) -
     policies = _policies(lm=PolicyConfig(mode="lora", lora_r=4, lora_dropout=0.5))
     apply_stage_policies(tiny_model, policies)
     torch.manual_seed(1)
-    with torch.no_grad():  # LoRA's B starts at zero, which would hide any dropout
-        for name, p in tiny_model.lm.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
+    randomise_lora(tiny_model.lm, std=1.0)  # LoRA's B starts at zero, which would hide any dropout
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     mask = torch.ones_like(ids)
 

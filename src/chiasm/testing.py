@@ -368,3 +368,15 @@ def spread_weights(model: torch.nn.Module, *, seed: int = 1, std: float = 0.5) -
             elif name.rsplit(".", 1)[-1].startswith("gate_"):
                 p.fill_(1.0)
     return model
+
+
+def randomise_lora(module: torch.nn.Module, *, std: float) -> None:
+    """Draw every LoRA ``B`` matrix of ``module`` from N(0, std) (the global RNG).
+
+    LoRA's B starts at zero, so a fresh adapter leaves the model's outputs unchanged, and a
+    test of what adapters do (caching, dropout, merging) would see nothing to compare.
+    """
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
