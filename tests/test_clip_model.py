@@ -145,3 +145,28 @@ def _minilm() -> str:
     from chiasm.bridges.bert_init import resolve_source
 
     return resolve_source("packaged:all-minilm-l6-v2")[0]
+
+
+def test_an_unreachable_hub_text_tower_says_how_to_use_a_local_copy(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_config(str(tmp_path / "run"))
+    cfg.model.text = TextTowerConfig(kind="hf", source="sentence-transformers/not-here-model", context_length=16)
+    with pytest.raises(FileNotFoundError, match="set the source to that folder"):
+        ClipTrainer(cfg).run()
+
+
+def test_a_transformers_vision_tower_as_the_image_tower_saves_and_loads_without_its_source(tmp_path: Path) -> None:
+    import shutil
+
+    from chiasm.testing import make_tiny_vision_tower
+
+    tower = make_tiny_vision_tower(tmp_path / "tower", family="siglip")
+    cfg = tiny_config(str(tmp_path / "run"), steps=2)
+    cfg.model.image = ImageTowerConfig(kind="encoder", encoder=EncoderConfig(name="hf-vision", source=str(tower)))
+    model = ClipTrainer(cfg).run()
+    shutil.rmtree(tower)
+    back = ClipModel.load(tmp_path / "run/model")
+    size = back.preprocessing.output_size
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert torch.allclose(back.encode_image(pixels), model.encode_image(pixels), atol=1e-6)

@@ -143,3 +143,34 @@ def test_clip_image_tower_is_an_encoder_of_a_vlm(tmp_path: Path, tiny_lm_dir: Pa
         assert torch.allclose(pooled(pixels)[:, 0], clip.visual.tokens(pixels)[:, 1:].mean(1), atol=1e-6)
     with pytest.raises(ValueError, match="grid 3 must be between 1 and"):
         build_encoder(EncoderConfig(name="chiasm-clip", source=str(tmp_path / "clip/model"), options={"grid": 3}))
+
+
+def _folder_with_a_broken_image(root: Path) -> None:
+    from PIL import Image
+
+    root.mkdir()
+    lines = []
+    for i in range(12):
+        name = f"im{i}.png"
+        if i == 5:
+            (root / name).write_bytes(b"\x89PNG broken")
+        else:
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(root / name)
+        lines.append(f"{name}\tpicture number {i}")
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("cache_gb", [2.0, 0.0])
+def test_an_undecodable_image_stops_training_or_is_skipped_and_listed(tmp_path: Path, cache_gb: float) -> None:
+    from chiasm.data.sample import DataError
+
+    _folder_with_a_broken_image(tmp_path / "imgs")
+    cfg = tiny_config(str(tmp_path / "run"), steps=3, batch=4, cache_pixels_gb=cache_gb)
+    cfg.data = ClipDataConfig(kind="folder", path=str(tmp_path / "imgs"))
+    with pytest.raises(DataError, match=r"im5\.png"):
+        ClipTrainer(cfg).run()
+    cfg.data.on_error = "skip"
+    cfg.output_dir = str(tmp_path / "run2")
+    ClipTrainer(cfg).run()
+    skipped = [json.loads(x) for x in (tmp_path / "run2/skipped.jsonl").read_text().splitlines()]
+    assert [s["sample"].endswith("im5.png") for s in skipped] == [True]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,28 +52,48 @@ class Batch:
     indices: list[int]
     pixels: torch.Tensor | None  # None when the image trunk is locked and cached
     captions: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample, why): images that failed to decode
 
 
 class StepBatches(Dataset):
     """Item ``s`` is step ``s``'s batch for this rank (so DataLoader workers prepare steps ahead)."""
 
     def __init__(self, pairs: PairSet, plan: Plan, rank: int, preprocess: Callable | None,
-                 pixel_cache: torch.Tensor | None = None):
+                 pixel_cache: torch.Tensor | None = None, skip_bad: bool = False):
         self.pairs, self.plan, self.rank, self.preprocess, self.cache = pairs, plan, rank, preprocess, pixel_cache
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return 1 << 62
 
     def __getitem__(self, step: int) -> Batch:
         idx = self.plan.indices(step, self.rank)
-        captions = [pick_caption(self.pairs.captions(i), self.plan.seed, step, i) for i in idx]
+        skipped: list[tuple[str, str]] = []
         if self.cache is not None:
             pixels = self.cache[idx].float()
         elif self.preprocess is not None:
-            pixels = torch.stack([self.preprocess(self.pairs.image(i)) for i in idx])
+            images = []
+            for k, i in enumerate(idx):
+                x, idx[k] = self._decode(i, skipped)
+                images.append(x)
+            pixels = torch.stack(images)
         else:
             pixels = None
-        return Batch(idx, pixels, captions)
+        captions = [pick_caption(self.pairs.captions(i), self.plan.seed, step, i) for i in idx]
+        return Batch(idx, pixels, captions, skipped)
+
+    def _decode(self, i: int, skipped: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
+        """Sample ``i``'s pixels; with ``skip_bad`` a sample whose image fails stands aside for the next
+        one (the batch keeps its size, which every rank's all-gather needs)."""
+        n = len(self.pairs)
+        for j in range(i, i + n):
+            try:
+                return self.preprocess(self.pairs.image(j % n)), j % n
+            except DataError as exc:
+                if not self.skip_bad:
+                    raise
+                skipped.append((self.pairs.ids[j % n], str(exc)))
+        raise DataError(f"{self.pairs.name}: no image could be decoded")
 
 
 class StreamBatches(IterableDataset):

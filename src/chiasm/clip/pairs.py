@@ -39,6 +39,13 @@ class PairSet:
     def captions(self, i: int) -> list[str]:
         return self.texts(i)
 
+    def subset(self, keep: list[int]) -> PairSet:
+        """The pairs at ``keep`` (e.g. all but those whose image failed to decode), in that order."""
+        keep = list(keep)
+        return PairSet(self.name, [self.ids[i] for i in keep], lambda j: self.load(keep[j]),
+                       lambda j: self.texts(keep[j]), labels=[self.labels[i] for i in keep] if self.labels else None,
+                       classes=self.classes, skipped=list(self.skipped))
+
     def label(self, i: int) -> int:
         if self.labels is None:
             raise ValueError(f"{self.name} has no class labels (zero-shot needs a labelled set)")

@@ -125,7 +125,7 @@ class HFTextTower(nn.Module):
         from chiasm.sources import hub_errors
 
         path, local = resolve_source(cfg.source or "")
-        with hub_errors(cfg.source or "", "text tower", "model.text.source"):
+        with hub_errors(cfg.source or "", "text tower", "[model.text]"):
             if pretrained:
                 self.net = AutoModel.from_pretrained(path, local_files_only=local, dtype=torch.float32,
                                                      trust_remote_code=cfg.trust_remote_code)

@@ -39,10 +39,12 @@ def _tokenizer(cfg: ClipRunConfig, out: Path, captions: list[str], resume: bool)
     t = cfg.model.text
     if t.kind == "hf":
         from chiasm.bridges.bert_init import resolve_source
+        from chiasm.sources import hub_errors
 
         path, _ = resolve_source(t.source or "")
-        return CaptionTokenizer.from_pretrained(path, t.context_length, too_long=t.too_long,
-                                                trust_remote_code=t.trust_remote_code)
+        with hub_errors(t.source or "", "text tower", "[model.text]"):
+            return CaptionTokenizer.from_pretrained(path, t.context_length, too_long=t.too_long,
+                                                    trust_remote_code=t.trust_remote_code)
     saved = out / "tokenizer.json"
     if resume and saved.is_file():
         return CaptionTokenizer.load_file(saved, t.context_length, too_long=t.too_long)
@@ -74,7 +76,8 @@ class ClipTrainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.dist = init_distributed(cfg.train.backend)
-        self.skipped: list = []
+        self.skipped: list[tuple[str, str]] = []  # (sample, why) left out: images that failed to decode
+        self._skipped_ids: set[str] = set()
         self.truncated = 0  # captions cut to the text context (distinct captions per batch, summed over steps)
 
     @property
@@ -85,6 +88,8 @@ class ClipTrainer:
         cfg, t, main = self.cfg, self.cfg.train, self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._open(resume)
+        if self.dist.is_main and state is None:
+            (self.out / "skipped.jsonl").unlink(missing_ok=True)
         start = state.step if state is not None else 0
         streamed = cfg.data.kind == "shards"
         pairs = None if streamed else build_pairs(cfg.data)
@@ -119,6 +124,9 @@ class ClipTrainer:
         bar = tqdm(total=t.steps, initial=start, desc="clip train", unit="step", disable=not main)
         t0, done = time.perf_counter(), 0
         model.train()
+        for tower, locked in ((model.visual, cfg.model.image.locked), (model.text, cfg.model.text.locked)):
+            if locked:  # a frozen trunk runs as it will at inference: no dropout
+                tower.eval()
         for step, batch in zip(range(start, t.steps), loader, strict=False):
             loss = self._step(net, model, optimizer, batch, cached, step, bf16)
             done += 1
@@ -206,16 +214,44 @@ class ClipTrainer:
                                  on_error=cfg.data.on_error)
             return torch.utils.data.DataLoader(data, batch_size=None, num_workers=min(t.workers, 1),
                                                collate_fn=lambda b: b), None
-        plan = Plan(len(pairs), t.batch_size, self.dist.world, t.seed)
+        skip = cfg.data.on_error == "skip"
         cached = None
         if cfg.model.image.locked:
-            cached = locked_image_features(model, pairs, self.out / "cache", main=self.dist.is_main)
-            data = StepBatches(pairs, plan, self.dist.rank, None)
+            features, bad = locked_image_features(model, pairs, self.out / "cache", main=self.dist.is_main,
+                                                  skip_bad=skip)
+            keep = self._drop_bad(pairs, bad)
+            pairs = pairs.subset(keep) if bad else pairs
+            cached = (features, np.asarray(keep))
+            data = StepBatches(pairs, Plan(len(pairs), t.batch_size, self.dist.world, t.seed), self.dist.rank, None)
         else:
-            data = StepBatches(pairs, plan, self.dist.rank, pre, pixel_cache(pairs, pre, t.cache_pixels_gb))
+            pixels, bad = pixel_cache(pairs, pre, t.cache_pixels_gb, skip_bad=skip)
+            keep = self._drop_bad(pairs, bad)
+            if bad:
+                pairs = pairs.subset(keep)
+                pixels = pixels[keep] if pixels is not None else None
+            data = StepBatches(pairs, Plan(len(pairs), t.batch_size, self.dist.world, t.seed), self.dist.rank, pre,
+                               pixels, skip_bad=skip)
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, t.steps),
                                              num_workers=t.workers, collate_fn=lambda b: b)
         return loader, cached
+
+    def _drop_bad(self, pairs, bad: dict[int, str]) -> list[int]:
+        """The samples to keep; each one left out is logged and listed in RUN/skipped.jsonl."""
+        for i, why in sorted(bad.items()):
+            self._skip(pairs.ids[i], why)
+        if bad:
+            log.warning("skipped %d of %d samples whose image failed to decode (on_error = 'skip'); see %s",
+                        len(bad), len(pairs), self.out / "skipped.jsonl")
+        return [i for i in range(len(pairs)) if i not in bad]
+
+    def _skip(self, sample: str, why: str) -> None:
+        if sample in self._skipped_ids:
+            return
+        self._skipped_ids.add(sample)
+        self.skipped.append((sample, why))
+        if self.dist.is_main:
+            with (self.out / "skipped.jsonl").open("a") as fh:
+                fh.write(json.dumps({"sample": sample, "reason": why}) + "\n")
 
     def _step(self, net, model: ClipModel, optimizer, batch: Batch, cached, step: int, bf16: bool) -> float:
         t = self.cfg.train
@@ -232,8 +268,11 @@ class ClipTrainer:
         self.truncated += enc.truncated
         device = self.dist.device
         kwargs = {"caption_index": torch.tensor([where[c] for c in batch.captions], device=device)}
+        for sample, why in batch.skipped:
+            self._skip(sample, why)
         if cached is not None:
-            kwargs["pooled"] = torch.from_numpy(np.ascontiguousarray(cached[batch.indices])).to(device)
+            features, rows = cached
+            kwargs["pooled"] = torch.from_numpy(np.ascontiguousarray(features[rows[batch.indices]])).to(device)
         else:
             kwargs["pixels"] = batch.pixels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
