@@ -104,6 +104,9 @@ limit = 50
     assert "1 evaluation template(s) were used in training" in capsys.readouterr().out
     assert main(["clip", "export", str(tmp_path / "run/model"), "--format", "open_clip", str(tmp_path / "oc")]) == 0
     assert (tmp_path / "oc/open_clip_config.json").is_file()
+    assert main(["clip", "shards", "--data", "digits", "--limit", "40", "--per-shard", "16",
+                 "--out", str(tmp_path / "sh")]) == 0
+    assert len(list((tmp_path / "sh").glob("shard-*.tar"))) == 3
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""``chiasm clip train | eval | export``."""
+"""``chiasm clip train | eval | shards | export``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    from chiasm.clip.config import ClipDataConfig
+    from chiasm.clip.shards import write_shards
+    from chiasm.clip.sources import build_pairs
+
+    data = ClipDataConfig(kind=args.data, path=args.path, image_root=args.image_root, split=args.split,
+                          limit=args.limit, on_error=args.on_error)
+    files = write_shards(build_pairs(data), args.out, per_shard=args.per_shard)
+    print(f"{len(files)} shards written to {args.out}; train on them with [data] kind = \"shards\", "
+          f"path = \"{args.out}\"")
+    return 0
+
+
+def _data_options(parser: argparse.ArgumentParser, *, split: str) -> None:
+    parser.add_argument("--data", required=True, choices=["digits", "fashion-mnist", "synthetic", "llava", "folder"])
+    parser.add_argument("--path", help="the data file or folder (llava, folder; fashion-mnist: the idx files' folder)")
+    parser.add_argument("--image-root")
+    parser.add_argument("--split", default=split, choices=["train", "test"])
+    parser.add_argument("--limit", type=int, help="only the first N samples")
+    parser.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+
+
 def add_clip_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clip", help="CLIP: contrastive image-text training, zero-shot evaluation, export")
     verbs = p.add_subparsers(dest="clip_command", required=True)
@@ -68,16 +90,17 @@ def add_clip_parser(sub: argparse._SubParsersAction) -> None:
 
     e = verbs.add_parser("eval", help="zero-shot classification or retrieval of a saved CLIP")
     e.add_argument("--model", required=True, help="a CLIP model folder (RUN/model)")
-    e.add_argument("--data", required=True, choices=["digits", "fashion-mnist", "synthetic", "llava", "folder"])
-    e.add_argument("--path", help="the data file or folder (llava, folder; fashion-mnist: the idx files' folder)")
-    e.add_argument("--image-root")
-    e.add_argument("--split", default="test", choices=["train", "test"])
-    e.add_argument("--limit", type=int, help="evaluate on the first N samples")
+    _data_options(e, split="test")
     e.add_argument("--templates", help="a text file of prompt templates, one per line, each with {} for the class")
-    e.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     e.add_argument("--device", help="e.g. cpu, cuda")
     e.add_argument("--out", help="write clip_metrics.json, plots and report.html here")
     e.set_defaults(func=_eval)
+
+    s = verbs.add_parser("shards", help="write image-caption pairs as WebDataset-style tar shards (to stream)")
+    _data_options(s, split="train")
+    s.add_argument("--out", required=True, help="the folder for shard-000000.tar, ...")
+    s.add_argument("--per-shard", type=int, default=1000, help="pairs per shard")
+    s.set_defaults(func=_shards)
 
     x = verbs.add_parser("export", help="write a CLIP as an open_clip local folder")
     x.add_argument("model", help="a CLIP model folder")
