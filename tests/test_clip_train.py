@@ -34,7 +34,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     with pytest.raises(Interrupted):
         ClipTrainer(cut).run(stop_after_steps=3)
     ClipTrainer(cut).run(resume=True)
-    assert _losses(tmp_path / "cut")[-2:] == pytest.approx(_losses(tmp_path / "full")[-2:], rel=1e-5)
+    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"), rel=1e-5)
     a = load_file(str(tmp_path / "full/model/model.safetensors"))
     b = load_file(str(tmp_path / "cut/model/model.safetensors"))
     for k in a:

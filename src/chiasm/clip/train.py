@@ -25,7 +25,7 @@ from chiasm.clip.tokenizer import CaptionTokenizer
 from chiasm.config import ConfigError, to_dict
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.dist import all_reduce_mean, barrier, init_distributed
-from chiasm.train.trainer import lr_at, use_bf16
+from chiasm.train.trainer import _trim_metrics, lr_at, use_bf16
 
 log = logging.getLogger(__name__)
 TOKENIZER_SAMPLES = 20_000  # captions the from-scratch tokenizer learns from (enough for its vocabulary)
@@ -121,6 +121,8 @@ class ClipTrainer:
         metrics = self.out / "metrics.jsonl"
         if main and state is None:
             metrics.write_text("")
+        elif main:
+            _trim_metrics(metrics, start - 1)  # a killed run may have logged steps past its checkpoint
         bar = tqdm(total=t.steps, initial=start, desc="clip train", unit="step", disable=not main)
         t0, done = time.perf_counter(), 0
         model.train()
