@@ -35,7 +35,7 @@ def test_unknown_name_lists_known_names() -> None:
 @pytest.mark.parametrize("name", ["tiny", "vit", "tiny-vit-small", "TINY-VIT", " tiny-vit", "tiny_vit", ""])
 def test_no_fuzzy_matching(name: str) -> None:
     assert name not in ENCODERS
-    with pytest.raises(KeyError, match="known: efficientnet-lite0, hf-vision, tiny-vit"):
+    with pytest.raises(KeyError, match="known: chiasm-clip, efficientnet-lite0, hf-vision, tiny-vit"):
         ENCODERS.get(name)
 
 
