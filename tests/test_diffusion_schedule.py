@@ -41,7 +41,7 @@ def test_ddpm_steps_equal_diffusers(kind: str, prediction: str, clip: bool, step
     assert ref.timesteps.tolist() == ours.timesteps(steps)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 5, generator=gen)
-    for t in ours.timesteps(steps)[:: max(1, steps // 10)] + [0]:  # ten spots on the trajectory and the last step
+    for t in [*ours.timesteps(steps)[::max(1, steps // 10)], 0]:  # ten spots on the trajectory and the last step
         out = torch.randn(x.shape, generator=gen)
         noise_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
         want = ref.step(out, t, x, generator=torch.Generator().manual_seed(noise_seed)).prev_sample
