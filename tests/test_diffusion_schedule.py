@@ -83,7 +83,7 @@ def test_whole_ddim_trajectory_equals_diffusers_loop() -> None:
 
 def test_bad_sampling_options() -> None:
     sched = NoiseSchedule(ScheduleConfig())
-    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+    with pytest.raises(ValueError, match=r"steps must be in 1\.\.1000"):
         SampleOptions(steps=0).check(sched.train_steps)
     with pytest.raises(ValueError, match="guidance must be in"):
         SampleOptions(guidance=-1).check(sched.train_steps)

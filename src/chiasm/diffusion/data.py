@@ -49,7 +49,7 @@ class ImageSet:
 
 def _to_unit(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
-    t = torch.from_numpy(pixels).float() / 127.5 - 1
+    t = torch.from_numpy(np.ascontiguousarray(pixels).copy()).float() / 127.5 - 1
     return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
 
 

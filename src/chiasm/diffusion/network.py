@@ -33,7 +33,7 @@ class NetConfig:
 
 
 def _blocks(n: int, attention: bool, text: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    down_attn, _up_attn = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if text else ("AttnDownBlock2D", "AttnUpBlock2D")
+    down_attn = "CrossAttnDownBlock2D" if text else "AttnDownBlock2D"
     if text:  # text is read at every resolution below the top, so that position and colour both see it
         down = tuple("DownBlock2D" if i == 0 else down_attn for i in range(n))
     else:

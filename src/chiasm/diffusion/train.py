@@ -136,7 +136,8 @@ def train(cfg: DiffusionConfig, *, resume: bool = False) -> DiffusionModel:
                                           "step_seconds": seen / max(1, done - start),
                                           "elapsed": round(time.perf_counter() - t0, 2)}) + "\n")
                 metrics.flush()
-                log.info("step %d/%d loss %.4f (%.3f s/step)", done, cfg.train.steps, value, seen / max(1, done - start))
+                log.info("step %d/%d loss %.4f (%.3f s/step)", done, cfg.train.steps, value,
+                         seen / max(1, done - start))
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             if info.is_main:
                 checkpoint.save(ckpt, net, ema.shadow, ema.updates, opt, rng, done)
