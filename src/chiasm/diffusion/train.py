@@ -63,8 +63,12 @@ def _take(cond: Any, idx: torch.Tensor) -> Any:
     return tuple(c[idx] for c in cond) if isinstance(cond, tuple) else cond[idx]
 
 
-def train(cfg: DiffusionConfig, *, resume: bool = False) -> DiffusionModel:
-    """Run the recipe into ``cfg.output_dir``; returns the model with EMA weights (saved in RUN/model)."""
+def train(cfg: DiffusionConfig, *, resume: bool = False, stop_after: int | None = None) -> DiffusionModel:
+    """Run the recipe into ``cfg.output_dir``; returns the model with EMA weights (saved in RUN/model).
+
+    ``stop_after`` ends the run after that step with a checkpoint, as a kill right after a save
+    would (the resume tests and benchmarks use it).
+    """
     info = init_distributed(cfg.train.backend)
     run_dir = Path(cfg.output_dir)
     if info.is_main:
@@ -138,10 +142,12 @@ def train(cfg: DiffusionConfig, *, resume: bool = False) -> DiffusionModel:
                 metrics.flush()
                 log.info("step %d/%d loss %.4f (%.3f s/step)", done, cfg.train.steps, value,
                          seen / max(1, done - start))
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or done == stop_after:
             if info.is_main:
                 checkpoint.save(ckpt, net, ema.shadow, ema.updates, opt, rng, done)
             barrier()
+        if done == stop_after:
+            break
     if metrics is not None:
         metrics.close()
     ema.copy_to(net)

@@ -66,7 +66,7 @@ class SmallVAE(nn.Module):
         rec = self.decode(z)
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return rec_loss + self.kl_weight * kl, {"rec": float(rec_loss), "kl": float(kl)}
+        return rec_loss + self.kl_weight * kl, {"rec": float(rec_loss.detach()), "kl": float(kl.detach())}
 
 
 def pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
