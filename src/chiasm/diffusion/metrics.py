@@ -14,7 +14,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double().numpy(), b.double().numpy()
     mu_a, mu_b = a64.mean(0), b64.mean(0)
     s_a, s_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():  # near-singular product: nudge both (as pytorch-fid does)
         eps = np.eye(len(s_a)) * 1e-6
         covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
