@@ -62,14 +62,22 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
     fid_name = FID_NAMES.get(model.cfg.data.source, "FID")
     real_feats = judge.features(test.images)
     labels = balanced_labels(n, len(model.classes)) if model.cfg.net.conditioning == "class" else None
+    prompts = scenes = None
+    if model.cfg.net.conditioning == "text":  # the held-out captions, scored by the pixel checker too
+        prompts = [test.captions[i % len(test)] for i in range(n)]
+        scenes = [test.scenes[i % len(test)] for i in range(n)]
     result: dict[str, Any] = {"fid_name": fid_name, "n_samples": n, "n_real": len(test),
                               "classifier_test_accuracy": judge.info.get("test_accuracy"), "sweep": []}
     for w in guidances:
         o = SampleOptions(opts.sampler, opts.steps, opts.eta, w)
         tick = time.perf_counter()
-        samples = generate_batched(model, labels, n, o, seed)
+        samples = generate_batched(model, labels, n, o, seed, prompts=prompts)
         row = {"guidance": w, **score(samples, labels, judge, real_feats, fid_name), **asdict(o),
                "seconds": round(time.perf_counter() - tick, 1)}
+        if scenes is not None:
+            from chiasm.diffusion.checker import check
+
+            row.update(check(samples, scenes))
         result["sweep"].append(row)
         _save_grid(samples, labels, len(model.classes), out / f"grid_w{w:g}.png")
         log.info("w=%g %s=%.2f recognition=%s precision=%.3f recall=%.3f (%.0f s)", w, row[fid_name],
@@ -80,7 +88,8 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
         for name, o in (("ddim", SampleOptions("ddim", opts.steps, 0.0, opts.guidance)),
                         ("ddpm", SampleOptions("ddpm", ddpm_steps, 0.0, opts.guidance))):
             tick = time.perf_counter()
-            samples = generate_batched(model, labels[:m] if labels else None, m, o, seed + 1)
+            samples = generate_batched(model, labels[:m] if labels else None, m, o, seed + 1,
+                                       prompts=prompts[:m] if prompts else None)
             rows[name] = {**score(samples, labels[:m] if labels else None, judge, real_feats, fid_name),
                           "network_evaluations": o.steps * (2 if o.guidance else 1),
                           "steps": o.steps, "seconds": round(time.perf_counter() - tick, 1)}
