@@ -80,7 +80,7 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
             row.update(check(samples, scenes))
         result["sweep"].append(row)
         _save_grid(samples, labels, len(model.classes), out / f"grid_w{w:g}.png")
-        log.info("w=%g %s=%.2f recognition=%s precision=%.3f recall=%.3f (%.0f s)", w, row[fid_name],
+        log.info("w=%g %s=%.2f recognition=%s precision=%.3f recall=%.3f (%.0f s)", w, fid_name,
                  row[fid_name], row.get("recognition"), row["precision"], row["recall"], row["seconds"])
     if compare_ddpm:
         m = compare_n or n
