@@ -102,13 +102,15 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
 
 
 def _save_grid(samples: torch.Tensor, labels: list[int] | None, num_classes: int, path: Path) -> None:
+    """Up to 8 rows; with labels one column per class (class c's samples down column c)."""
     from chiasm.diffusion.pictures import save_image_grid
 
-    order = sorted(range(len(samples)), key=lambda i: (labels[i] if labels else 0, i))[: num_classes * 8]
-    ordered = samples[order] if labels else samples[: num_classes * 8]
-    rows = min(8, max(1, len(ordered) // num_classes))
-    if labels:  # one row per class: take the first `rows` samples of each class, as columns
-        per = {c: [i for i in order if labels[i] == c][:rows] for c in range(num_classes)}
-        ordered = torch.stack([samples[per[c][r]] for r in range(rows) for c in range(num_classes)
-                               if r < len(per[c])])
-    save_image_grid(ordered, path, columns=num_classes)
+    if not labels:
+        save_image_grid(samples[: 8 * num_classes], path, columns=min(8, len(samples)))
+        return
+    per = {c: [i for i, y in enumerate(labels) if y == c] for c in range(num_classes)}
+    rows = min(8, min(len(v) for v in per.values()))
+    if rows == 0:
+        return
+    save_image_grid(torch.stack([samples[per[c][r]] for r in range(rows) for c in range(num_classes)]), path,
+                    columns=num_classes)
