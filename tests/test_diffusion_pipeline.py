@@ -134,3 +134,37 @@ def test_cli_sample_writes_only_inside_out_and_refuses_bad_input(tmp_path: Path,
         assert message in capsys.readouterr().err
     assert main(["diffusion", "sample", "--model", str(tmp_path), "--class", "1"]) == 2
     assert "not a diffusion model folder" in capsys.readouterr().err
+
+
+def test_cli_train_and_eval_write_a_report(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""output_dir = "{tmp_path / 'run'}"
+[data]
+source = "digits"
+size = 8
+n_train = 100
+[schedule]
+train_steps = 50
+[net]
+channels = [8, 16]
+attention = false
+[train]
+steps = 4
+batch_size = 8
+warmup_steps = 1
+checkpoint_every = 2
+""")
+    assert main(["diffusion", "train", "--config", str(config)]) == 0
+    assert main(["diffusion", "train", "--config", str(config), "--resume"]) == 0  # already done: saves again
+    run = tmp_path / "run"
+    assert {"loss.png", "forward.png", "report.html", "model"} <= {p.name for p in run.iterdir()}
+    out = tmp_path / "eval"
+    assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(out), "--guidance", "0,2",
+                 "--n", "20", "--steps", "3", "--classifier-steps", "5", "--compare-ddpm", "--ddpm-steps", "6"]) == 0
+    import json
+
+    result = json.loads((out / "eval.json").read_text())
+    assert [r["guidance"] for r in result["sweep"]] == [0.0, 2.0]
+    assert result["fid_name"] == "FID-DIGITS" and result["samplers"]["ddpm"]["network_evaluations"] == 6
+    html = (out / "report.html").read_text()
+    assert "FID-DIGITS" in html and "Guidance sweep" in html and html.count("data:image/png;base64") >= 4

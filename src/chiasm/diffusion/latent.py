@@ -24,7 +24,7 @@ def train_vae(vae: SmallVAE, images: torch.Tensor, cfg: VAEConfig, seed: int, me
     with metrics.open("a") as f:
         for step in range(1, cfg.steps + 1):
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-            x, _ = pad_to(images[idx], vae.factor)
+            x, _ = pad_to(images[idx], vae.pad_multiple)
             loss, parts = vae.loss(x, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -44,7 +44,7 @@ def encode_all(vae: SmallVAE, images: torch.Tensor, batch: int = 512) -> torch.T
     """Posterior means of every image (unscaled)."""
     out = []
     for i in range(0, len(images), batch):
-        x, _ = pad_to(images[i:i + batch], vae.factor)
+        x, _ = pad_to(images[i:i + batch], vae.pad_multiple)
         out.append(vae.encode(x)[0])
     return torch.cat(out)
 

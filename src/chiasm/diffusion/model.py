@@ -39,16 +39,23 @@ class DiffusionModel:
     def net_shape(cfg: DiffusionConfig) -> tuple[int, int]:
         """(channels, side) of the UNet's input: the image, or the VAE's latent."""
         if cfg.latent.enabled:
-            factor = 2 ** len(cfg.latent.vae.channels)
-            side = -(-cfg.data.size // factor)  # images are padded up to a multiple of the factor
+            multiple = DiffusionModel.pad_multiple(cfg)
+            side = -(-cfg.data.size // multiple) * multiple // 2 ** len(cfg.latent.vae.channels)
             return cfg.latent.vae.latent_channels, side
         return cfg.data.channels, cfg.data.size
+
+    @staticmethod
+    def pad_multiple(cfg: DiffusionConfig) -> int:
+        """Images go into the VAE padded to a side that the VAE and then every UNet level halve evenly."""
+        return 2 ** len(cfg.latent.vae.channels) * 2 ** (len(cfg.net.channels) - 1)
 
     @classmethod
     def build(cls, cfg: DiffusionConfig, classes: list[str]) -> DiffusionModel:
         channels, side = cls.net_shape(cfg)
         net = Denoiser(cfg.net, channels, side, num_classes=len(classes))
         vae = SmallVAE(cfg.latent.vae, cfg.data.channels) if cfg.latent.enabled else None
+        if vae is not None:
+            vae.pad_multiple = cls.pad_multiple(cfg)
         return cls(cfg, classes, net, vae)
 
     @property

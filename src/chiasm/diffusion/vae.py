@@ -50,6 +50,7 @@ class SmallVAE(nn.Module):
             cin = c
         self.decoder = nn.Sequential(*dec, _block(cin, cin), nn.Conv2d(cin, in_channels, 3, padding=1))
         self.factor = 2 ** len(ch)
+        self.pad_multiple = self.factor  # images are padded to a side divisible by this (see DiffusionModel)
         self.kl_weight = cfg.kl_weight
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
