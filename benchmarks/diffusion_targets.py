@@ -6,6 +6,8 @@ Parts (each meant to run under 15 minutes on a 2-core CPU; pass --model to reuse
   latent-speed training step time of the pixel UNet and the latent UNet at equal width, interleaved
   latent       a latent-diffusion model: recognition rate of its samples at --guidance
   t2i          a text-to-image model on the synthetic world: the pixel checker's scores
+  shard, merge the sampler comparison split over processes: `shard` draws samples [start, start + count)
+               with --sampler/--steps into --out, `merge` scores DDIM --steps against DDPM 1000 from them
 
     nice -n 19 python benchmarks/diffusion_targets.py cfg --model runs/diffusion-fmnist/model \
         --classifier runs/classifier-fmnist --n 200
@@ -124,7 +126,47 @@ def part_t2i(args: argparse.Namespace) -> dict:
                         "shape_at_least_60": scores["shape"] >= 0.6}}
 
 
-PARTS = {"cfg": part_cfg, "ddim": part_ddim, "latent-speed": part_latent_speed, "latent": part_latent, "t2i": part_t2i}
+def part_shard(args: argparse.Namespace) -> dict:
+    """Samples [start, start + count) of a balanced n-sample set, saved to OUT (several processes share a run)."""
+    from safetensors.torch import save_file
+
+    model = _model(args)
+    labels = balanced_labels(args.n, len(model.classes))[args.start:args.start + args.count]
+    opts = SampleOptions(args.sampler, args.steps, 0.0, args.compare_guidance)
+    tick = time.perf_counter()
+    samples = generate_batched(model, labels, len(labels), opts, args.seed + args.start)
+    out = Path(args.out) / f"{args.sampler}{args.steps}_{args.start:05d}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"samples": samples.contiguous(), "labels": torch.tensor(labels)}, str(out))
+    return {"file": str(out), "count": len(labels), "seconds": round(time.perf_counter() - tick, 1)}
+
+
+def part_merge(args: argparse.Namespace) -> dict:
+    """DDIM (--steps) against DDPM (1000 steps) from the shards in OUT: FID, recognition, network evaluations."""
+    from safetensors.torch import load_file
+
+    from chiasm.diffusion.evaluate import FID_NAMES, score
+
+    model = DiffusionModel.load(args.model)
+    judge = Judge.load(args.classifier)
+    test = load_dataset(model.cfg.data.source, "test", root=model.cfg.data.root, size=model.cfg.data.size)
+    real = judge.features(test.images)
+    fid = FID_NAMES[model.cfg.data.source]
+    rows = {}
+    for name, steps in (("ddim", args.steps), ("ddpm", 1000)):
+        parts = [load_file(str(p)) for p in sorted(Path(args.out).glob(f"{name}{steps}_*.safetensors"))]
+        samples = torch.cat([p["samples"] for p in parts])
+        labels = torch.cat([p["labels"] for p in parts]).tolist()
+        rows[name] = {**score(samples, labels, judge, real, fid), "n": len(labels), "steps": steps,
+                      "network_evaluations": steps * (2 if args.compare_guidance else 1)}
+    rows["fid_ratio"] = rows["ddim"][fid] / rows["ddpm"][fid]
+    return {"fid_name": fid, "guidance": args.compare_guidance, "samplers": rows,
+            "targets": {"ddim_fid_within_10_percent": rows["fid_ratio"] <= 1.10,
+                        "evaluations_ratio": rows["ddpm"]["network_evaluations"] / rows["ddim"]["network_evaluations"]}}
+
+
+PARTS = {"shard": part_shard, "merge": part_merge, "cfg": part_cfg, "ddim": part_ddim,
+         "latent-speed": part_latent_speed, "latent": part_latent, "t2i": part_t2i}
 
 
 def main() -> None:
@@ -142,6 +184,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default="runs/diffusion-bench")
     p.add_argument("--tag", default="")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="shard: which sampler")
+    p.add_argument("--start", type=int, default=0, help="shard: first sample index")
+    p.add_argument("--count", type=int, default=50, help="shard: how many samples")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tick = time.perf_counter()
@@ -151,6 +197,9 @@ def main() -> None:
         f"{k}={v}" for k, v in vars(args).items() if v is not None)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"diffusion_{args.part}{args.tag}.json"
+    if args.part == "shard":
+        print(json.dumps(result))
+        return
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result.get("targets"), indent=2), f"\nwritten to {out}")
 
