@@ -87,7 +87,8 @@ def _run_pictures(model, run: Path) -> None:
     test = load_dataset(cfg.data.source, "test", root=cfg.data.root, size=cfg.data.size, channels=cfg.data.channels,
                         n=64, seed=cfg.train.seed)
     x = test.images[:4]
-    ts = [-1, 50, 100, 250, 500, 750, 999]
+    last = model.schedule.train_steps - 1  # the clean image, then t at 5% ... 100% of the schedule
+    ts = [-1] + [round(f * last) for f in (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)]
     if model.vae is None:
         forward_process(model, x, ts, run / "forward.png")
     else:  # latent diffusion noises latents: show each noised latent decoded

@@ -30,7 +30,7 @@ def train_vae(vae: SmallVAE, images: torch.Tensor, cfg: VAEConfig, seed: int, me
             loss.backward()
             opt.step()
             if step % 20 == 0 or step == cfg.steps:
-                rec = {"stage": "vae", "step": step, "loss": float(loss), **parts,
+                rec = {"stage": "vae", "step": step, "loss": float(loss.detach()), **parts,
                        "elapsed": round(time.perf_counter() - start, 2)}
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
