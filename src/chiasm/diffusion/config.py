@@ -1,0 +1,96 @@
+"""The diffusion run config: data, schedule, network, training, latent stage, evaluation.
+
+Read from TOML with chiasm's config machinery (unknown keys are errors; the resolved copy is
+saved as ``config.json`` in the run folder and in the model folder, which sampling reads).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chiasm.config import ConfigError, from_dict
+from chiasm.diffusion.data import SOURCES
+from chiasm.diffusion.network import NetConfig
+from chiasm.diffusion.schedule import ScheduleConfig
+from chiasm.diffusion.vae import VAEConfig
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"  # fashion-mnist | digits | folder | synthetic
+    root: str | None = None  # the folder for "folder"; another Fashion-MNIST location
+    size: int = 28  # side in pixels (folder and synthetic images are resized / drawn at it)
+    channels: int = 1
+    n_train: int | None = None  # cap on training images (None: all)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+    backend: str = "auto"  # under torchrun: gloo on CPU, NCCL with GPUs
+
+
+@dataclass
+class LatentConfig:
+    enabled: bool = False
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    output_dir: str = "runs/diffusion"
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    text_tower: str = "packaged:all-minilm-l6-v2"
+    text_max_tokens: int = 16
+
+
+def check(cfg: DiffusionConfig, where: str) -> DiffusionConfig:
+    """Every problem in one error, before any data or model is touched."""
+    problems = []
+    if cfg.data.source not in SOURCES:
+        problems.append(f"data.source: {cfg.data.source!r} is not one of {list(SOURCES)}")
+    if cfg.data.channels not in (1, 3):
+        problems.append(f"data.channels: must be 1 or 3, got {cfg.data.channels}")
+    if not 0 <= cfg.net.cond_dropout < 1:
+        problems.append(f"net.cond_dropout: must be in [0, 1), got {cfg.net.cond_dropout}")
+    if cfg.net.conditioning == "text" and cfg.data.source != "synthetic":
+        problems.append("net.conditioning = 'text' needs captions: data.source = 'synthetic'")
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(cfg.train, name) < 1:
+            problems.append(f"train.{name}: must be at least 1")
+    if cfg.train.lr <= 0:
+        problems.append("train.lr: must be positive")
+    if cfg.schedule.train_steps < 2:
+        problems.append("schedule.train_steps: must be at least 2")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return cfg
+
+
+def load_diffusion_config(path: str | Path) -> DiffusionConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+    try:
+        cfg = from_dict(DiffusionConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return check(cfg, str(path))

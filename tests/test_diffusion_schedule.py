@@ -1,0 +1,91 @@
+"""The schedule arithmetic against diffusers' DDPMScheduler and DDIMScheduler, step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chiasm.diffusion.sampler import SampleOptions, sample
+from chiasm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+KINDS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+PRED = {"epsilon": "epsilon", "v": "v_prediction"}
+
+
+def _cfg(kind: str, prediction: str, clip: bool) -> ScheduleConfig:
+    return ScheduleConfig(kind=kind, prediction=prediction, clip_sample=clip)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_betas_and_forward_process(kind: str) -> None:
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=KINDS[kind])
+    ours = NoiseSchedule(_cfg(kind, "epsilon", True))
+    torch.testing.assert_close(ours.betas, ref.betas, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.alpha_bar, ref.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    x0, noise = torch.randn(4, 1, 6, 6), torch.randn(4, 1, 6, 6)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-5)
+    vref = diffusers.DDPMScheduler(beta_schedule=KINDS[kind], prediction_type="v_prediction")
+    ours_v = NoiseSchedule(_cfg(kind, "v", True))
+    torch.testing.assert_close(ours_v.target(x0, noise, t), vref.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "prediction", "clip", "steps"),
+                         [("linear", "epsilon", True, 1000), ("cosine", "v", False, 20), ("linear", "v", True, 50)])
+def test_ddpm_steps_equal_diffusers(kind: str, prediction: str, clip: bool, steps: int) -> None:
+    ref = diffusers.DDPMScheduler(beta_schedule=KINDS[kind], prediction_type=PRED[prediction], clip_sample=clip)
+    ref.set_timesteps(steps)
+    ours = NoiseSchedule(_cfg(kind, prediction, clip))
+    assert ref.timesteps.tolist() == ours.timesteps(steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    for t in [*ours.timesteps(steps)[::max(1, steps // 10)], 0]:  # ten spots on the trajectory and the last step
+        out = torch.randn(x.shape, generator=gen)
+        noise_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        want = ref.step(out, t, x, generator=torch.Generator().manual_seed(noise_seed)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
+        got, _ = ours.ddpm_step(out, x, t, ours.previous(t, steps), noise)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "prediction", "eta", "steps"),
+                         [("linear", "epsilon", 0.0, 50), ("cosine", "v", 0.5, 20), ("linear", "epsilon", 1.0, 10)])
+def test_ddim_steps_equal_diffusers(kind: str, prediction: str, eta: float, steps: int) -> None:
+    ref = diffusers.DDIMScheduler(beta_schedule=KINDS[kind], prediction_type=PRED[prediction], clip_sample=True)
+    ref.set_timesteps(steps)
+    ours = NoiseSchedule(_cfg(kind, prediction, True))
+    assert ref.timesteps.tolist() == ours.timesteps(steps)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 4, 4, generator=gen)
+    for t in ours.timesteps(steps):
+        out = torch.randn(x.shape, generator=gen)
+        noise = torch.randn(x.shape, generator=gen)
+        want = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+        got, _ = ours.ddim_step(out, x, t, ours.previous(t, steps), eta, noise)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        x = want  # walk the reference's trajectory
+
+
+def test_whole_ddim_trajectory_equals_diffusers_loop() -> None:
+    """Our loop with a fixed toy network against diffusers' loop over the same network."""
+    cfg = _cfg("linear", "epsilon", True)
+    net = lambda x, t: 0.3 * x + 1e-4 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
+    got = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 25), torch.Generator().manual_seed(5))
+    ref = diffusers.DDIMScheduler(clip_sample=True)
+    ref.set_timesteps(25)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    for t in ref.timesteps:
+        x = ref.step(net(x, torch.full((3,), int(t))), t, x).prev_sample
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_sampling_options() -> None:
+    sched = NoiseSchedule(ScheduleConfig())
+    with pytest.raises(ValueError, match=r"steps must be in 1\.\.1000"):
+        SampleOptions(steps=0).check(sched.train_steps)
+    with pytest.raises(ValueError, match="guidance must be in"):
+        SampleOptions(guidance=-1).check(sched.train_steps)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SampleOptions(sampler="euler").check(sched.train_steps)  # type: ignore[arg-type]
