@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from chiasm.highres.tiling import TilingConfig
+
 PolicyMode = Literal["frozen", "full", "lora", "last_n"]
 
 
@@ -67,6 +69,9 @@ class ModelConfig:
     # activations are recomputed in the backward pass instead of kept, which trades about one
     # more forward pass for memory (longer sequences, bigger batches); gradients are unchanged.
     gradient_checkpointing: bool = False
+    # Dynamic high resolution (chiasm.highres.tiling): each image becomes a global view plus tiles
+    # of a grid chosen for its shape; None: one view at the encoder's size.
+    tiling: TilingConfig | None = None
 
     def __post_init__(self) -> None:
         from chiasm.layout import LAYOUTS
