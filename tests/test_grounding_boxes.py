@@ -34,6 +34,21 @@ def test_box_text_round_trips(style: str) -> None:
     assert BoxFormat().parse("no box here", (10, 10)) is None
 
 
+def test_iou_matches_counting_pixels() -> None:
+    import numpy as np
+
+    rng = random.Random(2)
+    for _ in range(50):
+        a, b = ([rng.randint(0, 20), rng.randint(0, 20)] for _ in range(2))
+        a += [a[0] + rng.randint(1, 20), a[1] + rng.randint(1, 20)]
+        b += [b[0] + rng.randint(1, 20), b[1] + rng.randint(1, 20)]
+        ma, mb = np.zeros((50, 50), bool), np.zeros((50, 50), bool)
+        ma[a[1]:a[3], a[0]:a[2]] = True
+        mb[b[1]:b[3], b[0]:b[2]] = True
+        assert iou(tuple(a), tuple(b)) == pytest.approx((ma & mb).sum() / (ma | mb).sum())
+    assert iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+
+
 def test_iou_matches_torchvision() -> None:
     tv = pytest.importorskip("torchvision")
     import torch
@@ -44,7 +59,6 @@ def test_iou_matches_torchvision() -> None:
     ref = tv.ops.box_iou(torch.tensor(a), torch.tensor(a[::-1]))
     for i in range(20):
         assert iou(a[i], a[::-1][i]) == pytest.approx(float(ref[i, i]), abs=1e-5)
-    assert iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
 
 
 def test_bad_boxes_name_the_sample() -> None:
