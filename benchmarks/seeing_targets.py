@@ -46,7 +46,7 @@ def run_config(train: Path, evaluation: Path, out: Path, *, tiling: dict | None,
              "lm": {"mode": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 3e-4, "lora_targets": LORA}}
     return from_dict(RunConfig, {"model": model, "stages": [stage], "output_dir": str(out), "precision": "fp32",
                                  "eval": {"data": str(evaluation), "batch_size": 16, "retention_prompts": 1,
-                                          "retention_tokens": 64, "max_new_tokens": max_new_tokens,
+                                          "retention_tokens": 256, "max_new_tokens": max_new_tokens,
                                           "scorer": scorer}})
 
 
