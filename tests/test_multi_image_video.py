@@ -67,3 +67,21 @@ def test_multi_image_and_clip_worlds_tokenise(tiny_model: VisionLanguageModel, t
     assert not kept and len(skipped) == 2 and "over the budget of 40" in skipped[0][1]
     kept, _ = proc.prepare(clips, image_token_budget=40, drop="frames")
     assert [len(p.sample.images) for p in kept] == [2, 2] and kept[0].sample.meta["dropped_frames"]
+
+
+def test_frames_from_a_video_file_with_their_times(tmp_path: Path) -> None:
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), k * 30, np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    paths, times = read_frames(path, 3, cache_dir=tmp_path / "frames")
+    assert len(paths) == 3 and times == pytest.approx([0.0, 1.0, 1.75])  # frames 0, 4 and 7 of 8 at 4 fps
+    shades = [Image.open(p).getpixel((10, 10))[0] for p in paths]
+    assert shades[0] < shades[1] < shades[2]
