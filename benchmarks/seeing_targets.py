@@ -87,16 +87,26 @@ def world_target(kind: str, work: Path, quick: bool) -> dict:
     return runs
 
 
-def overhead(work: Path, quick: bool) -> dict:
-    """Train-step time: tiled images (views + separators) vs the same views as plain separate images."""
+def overhead(work: Path, quick: bool, tiny: bool = False, separators: str = "markers") -> dict:
+    """Train-step time: tiled images (views + separators) vs the same views as plain separate images.
+
+    ``tiny``: a 64-pixel tiny-vit and a 2-layer random LM in place of EfficientNet-Lite0 + SmolLM2
+    (the step is then dominated by what tiling adds, the harshest case for the ratio).
+    """
     from PIL import Image
 
     from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
 
-    size = 224
-    base = ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=size),
-                       bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=LM))
     work.mkdir(parents=True, exist_ok=True)
+    size = 64 if tiny else 224
+    if tiny:
+        from chiasm.testing import make_tiny_lm
+
+        base = ModelConfig(encoder=EncoderConfig(name="tiny-vit", image_size=size, options={"patch": 16, "dim": 32}),
+                           bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=str(make_tiny_lm(work / "lm"))))
+    else:
+        base = ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=size),
+                           bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=LM))
     wide = work / "wide.png"
     Image.effect_noise((2 * size * 2, size * 2), 60).convert("RGB").save(wide)  # 2:1 -> 1 x 2 grid, 3 views
     view_paths = []
@@ -104,7 +114,8 @@ def overhead(work: Path, quick: bool) -> dict:
         view_paths.append(work / f"view-{k}.png")
         Image.effect_noise((size, size), 60).convert("RGB").save(view_paths[-1])
     rows = 2 if quick else 4
-    tiled_model = VisionLanguageModel.build(replace(base, tiling=TilingConfig(mode="aspect", max_tiles=4)))
+    tiling = TilingConfig(mode="aspect", max_tiles=4, separators=separators)  # type: ignore[arg-type]
+    tiled_model = VisionLanguageModel.build(replace(base, tiling=tiling))
     plain_model = VisionLanguageModel.build(base)
     plain_model.load_state_dict(tiled_model.state_dict())
     q = [Turn("human", "<image>\nWhat is shown?"), Turn("gpt", "noise")]
@@ -129,7 +140,9 @@ def overhead(work: Path, quick: bool) -> dict:
             if k >= 2:
                 times[name].append(t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"rows": rows, "views_per_row": 3, "tiled_s": med["tiled"], "plain_s": med["plain"],
+    parts = "tiny-vit + 2-layer LM" if tiny else "efficientnet-lite0 + SmolLM2-135M"
+    return {"separators": separators, "parts": parts, "rows": rows,
+            "views_per_row": 3, "tiled_s": med["tiled"], "plain_s": med["plain"],
             "overhead": med["tiled"] / med["plain"] - 1, "tokens": {
                 "tiled": int(tiled_batch.input_ids.shape[1]), "plain": int(plain_batch.input_ids.shape[1])}}
 
@@ -139,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="seeing_targets.json")
     p.add_argument("--only", choices=["overhead", "small_objects", "gui", "which_image", "what_changed"])
     p.add_argument("--quick", action="store_true", help="tiny worlds and budgets: a smoke run, not a measurement")
+    p.add_argument("--tiny", action="store_true", help="overhead with tiny random parts (fast, harsher ratio)")
+    p.add_argument("--separators", choices=["markers", "row_end", "none"], default="markers",
+                   help="what the tiled images write between views (overhead)")
     p.add_argument("--work", help="folder for worlds and runs (default: a temporary one)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -147,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"quick": args.quick}
     for name in names:
         t0 = time.perf_counter()
-        results[name] = overhead(work / name, args.quick) if name == "overhead" else world_target(
-            name, work, args.quick)
+        if name == "overhead":
+            results[name] = overhead(work / name, args.quick, args.tiny, args.separators)
+        else:
+            results[name] = world_target(name, work, args.quick)
         results[name]["wall_s"] = time.perf_counter() - t0
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]))
