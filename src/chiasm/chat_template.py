@@ -24,6 +24,8 @@ by rendering, never by token names:
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from functools import cached_property
 
 from jinja2 import TemplateError
@@ -43,6 +45,21 @@ def _shared_prefix(a: str, b: str) -> int:
     return next((k for k in range(n) if a[k] != b[k]), n)
 
 
+def _expand(text: str, placeholder: str, image_text: str | list[str], texts: Iterator[str] | None) -> str:
+    """``text`` with each ``placeholder`` replaced: by ``image_text``, or by the next of ``texts``."""
+    if texts is None:
+        return text.replace(placeholder, image_text)  # type: ignore[arg-type]
+    pieces = text.split(placeholder)
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        try:
+            out.append(next(texts))
+        except StopIteration:
+            raise TemplateProblem(f"more {placeholder} placeholders than images") from None
+        out.append(piece)
+    return "".join(out)
+
+
 class TemplateProblem(ValueError):
     """A conversation the chat template cannot render in a way answers can be located in."""
 
@@ -50,8 +67,10 @@ class TemplateProblem(ValueError):
 class ChatTemplate:
     """Rendering helpers for one tokenizer's chat template."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, image_text: str | None = None):
-        """``image_text``: what each ``<image>`` placeholder becomes (the image's tokens); None keeps it."""
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, image_text: str | list[str] | None = None):
+        """``image_text``: what each ``<image>`` placeholder becomes (the image's tokens); a list gives
+        the n-th placeholder of the conversation its own text (tiled images of different sizes);
+        None keeps it."""
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; chiasm needs an instruct/chat LM")
         self.tok = tokenizer
@@ -78,7 +97,9 @@ class ChatTemplate:
         """The template's text for ``msgs`` (string contents), with every image placeholder expanded."""
         if not self.structured:
             if self.image_text is not None:
-                msgs = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_text)} for m in msgs]
+                texts = iter(self.image_text) if isinstance(self.image_text, list) else None
+                msgs = [{**m, "content": _expand(m["content"], IMAGE_PLACEHOLDER, self.image_text, texts)}
+                        for m in msgs]
             return self._apply(msgs, generation_prompt)
         parted = [{**m, "content": to_parts(m["content"])} for m in msgs]
         text = self._apply(parted, generation_prompt)
@@ -86,7 +107,16 @@ class ChatTemplate:
         if text.count(IMAGE_TOKEN) != images:
             raise TemplateProblem(f"the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} for {images} "
                                   f"image part(s); chiasm needs one {IMAGE_TOKEN} per image")
-        return text if self.image_text is None else text.replace(IMAGE_TOKEN, self.image_text)
+        if self.image_text is None:
+            return text
+        texts = iter(self.image_text) if isinstance(self.image_text, list) else None
+        return _expand(text, IMAGE_TOKEN, self.image_text, texts)
+
+    def with_image_texts(self, texts: list[str]) -> ChatTemplate:
+        """This template with one text per placeholder, in order (what it found out about the template kept)."""
+        out = copy.copy(self)
+        out.image_text = list(texts)
+        return out
 
     @cached_property
     def accepts_system(self) -> bool:

@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     from chiasm.clip.cli import add_clip_parser
 
     add_clip_parser(sub)
+    from chiasm.synthetic.seeing_cli import add_world_parser
+
+    add_world_parser(sub)
     return p
 
 

@@ -48,6 +48,59 @@ class LMConfig:
 
 
 @dataclass
+class TilingConfig:
+    """How an image is split into a global view and tiles (chiasm.highres.tiling); None in a model config:
+    no tiling."""
+
+    mode: Literal["aspect", "anyres"] = "aspect"
+    max_tiles: int = 6
+    min_tiles: int = 1
+    # anyres: the allowed grids as [rows, cols] (LLaVA-NeXT's pinpoints divided by the tile size);
+    # empty: every grid up to max_tiles.
+    pinpoints: list[list[int]] = field(default_factory=list)
+    global_view: bool = True
+    separators: Literal["markers", "row_end", "none"] = "markers"
+    # An image with a side below this many pixels is refused: no tile would hold a readable detail.
+    min_side: int = 8
+    # An image above this many pixels is refused before decoding (a decompression bomb, a mistake).
+    max_image_pixels: int = 64_000_000
+    # An image whose aspect ratio differs from the best grid's by more than this factor is refused:
+    # its tiles would be squashed beyond recognition.
+    max_distortion: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("aspect", "anyres"):
+            raise ValueError(f"tiling.mode must be 'aspect' or 'anyres', not {self.mode!r}")
+        if self.separators not in ("markers", "row_end", "none"):
+            raise ValueError(f"tiling.separators must be 'markers', 'row_end' or 'none', not {self.separators!r}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"tiling needs 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+        for p in self.pinpoints:
+            if len(p) != 2 or min(p) < 1:
+                raise ValueError(f"tiling.pinpoints entries are [rows, cols] of positive ints, got {p!r}")
+        if self.mode == "anyres" and not self.grids():
+            raise ValueError(f"tiling: no pinpoint grid has at most max_tiles = {self.max_tiles} tiles")
+
+    def grids(self) -> list[tuple[int, int]]:
+        """The candidate grids as (rows, cols), in InternVL's order (by tile count, then as listed)."""
+        if self.mode == "anyres" and self.pinpoints:
+            cand = [(int(r), int(c)) for r, c in self.pinpoints]
+        else:
+            cand = [(r, c) for n in range(self.min_tiles, self.max_tiles + 1)
+                    for r in range(1, n + 1) for c in range(1, n + 1) if r * c == n]
+            cand = sorted(set(cand), key=lambda g: g[0] * g[1])
+        return [g for g in cand if self.min_tiles <= g[0] * g[1] <= self.max_tiles]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TilingConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"tiling: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
@@ -67,6 +120,9 @@ class ModelConfig:
     # activations are recomputed in the backward pass instead of kept, which trades about one
     # more forward pass for memory (longer sequences, bigger batches); gradients are unchanged.
     gradient_checkpointing: bool = False
+    # Dynamic high resolution (chiasm.highres.tiling): each image becomes a global view plus tiles
+    # of a grid chosen for its shape; None: one view at the encoder's size.
+    tiling: TilingConfig | None = None
 
     def __post_init__(self) -> None:
         from chiasm.layout import LAYOUTS

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from chiasm.chat_template import ChatTemplate, TemplateProblem
-from chiasm.data.sample import DataError, Sample, Turn
+from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
+from chiasm.highres.tiling import TilingConfig, TilingError
+from chiasm.highres.tiling import image_text as tiled_text
 from chiasm.layout import image_text
+from chiasm.tokens import tokens_for_image
 
 IGNORE_INDEX = -100
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -44,8 +47,13 @@ class ConversationEncoder:
         max_length: int,
         system_prompt: str | None = None,
         image_layout: str = "raster",
+        tiling: TilingConfig | None = None,
+        tile_size: int = 0,
     ):
-        self.template = ChatTemplate(tokenizer, image_text=image_text(image_layout, tokens_per_image))
+        self.view_text = image_text(image_layout, tokens_per_image)
+        self.template = ChatTemplate(tokenizer, image_text=self.view_text)
+        self.tiling = tiling
+        self.tile_size = tile_size
         self.tok = tokenizer
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
@@ -60,13 +68,47 @@ class ConversationEncoder:
         msgs.extend({"role": _ROLES[t.role], "content": t.text} for t in turns)
         return msgs
 
+    def image_sizes(self, sample: Sample) -> list[tuple[int, int]]:
+        """(width, height) of each image: ``meta['image_sizes']`` (images in memory) or the files' headers."""
+        given = sample.meta.get("image_sizes")
+        if given is not None:
+            return [(int(w), int(h)) for w, h in given]
+        from chiasm.data.images import image_size  # the header only: no pixel is decoded here
+
+        return [image_size(p, sample_id=sample.id, source=sample.source) for p in sample.images]
+
+    def image_counts(self, sample: Sample) -> list[int]:
+        """Image-token positions of each image of ``sample``, through :func:`chiasm.tokens.tokens_for_image`."""
+        if self.tiling is None:
+            return [self.tokens_per_image] * len(sample.images)
+        out = []
+        for path, size in zip(sample.images, self.image_sizes(sample), strict=True):
+            try:
+                out.append(tokens_for_image(self.tokens_per_image, size, self.tiling, self.tile_size))
+            except TilingError as exc:
+                raise DataError(f"{path}: {exc}", source=sample.source, sample_id=sample.id, image=str(path)) from None
+        return out
+
+    def _template(self, sample: Sample) -> ChatTemplate:
+        """The template with this sample's image texts: one per image when images are tiled by size."""
+        if self.tiling is None:
+            return self.template  # a count mismatch shows in the image-token positions (_check)
+        placed = sum(t.text.count(IMAGE_PLACEHOLDER) for t in sample.conversations)
+        if placed != len(sample.images):
+            raise DataError(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sample.images)} image(s): "
+                            "placeholders and images do not match", source=sample.source, sample_id=sample.id)
+        self.image_counts(sample)  # refuses, naming the image, one no grid takes
+        texts = [tiled_text(size, self.tiling, self.tile_size, self.view_text) for size in self.image_sizes(sample)]
+        return self.template.with_image_texts(texts)
+
     def encode(self, sample: Sample) -> Encoded:
         """Ids and labels for training: every assistant answer and its turn end are supervised, nothing else."""
+        template = self._template(sample)
         try:
-            text, spans = self.template.answer_spans(self.template.fit(self._messages(sample.conversations)))
+            text, spans = template.answer_spans(template.fit(self._messages(sample.conversations)))
         except TemplateProblem as exc:
             raise DataError(str(exc), source=sample.source, sample_id=sample.id) from None
-        ids, supervised = self.template.tokenize(text, spans)
+        ids, supervised = template.tokenize(text, spans)
         labels = [i if on else IGNORE_INDEX for i, on in zip(ids, supervised, strict=True)]
         self._check(sample, ids)
         if all(label == IGNORE_INDEX for label in labels):
@@ -78,8 +120,9 @@ class ConversationEncoder:
         turns = sample.conversations
         if turns and turns[-1].role == "gpt":
             turns = turns[:-1]
+        template = self._template(Sample(sample.id, turns, sample.images, sample.meta, sample.source))
         try:
-            text = self.template.prompt_text(self.template.fit(self._messages(turns)))
+            text = template.prompt_text(template.fit(self._messages(turns)))
         except TemplateProblem as exc:
             raise DataError(str(exc), source=sample.source, sample_id=sample.id) from None
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -88,11 +131,11 @@ class ConversationEncoder:
 
     def _check(self, sample: Sample, ids: list[int]) -> None:
         placed = sum(1 for i in ids if i == self.image_token_id)
-        expected = len(sample.images) * self.tokens_per_image
+        expected = sum(self.image_counts(sample))
         if placed != expected:
             raise DataError(
-                f"{placed} image-token positions for {len(sample.images)} image(s) x "
-                f"{self.tokens_per_image} tokens = {expected}: placeholders and images do not match",
+                f"{placed} image-token positions for {len(sample.images)} image(s) of {expected} tokens in all: "
+                "placeholders and images do not match",
                 source=sample.source, sample_id=sample.id)
         if len(ids) > self.max_length:
             raise DataError(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.encoders.preprocessing import ImagePreprocessing
 from chiasm.errors import ModelFolderError, one_line
+from chiasm.highres.tiling import TilingConfig
+from chiasm.highres.tiling import views as tile_views
 from chiasm.layout import LAYOUTS
 from chiasm.tokens import IMAGE_TOKEN, add_image_token
 
@@ -79,7 +81,8 @@ class Processor:
     """Tokenizer + image preprocessing + visual-token count and layout of one model."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image: ImagePreprocessing, *, tokens_per_image: int,
-                 max_length: int, system_prompt: str | None = None, image_layout: str = "raster"):
+                 max_length: int, system_prompt: str | None = None, image_layout: str = "raster",
+                 tiling: TilingConfig | None = None):
         if image_layout not in LAYOUTS:
             raise ValueError(f"unknown image layout {image_layout!r}; known: {', '.join(LAYOUTS.names())}")
         self.tokenizer = tokenizer
@@ -89,6 +92,10 @@ class Processor:
         self.max_length = max_length
         self.system_prompt = system_prompt
         self.image_layout = image_layout
+        self.tiling = tiling
+        if tiling is not None and (image.output_size is None or image.output_size[0] != image.output_size[1]):
+            raise ValueError(f"tiling needs square encoder inputs; the image preprocessing gives "
+                             f"{image.output_size or 'a size that depends on the image'}")
         self._conversation: ConversationEncoder | None = None
 
     # ---- construction and persistence -------------------------------------------------
@@ -97,7 +104,7 @@ class Processor:
         """The processor of a built model: its tokenizer, its encoder's preprocessing, its token count."""
         return cls(model.tokenizer, model.encoder.preprocessing, tokens_per_image=model.tokens_per_image,
                    max_length=model.max_length, system_prompt=model.config.system_prompt,
-                   image_layout=model.config.image_layout)
+                   image_layout=model.config.image_layout, tiling=model.config.tiling)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None) -> Processor:
@@ -110,7 +117,7 @@ class Processor:
             data = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise ModelFolderError(f"{file}: not valid JSON ({exc}); save the model again") from exc
-        known = {"image", "tokens_per_image", "max_length", "system_prompt", "image_layout", "image_token"}
+        known = {"image", "tokens_per_image", "max_length", "system_prompt", "image_layout", "image_token", "tiling"}
         unknown = sorted(set(data) - known)
         missing = sorted({"image", "tokens_per_image", "max_length"} - set(data))
         if missing:
@@ -125,12 +132,14 @@ class Processor:
                 tokenizer.pad_token = tokenizer.eos_token
         return cls(tokenizer, ImagePreprocessing.from_dict(data["image"]),
                    tokens_per_image=int(data["tokens_per_image"]), max_length=int(data["max_length"]),
-                   system_prompt=data.get("system_prompt"), image_layout=data.get("image_layout", "raster"))
+                   system_prompt=data.get("system_prompt"), image_layout=data.get("image_layout", "raster"),
+                   tiling=TilingConfig.from_dict(data["tiling"]) if data.get("tiling") else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image": self.image.to_dict(), "tokens_per_image": self.tokens_per_image,
                 "max_length": self.max_length, "system_prompt": self.system_prompt,
-                "image_layout": self.image_layout, "image_token": IMAGE_TOKEN}
+                "image_layout": self.image_layout, "image_token": IMAGE_TOKEN,
+                "tiling": None if self.tiling is None else asdict(self.tiling)}
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``processor_config.json`` and the tokenizer (into ``lm/``) of a model folder."""
@@ -147,20 +156,40 @@ class Processor:
         if self._conversation is None:
             self._conversation = ConversationEncoder(
                 self.tokenizer, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
-                max_length=self.max_length, system_prompt=self.system_prompt, image_layout=self.image_layout)
+                max_length=self.max_length, system_prompt=self.system_prompt, image_layout=self.image_layout,
+                tiling=self.tiling, tile_size=self.tile_size)
         return self._conversation
+
+    @property
+    def tile_size(self) -> int:
+        """The side of one view (the encoder's square input), which tiles are cut at."""
+        size = self.image.output_size
+        return int(size[0]) if size is not None else 0
 
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def prepare(self, samples: Sequence[Sample], *, on_error: str = "raise",
-                for_generation: bool = False) -> tuple[list[Prepared], list[tuple[str, str]]]:
-        """Tokenise every sample; on ``skip`` bad ones are counted and logged instead of raised."""
+    def prepare(self, samples: Sequence[Sample], *, on_error: str = "raise", for_generation: bool = False,
+                image_token_budget: int | None = None,
+                drop: str = "none") -> tuple[list[Prepared], list[tuple[str, str]]]:
+        """Tokenise every sample; on ``skip`` bad ones are counted and logged instead of raised.
+
+        ``image_token_budget`` caps each sample's image tokens (:func:`chiasm.data.video.fit_budget`):
+        over it a sample is refused, or with ``drop="frames"`` loses evenly spaced video frames,
+        listed in its ``meta["dropped_frames"]`` and logged.
+        """
+        from chiasm.data.video import fit_budget
+
         enc = self.conversation
         out, skipped = [], []
         for s in samples:
             try:
+                if image_token_budget is not None:
+                    s, dropped = fit_budget(s, enc.image_counts(s), image_token_budget, drop=drop)
+                    if dropped:
+                        log.info("sample %r: dropped %s to fit %d image tokens", s.id, ", ".join(dropped),
+                                 image_token_budget)
                 e = enc.encode_prompt(s) if for_generation else enc.encode(s)
             except DataError as exc:
                 if on_error != "skip":
@@ -177,15 +206,21 @@ class Processor:
         """One PIL image -> the ``(3, H, W)`` pixels the encoder takes."""
         return self.image(image)
 
+    def image_views(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> its views ``(V, 3, H, W)``: V = 1 untiled, else the global view and the tiles."""
+        if self.tiling is None:
+            return self.image(image)[None]
+        return torch.stack([self.image(v) for v in tile_views(image, self.tiling, self.tile_size)])
+
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images already in memory (e.g. received by a server) -> ``(n, 3, H, W)``, in placeholder order."""
-        return torch.stack([self.image(im) for im in images])
+        """Images already in memory (e.g. received by a server) -> ``(views, 3, H, W)``, in placeholder order."""
+        return torch.cat([self.image_views(im) for im in images])
 
     def collate(self, items: list[Prepared], *, left_pad: bool = False, features: FeatureCache | None = None,
                 override_images: list[str] | None = None, on_error: str = "raise") -> Batch:
         """Pad (right for training, left for generation) and attach pixels or cached features."""
         return collate_items(items, self.pad_token_id, left_pad=left_pad, features=features,
-                             preprocess=self.image, override_images=override_images, on_error=on_error)
+                             preprocess=self.image_views, override_images=override_images, on_error=on_error)
 
     def __call__(self, samples: Sequence[Sample], *, for_generation: bool = False,
                  features: FeatureCache | None = None) -> Batch:
@@ -215,7 +250,9 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
                   max_pixels: int | None = None) -> Batch:
     """Pad to the longest row and attach images, from the feature cache or through ``preprocess``.
 
-    ``override_images`` replaces every image (used to test image reliance with a blank picture).
+    ``override_images`` replaces every image (used to test image reliance with a blank picture); it is
+    resized to each original's size, so a tiled image keeps its grid and its token count.
+    ``preprocess`` may give ``(3, H, W)`` or the views ``(V, 3, H, W)`` of a tiled image.
     An image that cannot be loaded raises a :class:`DataError` naming it, its sample and data
     file; with ``on_error="skip"`` its sample is dropped from the batch instead and listed in
     ``Batch.skipped`` (the batch may then have fewer rows, or none). ``max_pixels``: see
@@ -228,18 +265,19 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
     skipped: list[DataError] = []
     for it in items:
         paths_of = [str(p) for p in it.sample.images]
-        if override_images is not None:
-            paths_of = [override_images[0]] * len(paths_of)
         try:
             if not paths_of:
                 pass
             elif features is not None:
-                images.append(features.lookup(paths_of))
+                images.append(features.lookup(paths_of if override_images is None
+                                              else [override_images[0]] * len(paths_of)))
             elif preprocess is not None:
-                images.append(torch.stack([
-                    preprocess(load_image(Path(p), sample_id=it.sample.id, source=it.sample.source,
-                                          max_pixels=max_pixels))
-                    for p in paths_of]))
+                loaded = [load_image(Path(p), sample_id=it.sample.id, source=it.sample.source, max_pixels=max_pixels)
+                          for p in paths_of]
+                if override_images is not None:
+                    blank = load_image(Path(override_images[0]))
+                    loaded = [blank.resize(im.size) for im in loaded]
+                images.append(torch.cat([as_views(preprocess(im)) for im in loaded]))
             else:
                 raise ValueError("collate needs a feature cache or an image preprocessing to load images")
         except DataError as exc:
@@ -272,3 +310,8 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
     if skipped:
         log.warning("dropped %d of %d samples from a batch (first: %s)", len(skipped), len(items), skipped[0])
     return batch
+
+
+def as_views(pixels: torch.Tensor) -> torch.Tensor:
+    """``(3, H, W)`` -> ``(1, 3, H, W)``; the views ``(V, 3, H, W)`` of a tiled image stay as they are."""
+    return pixels[None] if pixels.dim() == 3 else pixels

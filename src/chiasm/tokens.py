@@ -14,13 +14,27 @@ from transformers import PreTrainedTokenizerBase
 if TYPE_CHECKING:
     from chiasm.bridges.base import Bridge
     from chiasm.encoders.base import VisionEncoder
+    from chiasm.highres.tiling import TilingConfig
 
 IMAGE_TOKEN = "<image>"
 
 
-def image_token_count(encoder: VisionEncoder, bridge: Bridge) -> int:
-    """Sequence positions one image occupies: the bridge's token count for the encoder's grid."""
-    return bridge.num_tokens(encoder.grid())
+def image_token_count(encoder: VisionEncoder, bridge: Bridge, image_size: tuple[int, int] | None = None,
+                      tiling: TilingConfig | None = None) -> int:
+    """Sequence positions one image occupies: the bridge's token count for the encoder's grid,
+    times the image's views when it is tiled (see :func:`tokens_for_image`)."""
+    return tokens_for_image(bridge.num_tokens(encoder.grid()), image_size, tiling, encoder.image_size)
+
+
+def tokens_for_image(tokens_per_view: int, image_size: tuple[int, int] | None, tiling: TilingConfig | None,
+                     tile: int) -> int:
+    """The count itself: ``tokens_per_view`` per encoder input, and a tiled image of ``image_size``
+    (width, height) is its global view plus the tiles of the grid chosen for that size alone."""
+    if tiling is None or image_size is None:
+        return tokens_per_view
+    from chiasm.highres.tiling import n_views
+
+    return tokens_per_view * n_views(image_size, tiling, tile)
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -163,3 +163,22 @@ def _stretch(values: np.ndarray) -> np.ndarray:
 def _grey(values: np.ndarray) -> Image.Image:
     grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(grey).convert("RGB")
+
+
+def image_size(path: str | Path, *, sample_id: str | None = None, source: str | None = None) -> tuple[int, int]:
+    """(width, height) of the image :func:`load_image` returns, from the header alone (no decoding).
+
+    A tiled image's token count follows from its size, so the size is read before any pixel:
+    the EXIF orientation that :func:`load_image` applies swaps the sides for rotations by 90 degrees.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found", source=source, sample_id=sample_id, image=str(path)) from None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read the image's size: {exc}", source=source, sample_id=sample_id,
+                        image=str(path)) from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -87,8 +87,10 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         with torch.no_grad():
             paths = [str(p) for s in samples for p in s.images] + [str(blank)]
             owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
-            feats = FeatureCache.build(model.encoder, paths, cache_dir=None, show_progress=False,
-                                       preprocess=model.processor.image, owners=owners)
+            # A tiled image is several views, encoded with its batch rather than cached as one row.
+            feats = None if model.config.tiling is not None else FeatureCache.build(
+                model.encoder, paths, cache_dir=None, show_progress=False, preprocess=model.processor.image,
+                owners=owners)
         preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            features=feats, desc="VQA")
         blank_preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -99,12 +101,23 @@ def evaluate(model: VisionLanguageModel, cfg: EvalConfig, out_dir: Path | None =
         results["blank"] = {k: v for k, v in blank_scored.items() if k not in ("hits", "scores")}
         results["reliance"] = vqa.reliance_verdict(scored["overall"], blank_scored["overall"],
                                                    results["chance"]["overall"])
+        if cfg.scorer == "iou":  # grounding: Acc@0.5 and mean IoU, boxes drawn on the report's images
+            from chiasm.grounding.draw import draw_prediction
+            from chiasm.grounding.scorer import grounding_summary
+
+            results["grounding"] = grounding_summary(samples, preds)
         step = max(1, len(samples) // n_examples)
+        shown = list(zip(samples, preds, scored["hits"], strict=True))[::step][:n_examples]
+        drawn = {}
+        if cfg.scorer == "iou" and out_dir is not None:
+            drawn = {s.id: draw_prediction(s, p, Path(out_dir) / "boxes" / f"{k:04d}.png")
+                     for k, (s, p, _) in enumerate(shown)}
         results["samples"] = [
-            {"image": str(s.images[0]) if s.images else "", "question": s.conversations[-2].text.replace(
+            {"image": str(drawn.get(s.id) or (s.images[0] if s.images else "")),
+             "question": s.conversations[-2].text.replace(
                 "<image>", "").strip() if len(s.conversations) >= 2 else "", "answer": p,
              "truth": vqa.truth_of(s), "correct": h, "question_type": s.meta.get("question_type", "")}
-            for s, p, h in list(zip(samples, preds, scored["hits"], strict=True))[::step][:n_examples]]
+            for s, p, h in shown]
         timings["vqa_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     results["retention"] = retention_report(model, cfg, base)
@@ -137,8 +150,9 @@ def vqa_accuracy(model: VisionLanguageModel, cfg: EvalConfig) -> dict:
     samples = eval_samples(cfg)
     with torch.no_grad():
         owners = {str(p): (s.source, s.id) for s in reversed(samples) for p in s.images}
-        feats = FeatureCache.build(model.encoder, list(owners), cache_dir=None, show_progress=False,
-                                   preprocess=model.processor.image, owners=owners)
+        feats = None if model.config.tiling is not None else FeatureCache.build(
+            model.encoder, list(owners), cache_dir=None, show_progress=False, preprocess=model.processor.image,
+            owners=owners)
     preds = vqa.answer(model, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                        features=feats, desc="VQA (other wording)")
     scored = vqa.score(samples, preds, cfg.scorer)

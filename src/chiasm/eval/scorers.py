@@ -8,6 +8,7 @@ A scorer is chosen by exact name (``EvalConfig.scorer``) in :data:`SCORERS`:
   :func:`soft_accuracy`.
 - ``synthetic``: the synthetic world's own normaliser (``chiasm.synthetic.answers``),
   imported only when named.
+- ``iou``: a box answer is a hit at IoU >= 0.5 (Acc@0.5), see ``chiasm.grounding.scorer``.
 
 Scores lie in ``[0, 1]``; a sample counts as a *hit* only with full credit.
 """
@@ -49,7 +50,8 @@ class Scorer:
         truth_of(sample)
 
 
-SCORERS: Registry[Scorer] = Registry("VQA scorer", plugins={"synthetic": "chiasm.synthetic.answers"})
+SCORERS: Registry[Scorer] = Registry("VQA scorer", plugins={"synthetic": "chiasm.synthetic.answers",
+                                                                 "iou": "chiasm.grounding.scorer"})
 
 
 def get_scorer(name: str) -> Scorer:

@@ -99,7 +99,8 @@ def prepare(request: Request, processor: Processor, context: int) -> PreparedReq
     check_conversation(request)
     images = [open_image(im, n) for n, im in enumerate(request.images, start=1)]
     sample = Sample(id="request", conversations=list(request.conversation),
-                    images=[Path(f"image-{n}") for n in range(len(images))], source="<request>")
+                    images=[Path(f"image-{n}") for n in range(len(images))], source="<request>",
+                    meta={"image_sizes": [im.size for im in images]})  # a tiled image's tokens follow its size
     try:
         ids = processor.conversation.encode_prompt(sample).input_ids
     except (DataError, TemplateProblem) as exc:

@@ -55,6 +55,8 @@ def export_problems(model: VisionLanguageModel) -> list[str]:
         if model.encoder.preprocessing.output_size is None:
             problems.append("image preprocessing without a fixed output size")
     problems += _bridge_problems(model)
+    if cfg.tiling is not None:
+        problems.append("tiling: LLaVA-1.5 takes one view per image, not a global view and tiles")
     if cfg.image_layout != "raster":
         problems.append(f"image_layout {cfg.image_layout!r}: LLaVA puts an image's tokens in one plain run ('raster')")
     if cfg.system_prompt is not None and not ChatTemplate(model.tokenizer).accepts_system:

@@ -34,6 +34,6 @@ def collate(items: list[Prepared], pad_id: int, *, left_pad: bool = False, featu
             model: VisionLanguageModel | None = None, override_images: list[str] | None = None,
             on_error: str = "raise", max_pixels: int | None = None) -> Batch:
     """Pad and attach images: from the feature cache if given, else through the model's processor."""
-    preprocess = model.processor.image if model is not None else None
+    preprocess = model.processor.image_views if model is not None else None
     return collate_items(items, pad_id, left_pad=left_pad, features=features, preprocess=preprocess,
                          override_images=override_images, on_error=on_error, max_pixels=max_pixels)

@@ -33,6 +33,7 @@ from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
+from chiasm.processor import as_views
 from chiasm.train.batches import Batch
 from chiasm.train.packing import build_rows, check_packable, pack_rows
 from chiasm.train.skips import loader_skips_before
@@ -112,8 +113,8 @@ class SampleDataset(Dataset):
             return None
         if self.features is not None:
             return self.features.lookup(paths)
-        return torch.stack([self.preprocess(load_image(Path(p), sample_id=s.id, source=s.source,
-                                                       max_pixels=self.max_pixels)) for p in paths])
+        return torch.cat([as_views(self.preprocess(load_image(Path(p), sample_id=s.id, source=s.source,
+                                                               max_pixels=self.max_pixels))) for p in paths])
 
 
 class Collator:
@@ -204,7 +205,7 @@ class StageLoader:
         self.stage, self.rank, self.world, self.stage_dir = stage, rank, world, stage_dir
         processor = model.processor  # the tokenizer and image steps inference uses too
         dataset = SampleDataset(samples, processor.conversation, features=features,
-                                preprocess=None if features is not None else processor.image,
+                                preprocess=None if features is not None else processor.image_views,
                                 max_pixels=stage.max_image_pixels)
         self.sampler = PlanBatchSampler(plan, rank, start_step)
         if stage.num_workers:

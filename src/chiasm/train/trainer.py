@@ -236,6 +236,8 @@ class Trainer:
     def _features(self, paths: list[str], stage: StageConfig, samples: list) -> FeatureCache | None:
         if stage.encoder.mode != "frozen":
             return None
+        if self.model.config.tiling is not None and stage.objective == "lm":
+            return None  # a tiled image has as many feature rows as views: encoded every step, not cached
         if not stage.feature_cache:
             if stage.objective != "lm":
                 raise ValueError(f"stage {stage.name!r}: objective {stage.objective!r} reads cached features; "

@@ -1,0 +1,177 @@
+"""Targets of high resolution, several images, video and grounding, each measured and written as JSON.
+
+* ``small_objects``: the same encoder + bridge + LM and training budget, tiled (global view +
+  tiles) vs the single view; target: tiled >= single + 20 points of VQA accuracy;
+* ``gui``: GUI grounding on held-out screens, Acc@0.5 >= 70%, EfficientNet-Lite0 + SmolLM2-135M
+  trained in under 20 minutes on a CPU;
+* ``which_image`` / ``what_changed``: >= 80% on held-out questions, and every image blanked
+  within chance + 10 points;
+* ``overhead``: a training step on tiled images vs the same number of views as a plain batch of
+  images; target: at most 10% more time.
+
+Run (offline; the LM is the packaged SmolLM2-135M-Instruct): ``python benchmarks/seeing_targets.py
+--only overhead --out results.json``; ``--quick`` shrinks every world and budget for a smoke run
+whose numbers mean nothing. Timing on a machine shared with other jobs is noisy: say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from chiasm.config import RunConfig, from_dict
+from chiasm.data.sample import Sample, Turn
+from chiasm.highres.tiling import TilingConfig
+from chiasm.model import VisionLanguageModel
+
+LM = "packaged:smollm2-135m-instruct"
+LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_config(train: Path, evaluation: Path, out: Path, *, tiling: dict | None, image_size: int, steps: int,
+               scorer: str, max_new_tokens: int, batch_size: int = 8) -> RunConfig:
+    """EfficientNet-Lite0 -> pooling bridge -> SmolLM2 (LoRA), one instruct stage of ``steps`` steps."""
+    model = {"system_prompt": "You are a helpful assistant.",
+             "encoder": {"name": "efficientnet-lite0", "image_size": image_size},
+             "bridge": {"name": "mlp"}, "lm": {"source": LM}, "tiling": tiling}
+    stage = {"name": "instruct", "data": str(train), "max_steps": steps, "batch_size": batch_size, "lr": 5e-4,
+             "encoder": {"mode": "frozen"}, "bridge": {"mode": "full"},
+             "lm": {"mode": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 3e-4, "lora_targets": LORA}}
+    return from_dict(RunConfig, {"model": model, "stages": [stage], "output_dir": str(out), "precision": "fp32",
+                                 "eval": {"data": str(evaluation), "batch_size": 16, "retention_prompts": 1,
+                                          "retention_tokens": 256, "max_new_tokens": max_new_tokens,
+                                          "scorer": scorer}})
+
+
+def train_and_eval(cfg: RunConfig) -> dict:
+    from chiasm.eval.evaluate import evaluate
+    from chiasm.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    model = Trainer(cfg).run()
+    train_s = time.perf_counter() - t0
+    res = evaluate(model, cfg.eval, out_dir=Path(cfg.output_dir))
+    return {"train_s": train_s, "vqa": res["vqa"]["overall"], "blank": res["blank"]["overall"],
+            "chance": res["chance"]["overall"], "grounding": res.get("grounding")}
+
+
+def world_target(kind: str, work: Path, quick: bool) -> dict:
+    from chiasm.synthetic.gui import make_gui_world
+    from chiasm.synthetic.seeing import make_seeing_world
+
+    n_train, n_eval, steps = (24, 8, 3) if quick else (1200, 100, 600)
+    if kind == "gui":
+        files = make_gui_world(work / kind, n_train=n_train, n_eval=n_eval)
+    else:
+        files = make_seeing_world(kind, work / kind, n_train=n_train, n_eval=n_eval)
+    tiled = {"mode": "aspect", "max_tiles": 6}
+    runs = {}
+    if kind == "small_objects":
+        variants = {"single_view": None, "tiled": tiled}
+    elif kind == "gui":
+        variants = {"tiled": tiled}
+    else:
+        variants = {"single_view": None}
+    for name, tiling in variants.items():
+        cfg = run_config(files["train"], files["eval"], work / f"{kind}-{name}", tiling=tiling, image_size=224,
+                         steps=steps, scorer="iou" if kind == "gui" else "exact",
+                         max_new_tokens=24 if kind == "gui" else 8)
+        runs[name] = train_and_eval(cfg)
+    return runs
+
+
+def overhead(work: Path, quick: bool, tiny: bool = False, separators: str = "markers") -> dict:
+    """Train-step time: tiled images (views + separators) vs the same views as plain separate images.
+
+    ``tiny``: a 64-pixel tiny-vit and a 2-layer random LM in place of EfficientNet-Lite0 + SmolLM2
+    (the step is then dominated by what tiling adds, the harshest case for the ratio).
+    """
+    from PIL import Image
+
+    from chiasm.config import BridgeConfig, EncoderConfig, LMConfig, ModelConfig
+
+    work.mkdir(parents=True, exist_ok=True)
+    size = 64 if tiny else 224
+    if tiny:
+        from chiasm.testing import make_tiny_lm
+
+        base = ModelConfig(encoder=EncoderConfig(name="tiny-vit", image_size=size, options={"patch": 16, "dim": 32}),
+                           bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=str(make_tiny_lm(work / "lm"))))
+    else:
+        base = ModelConfig(encoder=EncoderConfig(name="efficientnet-lite0", image_size=size),
+                           bridge=BridgeConfig(name="mlp"), lm=LMConfig(source=LM))
+    wide = work / "wide.png"
+    Image.effect_noise((2 * size * 2, size * 2), 60).convert("RGB").save(wide)  # 2:1 -> 1 x 2 grid, 3 views
+    view_paths = []
+    for k in range(3):
+        view_paths.append(work / f"view-{k}.png")
+        Image.effect_noise((size, size), 60).convert("RGB").save(view_paths[-1])
+    rows = 2 if quick else 4
+    tiling = TilingConfig(mode="aspect", max_tiles=4, separators=separators)  # type: ignore[arg-type]
+    tiled_model = VisionLanguageModel.build(replace(base, tiling=tiling))
+    plain_model = VisionLanguageModel.build(base)
+    plain_model.load_state_dict(tiled_model.state_dict())
+    q = [Turn("human", "<image>\nWhat is shown?"), Turn("gpt", "noise")]
+    tiled_batch = tiled_model.processor.collate(tiled_model.processor.prepare(
+        [Sample(f"t{i}", q, [wide]) for i in range(rows)])[0])
+    qp = [Turn("human", "<image><image><image>\nWhat is shown?"), Turn("gpt", "noise")]
+    plain_batch = plain_model.processor.collate(plain_model.processor.prepare(
+        [Sample(f"p{i}", qp, view_paths) for i in range(rows)])[0])
+    assert tiled_batch.pixels.shape == plain_batch.pixels.shape
+
+    def step(model: VisionLanguageModel, batch) -> float:
+        t0 = time.perf_counter()
+        out = model(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"tiled": [], "plain": []}
+    for k in range(2 + (3 if quick else 10)):  # interleaved, first two are warm-up
+        for name, model, batch in (("tiled", tiled_model, tiled_batch), ("plain", plain_model, plain_batch)):
+            t = step(model, batch)
+            if k >= 2:
+                times[name].append(t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    parts = "tiny-vit + 2-layer LM" if tiny else "efficientnet-lite0 + SmolLM2-135M"
+    return {"separators": separators, "parts": parts, "rows": rows,
+            "views_per_row": 3, "tiled_s": med["tiled"], "plain_s": med["plain"],
+            "overhead": med["tiled"] / med["plain"] - 1, "tokens": {
+                "tiled": int(tiled_batch.input_ids.shape[1]), "plain": int(plain_batch.input_ids.shape[1])}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="seeing_targets.json")
+    p.add_argument("--only", choices=["overhead", "small_objects", "gui", "which_image", "what_changed"])
+    p.add_argument("--quick", action="store_true", help="tiny worlds and budgets: a smoke run, not a measurement")
+    p.add_argument("--tiny", action="store_true", help="overhead with tiny random parts (fast, harsher ratio)")
+    p.add_argument("--separators", choices=["markers", "row_end", "none"], default="markers",
+                   help="what the tiled images write between views (overhead)")
+    p.add_argument("--work", help="folder for worlds and runs (default: a temporary one)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="seeing-"))
+    names = [args.only] if args.only else ["overhead", "small_objects", "gui", "which_image", "what_changed"]
+    results: dict = {"quick": args.quick}
+    for name in names:
+        t0 = time.perf_counter()
+        if name == "overhead":
+            results[name] = overhead(work / name, args.quick, args.tiny, args.separators)
+        else:
+            results[name] = world_target(name, work, args.quick)
+        results[name]["wall_s"] = time.perf_counter() - t0
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(name, json.dumps(results[name]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dynamic high resolution: an image as a global view plus tiles of the original (chiasm.highres.tiling)."""
