@@ -49,18 +49,6 @@ def test_iou_matches_counting_pixels() -> None:
     assert iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
 
 
-def test_iou_matches_torchvision() -> None:
-    tv = pytest.importorskip("torchvision")
-    import torch
-
-    rng = random.Random(1)
-    a = [(x, y, x + rng.uniform(1, 50), y + rng.uniform(1, 50)) for x, y in
-         ((rng.uniform(0, 50), rng.uniform(0, 50)) for _ in range(20))]
-    ref = tv.ops.box_iou(torch.tensor(a), torch.tensor(a[::-1]))
-    for i in range(20):
-        assert iou(a[i], a[::-1][i]) == pytest.approx(float(ref[i, i]), abs=1e-5)
-
-
 def test_bad_boxes_name_the_sample() -> None:
     with pytest.raises(DataError, match=r"sample 's9'.*x1 < x0"):
         check_box([50, 10, 20, 30], (100, 100), source="d.json", sample_id="s9")

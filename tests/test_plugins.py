@@ -64,7 +64,7 @@ def test_each_synthetic_name_is_registered_by_its_plugin_module() -> None:
     assert PREALIGN.get("words") is WordTargetObjective and PREALIGN.get("contrastive") is ContrastiveObjective
     assert SCORERS.get("synthetic") is SyntheticScorer
     assert LAYOUTS.names() == ["quadrants", "raster"]
-    assert SCORERS.names() == ["exact", "synthetic", "vqa_soft"]
+    assert SCORERS.names() == ["exact", "iou", "synthetic", "vqa_soft"]
 
 
 def test_plugin_table_lookup_errors_name_the_module() -> None:
@@ -97,7 +97,7 @@ def test_declare_adds_a_plugin_once() -> None:
 @pytest.mark.parametrize(("cls", "data", "message"), [
     (ModelConfig, {"image_layout": "spiral"},
      r"image_layout: unknown image layout 'spiral'; known: quadrants, raster"),
-    (EvalConfig, {"scorer": "fuzzy"}, r"scorer: unknown VQA scorer 'fuzzy'; known: exact, synthetic, vqa_soft"),
+    (EvalConfig, {"scorer": "fuzzy"}, r"scorer: unknown VQA scorer 'fuzzy'; known: exact, iou, synthetic, vqa_soft"),
     (StageConfig, {"name": "pre", "data": "d.json", "objective": "Words"},
      r"stage 'pre': objective: unknown objective 'Words'; known: contrastive, lm, words"),
 ])

@@ -92,11 +92,11 @@ def test_score_means_overall_and_per_type_and_full_credit_hits() -> None:
     assert scored["hits"] == [False, True, False]
     assert scored["overall"] == pytest.approx(1.9 / 3) and scored["n"] == 3
     assert scored["per_type"] == pytest.approx({"animal": 0.95, "count": 0.0})
-    with pytest.raises(ValueError, match="unknown VQA scorer 'soft'; known: exact, synthetic, vqa_soft"):
+    with pytest.raises(ValueError, match="unknown VQA scorer 'soft'; known: exact, iou, synthetic, vqa_soft"):
         vqa.score(samples, ["dog", "dog", "3"], "soft")
 
 
 def test_chiasm_eval_refuses_an_unknown_scorer_before_loading_a_model(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", "--model", str(tmp_path / "absent"), "--scorer", "fuzzy"]) == 2
-    assert "unknown VQA scorer 'fuzzy'; known: exact, synthetic, vqa_soft" in capsys.readouterr().err
+    assert "unknown VQA scorer 'fuzzy'; known: exact, iou, synthetic, vqa_soft" in capsys.readouterr().err
