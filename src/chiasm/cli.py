@@ -1,4 +1,4 @@
-"""The ``chiasm`` command: demo, train, eval, chat, serve, import, export."""
+"""The ``chiasm`` command: demo, train, eval, chat, serve, import, export, transcribe, speech."""
 
 from __future__ import annotations
 
@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["hf"])
     x.add_argument("out", help="the checkpoint folder to write (new or empty)")
     x.set_defaults(func=_cmd_export)
+
+    from chiasm.speech.cli import add_speech_parsers
+
+    add_speech_parsers(sub)
     return p
 
 
