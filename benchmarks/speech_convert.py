@@ -62,7 +62,8 @@ def compare(name: str, data: list) -> dict:
     return {"model": name, "convert_and_load_s": t_load, "clips": len(rows),
             "tokens_equal": sum(r["tokens_equal"] for r in rows),
             "encoder_max_abs_diff": max(r["encoder_max_abs_diff"] for r in rows),
-            "wer_chiasm": error_rates(refs, ours, "en")["wer"], "wer_faster_whisper": error_rates(refs, theirs, "en")["wer"],
+            "wer_chiasm": error_rates(refs, ours, "en")["wer"],
+            "wer_faster_whisper": error_rates(refs, theirs, "en")["wer"],
             "rows": rows}
 
 

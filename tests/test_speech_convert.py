@@ -41,7 +41,8 @@ def tiny_ct2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     w.tokenizer.save_pretrained(src)
     w.features.save_pretrained(src)
     out = tmp_path_factory.mktemp("ct2") / "model"
-    ct2.converters.TransformersConverter(str(src), copy_files=["tokenizer.json"]).convert(str(out), quantization="float32")
+    converter = ct2.converters.TransformersConverter(str(src), copy_files=["tokenizer.json"])
+    converter.convert(str(out), quantization="float32")
     return out, w
 
 
@@ -83,7 +84,7 @@ def test_reader_refuses_other_files(tmp_path: Path) -> None:
     bad.write_bytes(b"\x06\x00\x00\x00\x0c\x00WhisperSp")
     with pytest.raises(ModelFolderError, match="truncated"):
         read_ct2_model(bad)
-    with pytest.raises(ModelFolderError, match="no CTranslate2 model.bin"):
+    with pytest.raises(ModelFolderError, match=r"no CTranslate2 model\.bin"):
         read_ct2_model(tmp_path / "nothing")
 
 

@@ -19,7 +19,8 @@ def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.
 
 
 def spec_augment(feats: torch.Tensor, speech_frames: list[int], generator: torch.Generator, *,
-                 freq_masks: int = 2, max_freq: int = 27, time_masks: int = 2, max_time_frac: float = 0.05) -> torch.Tensor:
+                 freq_masks: int = 2, max_freq: int = 27, time_masks: int = 2,
+                 max_time_frac: float = 0.05) -> torch.Tensor:
     """A masked copy of log-mel ``feats`` (B, n_mels, frames); masks fall within each clip's speech."""
     out = feats.clone()
     n_mels = feats.shape[1]

@@ -104,7 +104,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_speech_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``transcribe`` and ``speech`` on the ``chiasm`` command's subparsers."""
-    t = sub.add_parser("transcribe", help="speech to text with a Whisper model (offline: packaged:tiny.en, packaged:base)")
+    t = sub.add_parser("transcribe",
+                       help="speech to text with a Whisper model (offline: packaged:tiny.en, packaged:base)")
     t.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, raw 16 kHz PCM); over 30 s is windowed")
     t.add_argument("--model", default=DEFAULT_MODEL,
                    help="packaged:tiny.en, packaged:base, a transformers or CTranslate2 Whisper folder, or a hub id")
@@ -115,7 +116,8 @@ def add_speech_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("speech", help="Whisper: convert, build data, fine-tune, evaluate")
     ss = s.add_subparsers(dest="speech_command", required=True)
-    c = ss.add_parser("convert", help="write a Whisper (packaged:NAME or a CTranslate2 folder) as a transformers folder")
+    c = ss.add_parser("convert",
+                      help="write a Whisper (packaged:NAME or a CTranslate2 folder) as a transformers folder")
     c.add_argument("source")
     c.add_argument("out")
     c.set_defaults(func=_cmd_convert)

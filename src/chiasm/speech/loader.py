@@ -108,8 +108,8 @@ def load_whisper(source: str) -> Whisper:
         w.source = source
         return w
     path = Path(source)
-    if path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file() \
-            or path.is_dir() and (path / "model.bin").is_file() and "architectures" not in _read_json(path):
+    if (path.is_dir() and (path / "model.bin").is_file() and not (path / "config.json").is_file()) \
+            or (path.is_dir() and (path / "model.bin").is_file() and "architectures" not in _read_json(path)):
         from chiasm.speech.ct2_to_hf import convert_ct2_folder
 
         model, tok, fe = convert_ct2_folder(path)

@@ -55,8 +55,13 @@ def language_code(language: str | None) -> str | None:
 
 
 def is_multilingual(tok: WhisperTokenizer) -> bool:
-    """Whether the vocabulary has language tokens beyond English (an ``.en`` model has none it uses)."""
-    return len(tok) >= 51865
+    """Whether this is a multilingual vocabulary.
+
+    An ``.en`` tokenizer lists language tokens too, but its model was never trained on them;
+    its byte-pair vocabulary is one entry shorter (GPT-2's), so ``<|endoftext|>`` is 50256
+    there and 50257 in the multilingual one.
+    """
+    return tok.convert_tokens_to_ids("<|endoftext|>") >= 50257
 
 
 def decoder_prompt(tok: WhisperTokenizer, language: str | None, task: str = "transcribe") -> list[int]:
