@@ -129,3 +129,32 @@ def test_english_only_model_refuses_other_languages() -> None:
     assert len(decoder_prompt(w.tokenizer, "en")) == 2
     with pytest.raises(ValueError, match="English-only"):
         decoder_prompt(w.tokenizer, "de")
+
+
+@pytest.mark.parametrize("packaged,language", [("base", "de"), ("tiny.en", None)])
+def test_generation_equals_a_greedy_loop_over_the_prompt(packaged: str, language: str | None) -> None:
+    """generate (as transcribe calls it) must decode after exactly the prompt the labels are trained with."""
+    import torch
+
+    from chiasm.speech.tiny import tiny_whisper
+    from chiasm.speech.tokens import decoder_prompt
+    from chiasm.speech.transcribe import features, generate_ids
+
+    try:
+        w = tiny_whisper(packaged, d_model=32, layers=1, heads=2, seed=5)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    audio = np.random.default_rng(1).standard_normal(8000).astype(np.float32) * 0.1
+    feats = features(w, [audio])
+    ids = decoder_prompt(w.tokenizer, language)
+    eot = w.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    steps = 8
+    with torch.no_grad():
+        for i in range(steps):
+            logits = w.model(input_features=feats, decoder_input_ids=torch.tensor([ids])).logits[0, -1]
+            if i == 0:
+                logits[[220, eot]] = -float("inf")  # begin_suppress_tokens
+            ids.append(int(logits.argmax()))
+    expected = [t for t in ids[len(decoder_prompt(w.tokenizer, language)):] if t < eot]
+    got = generate_ids(w, feats, language=language, max_new_tokens=steps)[0]
+    assert got == expected[: len(got)] and len(got) >= min(len(expected), steps - 1)

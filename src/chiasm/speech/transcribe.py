@@ -7,7 +7,7 @@ import torch
 
 from chiasm.speech.audio import MAX_SECONDS, SAMPLE_RATE, chunks
 from chiasm.speech.loader import Whisper
-from chiasm.speech.tokens import decoder_prompt, language_code
+from chiasm.speech.tokens import decoder_prompt, is_multilingual, language_code
 
 CHUNK_OVERLAP_S = 1.0  # seconds shared by consecutive 30 s windows of a long recording
 
@@ -22,17 +22,18 @@ def generate_ids(w: Whisper, feats: torch.Tensor, *, language: str | None = None
                  num_beams: int = 1, max_new_tokens: int = 200) -> list[list[int]]:
     """The text tokens (prompt and end token removed) for each row of ``feats``."""
     prompt = decoder_prompt(w.tokenizer, language, task)  # refuses a language the model has no token for
-    start = torch.tensor([prompt] * feats.shape[0], device=feats.device)
     limit = min(max_new_tokens, w.model.config.max_target_positions - len(prompt))
+    # transformers' Whisper generate builds the prompt itself from language and task (a prompt
+    # passed as decoder_input_ids is taken as text after its own start tokens).
+    lang_task = {"language": language, "task": task} if is_multilingual(w.tokenizer) else {}
     with torch.no_grad():
-        out = w.model.generate(feats, decoder_input_ids=start, num_beams=num_beams, do_sample=False,
-                               max_new_tokens=limit, return_timestamps=False)
-    eot = w.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    first_special = w.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        out = w.model.generate(feats, num_beams=num_beams, do_sample=False, max_new_tokens=limit,
+                               return_timestamps=False, **lang_task)
+    eot = w.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # every special token's id is at or above it
     rows = []
     for row in out.tolist():
         row = row[len(prompt):] if row[: len(prompt)] == prompt else row
-        rows.append([t for t in row if t < first_special and t != eot])
+        rows.append([t for t in row if t < eot])
     return rows
 
 
