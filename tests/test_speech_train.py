@@ -88,3 +88,20 @@ def test_cli_names_a_bad_audio_file_before_loading(tmp_path: Path, capsys: pytes
     (tmp_path / "x.wav").write_bytes(b"garbage")
     assert main(["transcribe", str(tmp_path / "x.wav"), "--model", str(tmp_path / "no-such-model")]) == 2
     assert "x.wav: unreadable audio" in capsys.readouterr().err
+
+
+def test_eval_cli_writes_table_and_report(tmp_path: Path, clips: Path, capsys: pytest.CaptureFixture) -> None:
+    from chiasm.cli import main
+    from chiasm.speech.loader import save_whisper
+
+    folder = save_whisper(_whisper(), tmp_path / "tiny")
+    out = tmp_path / "eval"
+    assert main(["speech", "eval", "--model", str(folder), "--data", f"tones={clips}", "--beams", "1", "--beams", "2",
+                 "--max-samples", "2", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "tones" in table and "greedy WER" in table and "beam2 WER" in table
+    results = json.loads((out / "speech_eval.json").read_text())
+    row = results["greedy"]["sets"][0]
+    assert row["clips"] == 2 and row["words"] == 4 and row["wer"] is not None
+    page = (out / "report.html").read_text()
+    assert page.count("<audio") == 2 and "ref: eins zwei" in page
