@@ -32,12 +32,8 @@ def apply_mode(model: nn.Module, stage: SpeechStage) -> nn.Module:
             p.requires_grad = "lora_" in n
     else:
         base = model.get_base_model() if hasattr(model, "peft_config") else model
-        for n, p in base.named_parameters():
+        for n, p in base.named_parameters():  # full: everything; frozen_encoder: all but the encoder
             p.requires_grad = stage.mode == "full" or not n.startswith("model.encoder.")
-        if stage.mode == "frozen_encoder":
-            for n, p in base.named_parameters():
-                if n.startswith("model.encoder."):
-                    p.requires_grad = False
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log.info("stage %s (%s): trains %.2fM parameters, freezes %.2fM", stage.name, stage.mode, trained / 1e6,
