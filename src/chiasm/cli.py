@@ -1,4 +1,4 @@
-"""The ``chiasm`` command: demo, train, eval, chat, serve, import, export, clip."""
+"""The ``chiasm`` command: demo, train, eval, chat, serve, import, export, clip, world, transcribe, speech."""
 
 from __future__ import annotations
 
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     from chiasm.synthetic.seeing_cli import add_world_parser
 
     add_world_parser(sub)
+    from chiasm.speech.cli import add_speech_parsers
+
+    add_speech_parsers(sub)
     return p
 
 
