@@ -355,5 +355,24 @@ def load_config(path: str | Path) -> RunConfig:
     return cfg
 
 
+def read_config_file(path: str | Path, cls: type) -> Any:
+    """A TOML (by its ``.toml`` suffix) or JSON file parsed into the dataclass ``cls``; errors name the file.
+
+    The companions' run configs (CLIP, diffusion, speech) are read with it; each checks its values next.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError both are ValueErrors
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

@@ -6,13 +6,11 @@ in every run folder, and ``--resume`` checks the saved copy against the new one)
 
 from __future__ import annotations
 
-import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from chiasm.config import ConfigError, EncoderConfig, from_dict
+from chiasm.config import ConfigError, EncoderConfig, read_config_file
 
 
 @dataclass
@@ -116,19 +114,7 @@ class ClipRunConfig:
 
 
 def load_clip_config(path: str | Path) -> ClipRunConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
-    try:
-        data: dict[str, Any] = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
-    try:
-        cfg = from_dict(ClipRunConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    cfg = read_config_file(path, ClipRunConfig)
     check_clip_config(cfg, str(path))
     return cfg
 

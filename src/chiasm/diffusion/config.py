@@ -6,12 +6,10 @@ saved as ``config.json`` in the run folder and in the model folder, which sampli
 
 from __future__ import annotations
 
-import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chiasm.config import ConfigError, from_dict
+from chiasm.config import ConfigError, read_config_file
 from chiasm.diffusion.data import SOURCES
 from chiasm.diffusion.network import NetConfig
 from chiasm.diffusion.schedule import ScheduleConfig
@@ -82,15 +80,4 @@ def check(cfg: DiffusionConfig, where: str) -> DiffusionConfig:
 
 
 def load_diffusion_config(path: str | Path) -> DiffusionConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
-    try:
-        cfg = from_dict(DiffusionConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return check(cfg, str(path))
+    return check(read_config_file(path, DiffusionConfig), str(path))

@@ -6,13 +6,11 @@ key named; the fully resolved copy is saved as ``RUN/config.json``.
 
 from __future__ import annotations
 
-import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from chiasm.config import ConfigError, from_dict
+from chiasm.config import ConfigError, read_config_file
 
 
 @dataclass
@@ -67,17 +65,7 @@ class SpeechRunConfig:
 
 
 def load_speech_config(path: str | Path) -> SpeechRunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
-    try:
-        cfg = from_dict(SpeechRunConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    cfg = read_config_file(path, SpeechRunConfig)
     problems = []
     if not cfg.stages and cfg.train:
         problems.append("train data given but no [[stages]]")
