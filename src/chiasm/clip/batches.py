@@ -108,7 +108,7 @@ class StreamBatches(IterableDataset):
         info = get_worker_info()
         if info is not None and info.num_workers > 1:
             raise ValueError("streamed shards are read by one worker per rank (set train.workers to 0 or 1)")
-        step, epoch, pending = 0, 0, []
+        step, pending = 0, []
         while True:
             n_before = step
             for sample in stream(self.files, rank=self.rank, world=self.world, on_error=self.on_error):
@@ -118,6 +118,5 @@ class StreamBatches(IterableDataset):
                         caps = [pick_caption(s.captions, self.seed, step, k) for k, s in enumerate(pending)]
                         yield Batch([-1] * self.b, torch.stack([self.preprocess(s.image) for s in pending]), caps)
                     step, pending = step + 1, []
-            epoch += 1
             if step == n_before:
                 raise DataError(f"the shards hold fewer than one batch of {self.b} pairs for rank {self.rank}")

@@ -38,7 +38,8 @@ def evaluate_clip(model: ClipModel, data: ClipDataConfig, out: Path | None, *, t
     result: dict = {"data": pairs.name, "n": len(pairs)}
     if pairs.labels is not None:
         templates = check_templates(templates or list(EVAL_TEMPLATES), "templates")
-        zs = zero_shot(model, pairs, templates, image_emb=emb)
+        weights = classifier(model, pairs.classes, templates)
+        zs = zero_shot(model, pairs, templates, image_emb=emb, weights=weights)
         seen = training_templates(model_dir) if model_dir is not None else None
         zs["templates_seen_in_training"] = sorted(set(templates) & set(seen)) if seen is not None else None
         result["zero_shot"] = zs
@@ -50,7 +51,7 @@ def evaluate_clip(model: ClipModel, data: ClipDataConfig, out: Path | None, *, t
         (out / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
         if "zero_shot" in result:
             plot_confusion(result["zero_shot"], out / "confusion.png")
-            plot_embeddings(emb, pairs.labels, classifier(model, pairs.classes, templates), pairs.classes,
+            plot_embeddings(emb, pairs.labels, weights, pairs.classes,
                             out / "embeddings.png")
         metrics = (run_dir or out) / "metrics.jsonl"
         if metrics.is_file():

@@ -88,8 +88,10 @@ def pixel_cache(pairs: PairSet, preprocess, limit_gb: float, *, skip_bad: bool =
     bad: dict[int, str] = {}
     if limit_gb <= 0:
         return None, bad
-    first = next((x for i in range(len(pairs)) if (x := decode(pairs, i, preprocess, bad if skip_bad else None))
-                  is not None), None)
+    start, first = 0, None
+    while first is None and start < len(pairs):
+        first = decode(pairs, start, preprocess, bad if skip_bad else None)
+        start += 1
     if first is None:
         raise DataError(f"{pairs.name}: no image could be decoded")
     size_gb = len(pairs) * first.numel() * 2 / 1e9
@@ -97,7 +99,8 @@ def pixel_cache(pairs: PairSet, preprocess, limit_gb: float, *, skip_bad: bool =
         log.info("pixels of %d samples need %.1f GB > train.cache_pixels_gb: decoding per batch", len(pairs), size_gb)
         return None, bad
     cache = torch.zeros((len(pairs), *first.shape), dtype=torch.float16)
-    for i in tqdm(range(len(pairs)), desc="preprocessing images", unit="img", leave=False, mininterval=1):
+    cache[start - 1] = first
+    for i in tqdm(range(start, len(pairs)), desc="preprocessing images", unit="img", leave=False, mininterval=1):
         x = decode(pairs, i, preprocess, bad if skip_bad else None)
         if x is not None:
             cache[i] = x

@@ -42,12 +42,12 @@ def classifier(model: ClipModel, classes: Sequence[str], templates: Sequence[str
 
 
 def zero_shot(model: ClipModel, pairs: PairSet, templates: Sequence[str], *, batch_size: int = 512,
-              image_emb: torch.Tensor | None = None) -> dict:
+              image_emb: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict:
     """Top-1 / top-5 accuracy, per-class recall and the confusion matrix on a labelled set."""
     if pairs.classes is None or pairs.labels is None:
         raise ValueError(f"{pairs.name}: zero-shot classification needs class names and labels")
     emb = image_embeddings(model, pairs, batch_size) if image_emb is None else image_emb
-    weights = classifier(model, pairs.classes, templates)
+    weights = classifier(model, pairs.classes, templates) if weights is None else weights
     scores = emb @ weights.T
     labels = torch.tensor(pairs.labels)
     k = min(5, len(pairs.classes))
