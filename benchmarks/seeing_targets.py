@@ -36,11 +36,18 @@ LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 
 def run_config(train: Path, evaluation: Path, out: Path, *, tiling: dict | None, image_size: int, steps: int,
-               scorer: str, max_new_tokens: int, batch_size: int = 8) -> RunConfig:
-    """EfficientNet-Lite0 -> pooling bridge -> SmolLM2 (LoRA), one instruct stage of ``steps`` steps."""
-    model = {"system_prompt": "You are a helpful assistant.",
-             "encoder": {"name": "efficientnet-lite0", "image_size": image_size},
-             "bridge": {"name": "mlp"}, "lm": {"source": LM}, "tiling": tiling}
+               scorer: str, max_new_tokens: int, batch_size: int = 8, grid: int | None = None) -> RunConfig:
+    """EfficientNet-Lite0 -> MLP bridge -> SmolLM2 (LoRA), one instruct stage of ``steps`` steps.
+
+    ``grid``: the encoder's token grid per view (its last map average-pooled to grid x grid), so
+    a tiled image costs the LM views x grid^2 positions rather than views x 49.
+    """
+    encoder: dict = {"name": "efficientnet-lite0", "image_size": image_size}
+    if grid:
+        encoder["options"] = {"grid": grid}
+    model = {"system_prompt": "You are a helpful assistant.", "encoder": encoder,
+             "bridge": {"name": "mlp", "options": {"norm": True, "pos_dim": 32}}, "lm": {"source": LM},
+             "tiling": tiling}
     stage = {"name": "instruct", "data": str(train), "max_steps": steps, "batch_size": batch_size, "lr": 5e-4,
              "encoder": {"mode": "frozen"}, "bridge": {"mode": "full"},
              "lm": {"mode": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 3e-4, "lora_targets": LORA}}
@@ -62,16 +69,19 @@ def train_and_eval(cfg: RunConfig) -> dict:
             "chance": res["chance"]["overall"], "grounding": res.get("grounding")}
 
 
-def world_target(kind: str, work: Path, quick: bool) -> dict:
+def world_target(kind: str, work: Path, quick: bool, *, steps: int = 300, grid: int | None = 3,
+                 max_tiles: int = 9, separators: str = "row_end", batch_size: int = 8) -> dict:
+    """Train and evaluate on world ``kind``; small_objects twice (single view, tiled) on one budget."""
     from chiasm.synthetic.gui import make_gui_world
     from chiasm.synthetic.seeing import make_seeing_world
 
-    n_train, n_eval, steps = (24, 8, 3) if quick else (1200, 100, 600)
+    n_train, n_eval = (24, 8) if quick else (2000, 100)
+    steps = 3 if quick else steps
     if kind == "gui":
         files = make_gui_world(work / kind, n_train=n_train, n_eval=n_eval)
     else:
         files = make_seeing_world(kind, work / kind, n_train=n_train, n_eval=n_eval)
-    tiled = {"mode": "aspect", "max_tiles": 6}
+    tiled = {"mode": "aspect", "max_tiles": max_tiles, "separators": separators}
     runs = {}
     if kind == "small_objects":
         variants = {"single_view": None, "tiled": tiled}
@@ -82,8 +92,9 @@ def world_target(kind: str, work: Path, quick: bool) -> dict:
     for name, tiling in variants.items():
         cfg = run_config(files["train"], files["eval"], work / f"{kind}-{name}", tiling=tiling, image_size=224,
                          steps=steps, scorer="iou" if kind == "gui" else "exact",
-                         max_new_tokens=24 if kind == "gui" else 8)
-        runs[name] = train_and_eval(cfg)
+                         max_new_tokens=24 if kind == "gui" else 8, batch_size=batch_size, grid=grid)
+        runs[name] = {**train_and_eval(cfg), "steps": steps, "batch_size": batch_size, "grid": grid,
+                      "tiling": tiling}
     return runs
 
 
@@ -153,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["overhead", "small_objects", "gui", "which_image", "what_changed"])
     p.add_argument("--quick", action="store_true", help="tiny worlds and budgets: a smoke run, not a measurement")
     p.add_argument("--tiny", action="store_true", help="overhead with tiny random parts (fast, harsher ratio)")
-    p.add_argument("--separators", choices=["markers", "row_end", "none"], default="markers",
-                   help="what the tiled images write between views (overhead)")
+    p.add_argument("--separators", choices=["markers", "row_end", "none"], default="row_end",
+                   help="what the tiled images write between views")
     p.add_argument("--work", help="folder for worlds and runs (default: a temporary one)")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each world run")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grid", type=int, default=3, help="visual tokens per view: grid x grid (0: the map's own 7 x 7)")
+    p.add_argument("--max-tiles", type=int, default=9)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="seeing-"))
@@ -166,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "overhead":
             results[name] = overhead(work / name, args.quick, args.tiny, args.separators)
         else:
-            results[name] = world_target(name, work, args.quick)
+            results[name] = world_target(name, work, args.quick, steps=args.steps, grid=args.grid or None,
+                                         max_tiles=args.max_tiles, separators=args.separators,
+                                         batch_size=args.batch_size)
         results[name]["wall_s"] = time.perf_counter() - t0
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]))

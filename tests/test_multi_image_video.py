@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from chiasm.config import ModelConfig, PolicyConfig, RunConfig, StageConfig
 from chiasm.data.llava import load_llava
 from chiasm.data.sample import DataError, Sample, Turn
 from chiasm.data.video import fit_budget, read_frames, video_turn_text
 from chiasm.model import VisionLanguageModel
 from chiasm.synthetic.seeing import make_seeing_world
+from chiasm.train.trainer import Trainer
 
 
 def test_frames_from_a_folder_are_sampled_evenly_in_number_order(tmp_path: Path) -> None:
@@ -85,3 +88,28 @@ def test_frames_from_a_video_file_with_their_times(tmp_path: Path) -> None:
     assert len(paths) == 3 and times == pytest.approx([0.0, 1.0, 1.75])  # frames 0, 4 and 7 of 8 at 4 fps
     shades = [Image.open(p).getpixel((10, 10))[0] for p in paths]
     assert shades[0] < shades[1] < shades[2]
+
+
+def _clip_stage(world: Path, **kw) -> StageConfig:
+    return StageConfig(name="instruct", data=str(world), encoder=PolicyConfig(mode="frozen"), lr=1e-2,
+                       batch_size=2, max_steps=1, image_token_budget=40, **kw)
+
+
+def test_a_stage_budget_drops_frames_or_refuses_naming_the_sample(tiny_model_config: ModelConfig,
+                                                                  tmp_path: Path) -> None:
+    """Four 16-token frames over a 40-token budget: two frames go (listed), or the sample is refused."""
+    world = make_seeing_world("what_changed", tmp_path / "c", n_train=3, n_eval=1, image_size=64)["train"]
+
+    def run(out: str, **kw) -> Path:
+        Trainer(RunConfig(model=tiny_model_config, output_dir=str(tmp_path / out), precision="fp32",
+                          stages=[_clip_stage(world, **kw)]), show_progress=False).run()
+        return tmp_path / out / "stages" / "instruct"
+
+    stage_dir = run("drop", budget_drop="frames")
+    lines = [json.loads(x) for x in (stage_dir / "budget_dropped.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in lines] == [f"what_changed-train-{i}" for i in range(3)]
+    assert all(d["dropped"] == ["frame 2 (1.0 s)", "frame 3 (2.0 s)"] for d in lines)
+    with pytest.raises(DataError, match=r"sample 'what_changed-train-0'.*64 image tokens, over the budget of 40"):
+        run("refuse")
+    with pytest.raises(ValueError, match="budget_drop must be 'none' or 'frames'"):
+        _clip_stage(world, budget_drop="tiles")

@@ -203,11 +203,19 @@ class StageConfig:
     group_by_length: int = 0
     # Sequence packing: 0 off; N: a micro-batch's samples packed into rows of at most N tokens.
     pack_length: int = 0
+    # Image tokens one sample may hold (tiles and frames counted from image sizes before any
+    # pixel is decoded); None: no cap. Over it a sample is refused (an error naming it, or a
+    # counted skip under on_error = "skip"), or with budget_drop = "frames" a video sample loses
+    # evenly spaced frames (first and last kept), each logged and counted in the stage's record.
+    image_token_budget: int | None = None
+    budget_drop: Literal["none", "frames"] = "none"
 
     def __post_init__(self) -> None:
         from chiasm.train.objectives import objective_names
 
         _check_name(f"stage {self.name!r}: objective", self.objective, "objective", objective_names())
+        if self.budget_drop not in ("none", "frames"):
+            raise ValueError(f"stage {self.name!r}: budget_drop must be 'none' or 'frames', not {self.budget_drop!r}")
 
 
 @dataclass

@@ -78,6 +78,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("StageConfig", "num_workers"): at_least(0),
     ("StageConfig", "group_by_length"): at_least(0),  # 0: off
     ("StageConfig", "pack_length"): at_least(0),  # 0: off
+    ("StageConfig", "image_token_budget"): at_least(1),
     ("EvalConfig", "max_samples"): at_least(1),
     ("EvalConfig", "batch_size"): at_least(1),
     ("EvalConfig", "max_new_tokens"): at_least(1),

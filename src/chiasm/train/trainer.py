@@ -25,6 +25,7 @@ from chiasm.data.llava import load_llava
 from chiasm.jsonl import read_records
 from chiasm.model import VisionLanguageModel
 from chiasm.train import checkpoint as ckpt
+from chiasm.train.budget import apply_token_budget
 from chiasm.train.dist import (
     DistInfo,
     all_reduce_mean,
@@ -252,9 +253,11 @@ class Trainer:
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
-        samples, skips = _stage_samples(stage, self.run_dir / "stages" / stage.name if self.dist.is_main else None)
+        stage_dir = self.run_dir / "stages" / stage.name if self.dist.is_main else None
+        samples, skips = _stage_samples(stage, stage_dir)
         if resume_from is not None:
             skips.restore()
+        samples = apply_token_budget(samples, stage, model.processor.conversation, skips, stage_dir)
         # Pre-alignment objectives run the bridge alone on cached features, with no LM pass.
         prealign = build_prealign(model, samples, stage)
         if prealign is not None:
