@@ -137,3 +137,52 @@ def test_bad_tiled_samples_name_file_and_sample_or_are_skipped(tiny_model_config
         model.processor.prepare([extra])
     prepared, skipped = model.processor.prepare([bad, extra, good], on_error="skip")
     assert [p.sample.id for p in prepared] == ["g"] and [s[0] for s in skipped] == ["b1", "b2"]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_the_feature_cache_holds_every_view_of_a_tiled_image(tiny_model_config: ModelConfig, tmp_path: Path,
+                                                             on_disk: bool) -> None:
+    """Cached rows of each image's views equal the encoder on the processor's pixels, in sequence order."""
+    from chiasm.features import FeatureCache
+
+    model = _tiled(tiny_model_config)
+    proc = model.processor
+    paths = [str(_image(tmp_path, f"{k}.png", size)) for k, size in
+             enumerate([(256, 128), (64, 64), (128, 128), (128, 256)])]
+    cache = FeatureCache.build(model.encoder, paths, cache_dir=tmp_path / "cache" if on_disk else None, world=2,
+                               show_progress=False, batch_size=3, preprocess=proc.image_views,
+                               views=(proc.view_count, proc.views_key()))
+    with torch.no_grad():
+        want = model.encoder(proc.pixels([Image.open(p) for p in paths[::-1]]))
+    got = cache.lookup(paths[::-1])
+    assert [proc.view_count(p) for p in paths] == [3, 1, 5, 3]
+    assert got.shape == want.shape == (12, 16, model.encoder.dim)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)  # fp16 rows
+    with pytest.raises(DataError, match=r"cache\.png: cannot read the image's size"):
+        (tmp_path / "cache.png").write_bytes(b"not an image")
+        FeatureCache.build(model.encoder, [str(tmp_path / "cache.png")], show_progress=False,
+                           preprocess=proc.image_views, views=(proc.view_count, proc.views_key()))
+    assert '"max_tiles": 4' in proc.views_key()  # the tiling enters the cache's fingerprint
+
+
+def test_tiled_training_reads_the_cache_and_matches_encoding_every_step(tiny_model_config: ModelConfig,
+                                                                        tmp_path: Path) -> None:
+    from chiasm.config import PolicyConfig, RunConfig, StageConfig
+    from chiasm.synthetic.seeing import make_seeing_world
+    from chiasm.train.trainer import Trainer
+
+    world = make_seeing_world("small_objects", tmp_path / "w", n_train=8, n_eval=2, image_size=128)["train"]
+    config = replace(tiny_model_config, tiling=TilingConfig(max_tiles=4))
+
+    def trained(cache: bool) -> VisionLanguageModel:
+        torch.manual_seed(0)
+        stage = StageConfig(name="instruct", data=str(world), encoder=PolicyConfig(mode="frozen"), lr=1e-2,
+                            batch_size=4, max_steps=2, feature_cache=cache)
+        return Trainer(RunConfig(model=config, output_dir=str(tmp_path / f"run-{cache}"), precision="fp32",
+                                 stages=[stage]), show_progress=False).run()
+
+    cached, encoded = trained(True), trained(False)
+    assert list((tmp_path / "run-True" / "cache").glob("features-*/shard-*.npy"))
+    for (name, a), (_, b) in zip(cached.bridge.state_dict().items(), encoded.bridge.state_dict().items(),
+                                 strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2, msg=name)

@@ -14,6 +14,12 @@ itself): a lookup copies only the rows it asks for, and the pages stay in the OS
 shared by all ranks on a node, instead of a full copy of the data set in every process.
 Every file is written under a temporary name and renamed into place, and a shard's ``.json``
 is renamed last, so a run killed mid-write never leaves a shard that looks complete.
+
+A tiled image (:mod:`chiasm.highres.tiling`) is several encoder inputs: its global view and
+tiles. Its views are rows ``offsets[i]:offsets[i + 1]`` of the cache, in sequence order, and a
+lookup returns every view of every path asked for, as the pixel path would encode them. How
+many views an image has follows from its size alone (read from the file header before any
+encoding), so the rows of every shard are known before a pixel is decoded.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from chiasm.encoders.preprocessing import ImagePreprocessing
 from chiasm.errors import ModelFolderError
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
+# path -> how many encoder inputs (views) its image becomes; raises DataError for an unreadable one
+ViewCount = Callable[[str], int]
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
@@ -46,9 +54,11 @@ _WINDOW = max(mmap.PAGESIZE, 65536)  # Linux's default fault_around_bytes
 
 
 def _fingerprint(encoder: VisionEncoder, paths: Sequence[str], preprocess: Preprocess,
-                 max_pixels: int | None = None) -> str:
+                 max_pixels: int | None = None, views_key: str = "") -> str:
     h = hashlib.sha256()
     h.update(type(encoder).__name__.encode())
+    if views_key:  # how images are cut into views (a tiling config) changes every row
+        h.update(f"views={views_key}".encode())
     if max_pixels is not None:  # which images are refused as too large depends on it
         h.update(f"max_pixels={max_pixels}".encode())
     # The image -> pixels steps (size, crop, normalisation, padding) change the features too.
@@ -72,19 +82,23 @@ def _fingerprint(encoder: VisionEncoder, paths: Sequence[str], preprocess: Prepr
 
 
 class FeatureCache:
-    """Maps image path -> its ``(N, Dv)`` frozen-encoder features; this base keeps them in memory.
+    """Maps image path -> its views' ``(V, N, Dv)`` frozen-encoder features; this base keeps them in memory.
 
-    ``bad`` maps the images that could not be decoded (under ``on_error = "skip"``) to the
-    reason, so that a lookup of one raises a :class:`DataError` naming it instead of
-    returning made-up features.
+    ``offsets`` (one more than there are paths) says which rows hold each path's views; None:
+    one view per image, row ``index[path]``. ``bad`` maps the images that could not be decoded
+    (under ``on_error = "skip"``) to the reason, so that a lookup of one raises a
+    :class:`DataError` naming it instead of returning made-up features.
     """
 
-    def __init__(self, index: dict[str, int], features: torch.Tensor, bad: Mapping[str, str] | None = None):
+    def __init__(self, index: dict[str, int], features: torch.Tensor, bad: Mapping[str, str] | None = None,
+                 offsets: Sequence[int] | None = None):
         self.index = index
         self.features = features
         self.bad = dict(bad or {})
+        self.offsets = list(offsets) if offsets is not None else None
 
     def rows(self, paths: Sequence[str]) -> list[int]:
+        """The cache rows of ``paths``' views, path after path, each image's views in sequence order."""
         out = []
         for p in paths:
             p = str(p)
@@ -92,11 +106,12 @@ class FeatureCache:
                 raise DataError(self.bad[p])
             if p not in self.index:
                 raise KeyError(f"image {p} is not in the feature cache (built for {len(self.index)} images)")
-            out.append(self.index[p])
+            i = self.index[p]
+            out.extend(range(self.offsets[i], self.offsets[i + 1]) if self.offsets is not None else (i,))
         return out
 
     def lookup(self, paths: Sequence[str]) -> torch.Tensor:
-        """Features of ``paths`` in that order, as float32 ``(len(paths), N, Dv)``."""
+        """Features of ``paths``' views in that order, as float32 ``(total views, N, Dv)``."""
         rows = self.rows(paths)
         return self.features[rows].float() if rows else self.features[:0].float()
 
@@ -106,7 +121,8 @@ class FeatureCache:
               batch_size: int = 32, show_progress: bool = True, rank: int = 0, world: int = 1,
               sync: Callable[[], None] | None = None, on_error: str = "raise",
               owners: Mapping[str, tuple[str | None, str | None]] | None = None,
-              preprocess: Preprocess | None = None, max_pixels: int | None = None) -> FeatureCache:
+              preprocess: Preprocess | None = None, max_pixels: int | None = None,
+              views: tuple[ViewCount, str] | None = None) -> FeatureCache:
         """Compute (or reuse from ``cache_dir``) the features of every unique path.
 
         Without ``cache_dir`` the features are one in-memory tensor (fine for an evaluation
@@ -115,27 +131,53 @@ class FeatureCache:
         ``owners`` maps a path to the (data file, sample id) named when it cannot be decoded;
         ``preprocess`` turns an image into pixels (a processor's image steps), by default the
         encoder's own. ``max_pixels``: see :func:`~chiasm.data.images.load_image`.
+
+        ``views`` = (count, key) caches several views per image: ``preprocess`` then returns
+        an image's ``(V, 3, H, W)`` views, ``count(path)`` says V from the file's header, and
+        ``key`` (the tiling config as text) enters the fingerprint.
         """
         unique = sorted({str(p) for p in paths})
         encoding = _Encoding(encoder, preprocess or encoder.preprocessing, unique, batch_size, on_error, owners or {},
-                             max_pixels)
+                             max_pixels, views)
         if cache_dir is not None:
             return _Shards(encoding, Path(cache_dir), world).open(rank, sync, show_progress)
         blocks = list(encoding.chunks(0, len(unique), show_progress))
         feats = torch.from_numpy(np.concatenate(blocks) if blocks else np.zeros((0, *encoding.shape), np.float16))
-        return cls({p: i for i, p in enumerate(unique)}, feats, encoding.bad)
+        return cls({p: i for i, p in enumerate(unique)}, feats, encoding.bad, encoding.offsets)
 
 
 class _Encoding:
     """Runs the frozen encoder over a slice of the sorted image list, in fp16 chunks."""
 
     def __init__(self, encoder: VisionEncoder, preprocess: Preprocess, unique: list[str], batch_size: int,
-                 on_error: str, owners: Mapping[str, tuple[str | None, str | None]], max_pixels: int | None = None):
+                 on_error: str, owners: Mapping[str, tuple[str | None, str | None]], max_pixels: int | None = None,
+                 views: tuple[ViewCount, str] | None = None):
         self.encoder, self.preprocess, self.unique, self.batch_size, self.on_error, self.owners = (
             encoder, preprocess, unique, batch_size, on_error, owners)
         self.max_pixels = max_pixels
         self.shape = (encoder.grid()[0] * encoder.grid()[1], encoder.dim)
         self.bad: dict[str, str] = {}
+        self.views_key = views[1] if views is not None else ""
+        # offsets[i]:offsets[i + 1]: the rows of unique[i]'s views (None: one row per image)
+        self.offsets = self._offsets(views[0]) if views is not None else None
+
+    def _offsets(self, count: ViewCount) -> list[int]:
+        """Row offsets from each image's view count; an unreadable image (``skip``) gets no row."""
+        offsets = [0]
+        for p in self.unique:
+            try:
+                n = count(p)
+            except DataError as err:
+                if self.on_error != "skip":
+                    source, sample_id = self.owners.get(p, (None, None))
+                    raise DataError(err.message, source=source, sample_id=sample_id, image=p) from None
+                self.bad[p], n = err.message, 0
+            offsets.append(offsets[-1] + n)
+        return offsets
+
+    def row_range(self, lo: int, hi: int) -> tuple[int, int]:
+        """The rows of images ``unique[lo:hi]``."""
+        return (self.offsets[lo], self.offsets[hi]) if self.offsets is not None else (lo, hi)
 
     @torch.no_grad()
     def chunks(self, lo: int, hi: int, show_progress: bool) -> Iterator[np.ndarray]:
@@ -147,9 +189,14 @@ class _Encoding:
         try:
             for i in tqdm(range(lo, hi, self.batch_size), desc="encoding images", unit="batch",
                           disable=not show_progress):
-                block = np.zeros((min(i + self.batch_size, hi) - i, *self.shape), dtype=np.float16)
-                kept, pixels = [], []
-                for j in range(i, i + len(block)):
+                j_hi = min(i + self.batch_size, hi)
+                first, last = self.row_range(i, j_hi)
+                block = np.zeros((last - first, *self.shape), dtype=np.float16)
+                kept: list[int] = []
+                pixels: list[torch.Tensor] = []
+                for j in range(i, j_hi):
+                    if self.unique[j] in self.bad:  # refused while counting its views
+                        continue
                     source, sample_id = self.owners.get(self.unique[j], (None, None))
                     try:
                         image = load_image(Path(self.unique[j]), sample_id=sample_id, source=source,
@@ -159,10 +206,15 @@ class _Encoding:
                             raise
                         self.bad[self.unique[j]] = err.message
                         continue
-                    pixels.append(self.preprocess(image))
-                    kept.append(j - i)
+                    got = self.preprocess(image)
+                    got = got[None] if self.offsets is None else got  # an image's views: (V, 3, H, W)
+                    r0, r1 = self.row_range(j, j + 1)
+                    if got.shape[0] != r1 - r0:
+                        raise RuntimeError(f"{self.unique[j]}: {got.shape[0]} views, but its size gave {r1 - r0}")
+                    pixels.append(got)
+                    kept.extend(range(r0 - first, r1 - first))
                 if kept:
-                    block[kept] = encoder(torch.stack(pixels).to(device)).to(torch.float16).cpu().numpy()
+                    block[kept] = encoder(torch.cat(pixels).to(device)).to(torch.float16).cpu().numpy()
                 yield block
         finally:
             encoder.train(was_training)
@@ -187,8 +239,9 @@ class MemmapFeatureCache(FeatureCache):
     """
 
     def __init__(self, folder: Path, paths: list[str], bounds: list[int], files: list[Path],
-                 bad: Mapping[str, str] | None = None):
-        super().__init__({p: i for i, p in enumerate(paths)}, torch.zeros(0), bad)
+                 bad: Mapping[str, str] | None = None, offsets: Sequence[int] | None = None):
+        # bounds: the first row of each shard
+        super().__init__({p: i for i, p in enumerate(paths)}, torch.zeros(0), bad, offsets)
         self.folder, self.bounds, self.files = folder, bounds, files
         self._maps: list[tuple[mmap.mmap, np.ndarray, int]] | None = None
 
@@ -223,10 +276,15 @@ class _Shards:
 
     def __init__(self, encoding: _Encoding, cache_dir: Path, world: int):
         self.encoding, self.world = encoding, world
-        self.fp = _fingerprint(encoding.encoder, encoding.unique, encoding.preprocess, encoding.max_pixels)
-        self.folder = cache_dir / f"features-{self.fp}"
         n = len(encoding.unique)
-        self.bounds = [s * n // world for s in range(world + 1)]
+        self.bounds = [s * n // world for s in range(world + 1)]  # images of each shard
+        self.fp = _fingerprint(encoding.encoder, encoding.unique, encoding.preprocess, encoding.max_pixels,
+                               encoding.views_key)
+        self.folder = cache_dir / f"features-{self.fp}"
+
+    def row_bounds(self, bounds: list[int]) -> list[int]:
+        """The first row of each shard (and the row count last)."""
+        return [self.encoding.row_range(0, b)[1] for b in bounds]
 
     def open(self, rank: int, sync: Callable[[], None] | None, show_progress: bool) -> MemmapFeatureCache:
         unique = self.encoding.unique
@@ -249,9 +307,11 @@ class _Shards:
         if rank == 0:
             _write_json(self.folder / INDEX_FILE, {
                 "fingerprint": self.fp, "paths": unique, "world": self.world, "bounds": self.bounds,
-                "shape": list(self.encoding.shape), "dtype": "float16", "bad": bad})
+                "offsets": self.encoding.offsets, "shape": list(self.encoding.shape), "dtype": "float16",
+                "bad": bad})
         files = [self.folder / _shard_name(s, self.world) for s in range(self.world)]
-        return MemmapFeatureCache(self.folder, unique, self.bounds[:-1], files, bad)
+        rows = self.row_bounds(self.bounds)
+        return MemmapFeatureCache(self.folder, unique, rows[:-1], files, bad, self.encoding.offsets)
 
     def meta(self, s: int, world: int) -> dict | None:
         """Shard ``s`` of ``world``'s completion record, if it is complete and of this fingerprint."""
@@ -268,8 +328,9 @@ class _Shards:
         lo, hi = self.bounds[s], self.bounds[s + 1]
         final = self.folder / _shard_name(s, self.world)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        first, last = self.encoding.row_range(lo, hi)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-                  "shape": (hi - lo, *self.encoding.shape)}
+                  "shape": (last - first, *self.encoding.shape)}
         try:
             with open(tmp, "wb") as f:
                 np.lib.format.write_array_header_2_0(f, header)
@@ -295,8 +356,12 @@ class _Shards:
             return None
         if any(self.meta(s, world) is None for s in range(world)):
             return None
+        if index.get("offsets") != self.encoding.offsets:
+            return None
         files = [self.folder / _shard_name(s, world) for s in range(world)]
-        return MemmapFeatureCache(self.folder, self.encoding.unique, index["bounds"][:-1], files, index["bad"])
+        rows = self.row_bounds(index["bounds"])
+        return MemmapFeatureCache(self.folder, self.encoding.unique, rows[:-1], files, index["bad"],
+                                  self.encoding.offsets)
 
 
 def _shard_name(s: int, world: int) -> str:

@@ -212,6 +212,23 @@ class Processor:
             return self.image(image)[None]
         return torch.stack([self.image(v) for v in tile_views(image, self.tiling, self.tile_size)])
 
+    def view_count(self, path: str | Path) -> int:
+        """How many views the image at ``path`` becomes, from its header alone (a DataError if unreadable
+        or no grid takes it)."""
+        if self.tiling is None:
+            return 1
+        from chiasm.data.images import image_size
+        from chiasm.highres.tiling import TilingError, n_views
+
+        try:
+            return n_views(image_size(path), self.tiling, self.tile_size)
+        except TilingError as exc:
+            raise DataError(f"{path}: {exc}", image=str(path)) from None
+
+    def views_key(self) -> str:
+        """The tiling as text, for a feature cache's fingerprint ("" untiled)."""
+        return "" if self.tiling is None else json.dumps(asdict(self.tiling), sort_keys=True) + f"|{self.tile_size}"
+
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images already in memory (e.g. received by a server) -> ``(views, 3, H, W)``, in placeholder order."""
         return torch.cat([self.image_views(im) for im in images])

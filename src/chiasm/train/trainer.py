@@ -237,8 +237,6 @@ class Trainer:
     def _features(self, paths: list[str], stage: StageConfig, samples: list) -> FeatureCache | None:
         if stage.encoder.mode != "frozen":
             return None
-        if self.model.config.tiling is not None and stage.objective == "lm":
-            return None  # a tiled image has as many feature rows as views: encoded every step, not cached
         if not stage.feature_cache:
             if stage.objective != "lm":
                 raise ValueError(f"stage {stage.name!r}: objective {stage.objective!r} reads cached features; "
@@ -249,7 +247,15 @@ class Trainer:
         return FeatureCache.build(self.model.encoder, paths, cache_dir=cache_dir, show_progress=self.show_progress,
                                   rank=self.dist.rank, world=self.dist.world, sync=barrier, on_error=stage.on_error,
                                   owners={str(p): (s.source, s.id) for s in samples for p in s.images},
-                                  preprocess=self.model.processor.image, max_pixels=stage.max_image_pixels)
+                                  max_pixels=stage.max_image_pixels, **self._cache_views(stage))
+
+    def _cache_views(self, stage: StageConfig) -> dict:
+        """How the cache turns an image into encoder inputs: every view of a tiled image for an LM
+        stage (rows in sequence order), else the one global view the pre-alignment objectives read."""
+        proc = self.model.processor
+        if proc.tiling is None or stage.objective != "lm":
+            return {"preprocess": proc.image}
+        return {"preprocess": proc.image_views, "views": (proc.view_count, proc.views_key())}
 
     def _train_stage(self, index: int, stage: StageConfig, *, start_step: int, resume_from: Path | None) -> None:
         model = self.model
