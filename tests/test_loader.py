@@ -267,3 +267,26 @@ def test_length_grouping_cuts_the_padding_of_a_real_stage(tiny_model, tiny_world
     grouped = StagePlan(32, stage, world=1, seed=4, order=stage_order(stage, samples, tiny_model, 1, 4))
     assert sorted(i for s in range(8) for i in grouped.indices(s, 0, 0)) == list(range(32))
     assert padding(grouped) < padding(plain) / 2
+
+
+def test_estimated_lengths_count_the_tiles_of_each_image(tiny_model_config, tmp_path) -> None:
+    """Tiled images of different shapes: the estimate still follows the real lengths up to a constant."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from chiasm.config import TilingConfig
+    from chiasm.data.sample import Sample, Turn
+    from chiasm.model import VisionLanguageModel
+
+    model = VisionLanguageModel.build(replace(tiny_model_config, tiling=TilingConfig(max_tiles=4)))
+    samples = []
+    for k, size in enumerate([(64, 64), (256, 128), (128, 128), (40, 120)]):
+        Image.new("RGB", size, (k * 40, 90, 90)).save(tmp_path / f"{k}.png")
+        samples.append(Sample(f"s{k}", [Turn("human", "<image>\nWhat is it?"), Turn("gpt", "a box")],
+                              [tmp_path / f"{k}.png"]))
+    conv = model.processor.conversation
+    est = estimate_lengths(samples, model.tokenizer, model.tokens_per_image, lambda s: sum(conv.image_lengths(s)))
+    real = [len(p.encoded.input_ids) for p in model.processor.prepare(samples)[0]]
+    assert len({r - e for r, e in zip(real, est, strict=True)}) == 1
+    assert len(set(real)) == 4  # 1, 3, 5 and 3 views plus separators: the lengths differ

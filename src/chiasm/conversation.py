@@ -89,6 +89,15 @@ class ConversationEncoder:
                 raise DataError(f"{path}: {exc}", source=sample.source, sample_id=sample.id, image=str(path)) from None
         return out
 
+    def image_lengths(self, sample: Sample) -> list[int]:
+        """Sequence positions each image of ``sample`` takes: its image tokens and, tiled, the
+        separator text between its views (for length estimates; :meth:`encode` is exact)."""
+        if self.tiling is None:
+            return [len(self.tok(self.view_text, add_special_tokens=False)["input_ids"])] * len(sample.images)
+        self.image_counts(sample)  # refuses, naming the image, one no grid takes
+        texts = [tiled_text(size, self.tiling, self.tile_size, self.view_text) for size in self.image_sizes(sample)]
+        return [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
     def _template(self, sample: Sample) -> ChatTemplate:
         """The template with this sample's image texts: one per image when images are tiled by size."""
         if self.tiling is None:

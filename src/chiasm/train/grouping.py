@@ -15,23 +15,32 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from chiasm.config import StageConfig
-from chiasm.data.sample import IMAGE_PLACEHOLDER, Sample
+from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample
 from chiasm.model import VisionLanguageModel
 
 
 def estimate_lengths(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase,
-                     tokens_per_image: int) -> list[int]:
+                     tokens_per_image: int, image_tokens: Callable[[Sample], int] | None = None) -> list[int]:
     """Tokens of each sample's turns (one batched tokenizer call) plus its image tokens.
 
     The chat template's few tokens per turn are left out: they shift every sample alike
     and sorting needs only the order, so the whole data set is never rendered up front.
+    ``image_tokens`` counts a sample's image tokens where they depend on the images (tiles,
+    from each file's header); a sample it cannot count (a broken image, refused later with
+    its name) is taken as ``tokens_per_image`` per image.
     """
     texts = [t.text.replace(IMAGE_PLACEHOLDER, "") for s in samples for t in s.conversations]
     counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     out, at = [], 0
     for s in samples:
         k = len(s.conversations)
-        out.append(sum(counts[at : at + k]) + len(s.images) * tokens_per_image)
+        n_image = len(s.images) * tokens_per_image
+        if image_tokens is not None and s.images:
+            try:
+                n_image = image_tokens(s)
+            except DataError:
+                pass
+        out.append(sum(counts[at : at + k]) + n_image)
         at += k
     return out
 
@@ -66,5 +75,7 @@ def stage_order(stage: StageConfig, samples: Sequence[Sample], model: VisionLang
     if not stage.group_by_length:
         return None
     per_step = stage.batch_size * stage.grad_accum * world
-    lengths = estimate_lengths(samples, model.tokenizer, model.tokens_per_image)
+    conv = model.processor.conversation
+    count = None if model.config.tiling is None else (lambda s: sum(conv.image_lengths(s)))
+    lengths = estimate_lengths(samples, model.tokenizer, model.tokens_per_image, count)
     return length_grouped_order(lengths, stage.batch_size, per_step * stage.group_by_length, seed)
