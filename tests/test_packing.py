@@ -120,3 +120,28 @@ def test_a_sample_longer_than_the_packing_length_is_a_named_error(tiny_model, ti
     err = batch.skipped[0]
     assert err.sample_id == "instruct-00000" and err.source == str(tiny_world.instruct)
     assert f"{n} tokens do not fit the packing length {n - 1}" in str(err)
+
+
+def test_packing_tiled_images_of_several_shapes_keeps_the_loss(tiny_model_config, tmp_path) -> None:
+    """Images of 1, 3 and 5 views packed into shared rows: the views follow their samples, loss unchanged."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from chiasm.config import TilingConfig
+    from chiasm.data.sample import Sample, Turn
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(replace(tiny_model_config, tiling=TilingConfig(max_tiles=4))).eval()
+    samples = []
+    for k, size in enumerate([(64, 64), (256, 128), (128, 128), (128, 256), (64, 64), (128, 128)]):
+        Image.effect_noise(size, 40 + 10 * k).convert("RGB").save(tmp_path / f"{k}.png")
+        samples.append(Sample(f"s{k}", [Turn("human", "<image>\nWhat is it?"), Turn("gpt", f"noise {k}")],
+                              [tmp_path / f"{k}.png"]))
+    ds = SampleDataset(samples, model.processor.conversation, preprocess=model.processor.image_views)
+    items = [ds[i] for i in range(len(samples))]
+    pad = model.tokenizer.pad_token_id
+    plain, packed = Collator(pad, cached=False)(items), Collator(pad, pack_length=400, cached=False)(items)
+    assert packed.input_ids.shape[0] < len(samples) and plain.pixels.shape[0] == packed.pixels.shape[0] == 18
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(model, packed), _loss(model, plain), rtol=1e-5, atol=1e-5)
