@@ -186,3 +186,11 @@ def test_tiled_training_reads_the_cache_and_matches_encoding_every_step(tiny_mod
     for (name, a), (_, b) in zip(cached.bridge.state_dict().items(), encoded.bridge.state_dict().items(),
                                  strict=True):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2, msg=name)
+
+
+def test_explain_refuses_a_tiled_model_with_a_reason(tiny_model_config: ModelConfig) -> None:
+    from chiasm.explain import explain
+
+    model = _tiled(tiny_model_config)
+    with pytest.raises(ValueError, match="explain shows one view per image; this model tiles its images"):
+        explain(model, Image.new("RGB", (128, 64)), "what is this?")

@@ -68,6 +68,10 @@ def explain(model: VisionLanguageModel, image: Image.Image, question: str, *, an
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     check_question(question, 1)
+    if model.config.tiling is not None:
+        # The views (global + tiles) would each need their own grid, cells and heat map on the image.
+        raise ValueError("explain shows one view per image; this model tiles its images (model.tiling): "
+                         "load it with tiling switched off to explain its global view, or chat with it instead")
     if IMAGE_PLACEHOLDER not in question:
         question = f"{IMAGE_PLACEHOLDER}\n{question}"
     image = image.convert("RGB")
