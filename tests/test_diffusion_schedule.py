@@ -81,6 +81,34 @@ def test_whole_ddim_trajectory_equals_diffusers_loop() -> None:
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_dynamic_thresholding_steps_equal_diffusers(sampler: str) -> None:
+    """Imagen's dynamic thresholding (and DDIM's eps re-derived from the limited x_0) against diffusers."""
+    steps = 20
+    kind = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
+    ref = kind(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    ref.set_timesteps(steps)
+    ours = NoiseSchedule(_cfg("linear", "epsilon", True))
+    opts = SampleOptions(sampler, steps, threshold=0.9, threshold_max=2.5)
+    limit = lambda x0: ours.limit_x0(x0, opts.threshold, opts.threshold_max)  # noqa: E731
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 6, 6, generator=gen)
+    for t in [*ours.timesteps(steps)[::4], 0]:
+        out = 4.0 * torch.randn(x.shape, generator=gen)  # x_0 far out of the data range
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        if sampler == "ddim":
+            want = ref.step(out, t, x, use_clipped_model_output=True).prev_sample
+            got, _ = ours.ddim_step(out, x, t, ours.previous(t, steps), 0.0, None, limit, consistent_eps=True)
+        else:
+            want = ref.step(out, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+            got, _ = ours.ddpm_step(out, x, t, ours.previous(t, steps), noise, limit)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert SampleOptions(sampler, steps).threshold is None  # off by default: the schedule's plain clamp
+    with pytest.raises(ValueError, match="--threshold is a percentile"):
+        SampleOptions(sampler, steps, threshold=99.5).check(1000)
+
+
 def test_bad_sampling_options() -> None:
     sched = NoiseSchedule(ScheduleConfig())
     with pytest.raises(ValueError, match=r"steps must be in 1\.\.1000"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ def add_diffusion_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    s.add_argument("--threshold", type=float, help="dynamic thresholding percentile of the predicted x_0 "
+                     "(Imagen; e.g. 0.995), for strong guidance; default: a plain clamp")
+    s.add_argument("--threshold-max", type=float, default=1.0, help="the largest dynamic-threshold scale")
     s.add_argument("--n", type=int, default=8, help="how many samples")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples", help="output folder (nothing is written outside it)")
@@ -54,6 +58,9 @@ def add_diffusion_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     e.add_argument("--ddpm-steps", type=int, default=1000)
     e.add_argument("--compare-n", type=int, help="samples for the sampler comparison (default: --n)")
     e.add_argument("--compare-guidance", type=float, default=0.0)
+    e.add_argument("--threshold", type=float, help="dynamic thresholding percentile of the predicted x_0 "
+                     "(Imagen; e.g. 0.995), for strong guidance; default: a plain clamp")
+    e.add_argument("--threshold-max", type=float, default=1.0, help="the largest dynamic-threshold scale")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
     return d
@@ -117,7 +124,7 @@ def _output_folder(out: str) -> Path:
 def cmd_sample(args: argparse.Namespace) -> int:
     from chiasm.diffusion.sampler import SampleOptions
 
-    opts = SampleOptions(args.sampler, args.steps, args.eta, args.guidance)
+    opts = SampleOptions(args.sampler, args.steps, args.eta, args.guidance, args.threshold, args.threshold_max)
     if not 1 <= args.n <= MAX_SAMPLES:
         raise ValueError(f"--n must be in 1..{MAX_SAMPLES}, got {args.n}")
     opts.check(10**9)  # ranges that need no model; the step count against the model's follows
@@ -163,9 +170,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         guidances = [float(w) for w in args.guidance.split(",") if w.strip()]
     except ValueError:
         raise ValueError(f"--guidance takes comma-separated numbers, got {args.guidance!r}") from None
-    opts = SampleOptions(args.sampler, args.steps, 0.0, 0.0)
+    opts = SampleOptions(args.sampler, args.steps, 0.0, 0.0, args.threshold, args.threshold_max)
     for w in [*guidances, args.compare_guidance]:
-        SampleOptions(args.sampler, args.steps, 0.0, w).check(10**9)
+        replace(opts, guidance=w).check(10**9)
     if not 2 <= args.n <= 10000:
         raise ValueError(f"--n must be in 2..10000, got {args.n}")
     from chiasm.diffusion.classifier import Judge, train_classifier
@@ -197,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cfg.net.conditioning == "class":
         w = max(guidances) if guidances else 0.0
         reverse_process(model, out / "reverse.png", labels=list(range(min(4, len(model.classes)))),
-                        prompts=None, opts=SampleOptions(args.sampler, args.steps, 0.0, w), seed=args.seed)
+                        prompts=None, opts=replace(opts, guidance=w), seed=args.seed)
     run = Path(args.model).parent
     for name in ("loss.png", "forward.png"):
         if (run / name).is_file() and not (out / name).exists():

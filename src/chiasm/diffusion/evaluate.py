@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
     result: dict[str, Any] = {"fid_name": fid_name, "n_samples": n, "n_real": len(test),
                               "classifier_test_accuracy": judge.info.get("test_accuracy"), "sweep": []}
     for w in guidances:
-        o = SampleOptions(opts.sampler, opts.steps, opts.eta, w)
+        o = replace(opts, guidance=w)
         tick = time.perf_counter()
         samples = generate_batched(model, labels, n, o, seed, prompts=prompts)
         row = {"guidance": w, **score(samples, labels, judge, real_feats, fid_name), **asdict(o),
@@ -85,8 +85,8 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
     if compare_ddpm:
         m = compare_n or n
         rows = {}
-        for name, o in (("ddim", SampleOptions("ddim", opts.steps, 0.0, opts.guidance)),
-                        ("ddpm", SampleOptions("ddpm", ddpm_steps, 0.0, opts.guidance))):
+        for name, o in (("ddim", replace(opts, sampler="ddim", eta=0.0)),
+                        ("ddpm", replace(opts, sampler="ddpm", steps=ddpm_steps, eta=0.0))):
             tick = time.perf_counter()
             samples = generate_batched(model, labels[:m] if labels else None, m, o, seed + 1,
                                        prompts=prompts[:m] if prompts else None)

@@ -32,6 +32,11 @@ class SampleOptions:
     steps: int = 50
     eta: float = 0.0
     guidance: float = 0.0
+    # Dynamic thresholding of the predicted x_0 (NoiseSchedule.limit_x0): the percentile, e.g.
+    # 0.995, and the largest scale; None: the schedule's plain clamp. DDIM then also re-derives
+    # eps from the limited x_0. Meant for strong guidance, which drives x_0 out of range.
+    threshold: float | None = None
+    threshold_max: float = 1.0
 
     def check(self, train_steps: int) -> None:
         """A clear error for values the samplers cannot take."""
@@ -43,6 +48,10 @@ class SampleOptions:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if not 0 <= self.guidance <= MAX_GUIDANCE:
             raise ValueError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {self.guidance}")
+        if self.threshold is not None and not 0.5 <= self.threshold <= 1:
+            raise ValueError(f"--threshold is a percentile in [0.5, 1] (e.g. 0.995), got {self.threshold}")
+        if self.threshold_max < 1:
+            raise ValueError(f"--threshold-max must be at least 1 (the data range), got {self.threshold_max}")
 
 
 def guided(denoise: Denoise, cond: Any, null: Any, w: float, concat: Callable[[Any, Any], Any]) -> Callable:
@@ -66,15 +75,17 @@ def sample(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule:
     """Draw x_T ~ N(0, I) and denoise it; ``on_step(t, x_t, x0_pred)`` sees every intermediate."""
     opts.check(schedule.train_steps)
     x = torch.randn(shape, generator=generator, device=device)
+    dynamic = opts.threshold is not None
+    limit = (lambda x0: schedule.limit_x0(x0, opts.threshold, opts.threshold_max)) if dynamic else None
     for t in schedule.timesteps(opts.steps):
         t_prev = schedule.previous(t, opts.steps)
         out = call(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
         noisy = (opts.sampler == "ddpm" and t > 0) or (opts.sampler == "ddim" and opts.eta > 0)
         noise = torch.randn(shape, generator=generator, device=device) if noisy else None
         if opts.sampler == "ddpm":
-            x, x0 = schedule.ddpm_step(out, x, t, t_prev, noise)
+            x, x0 = schedule.ddpm_step(out, x, t, t_prev, noise, limit)
         else:
-            x, x0 = schedule.ddim_step(out, x, t, t_prev, opts.eta, noise)
+            x, x0 = schedule.ddim_step(out, x, t, t_prev, opts.eta, noise, limit, consistent_eps=dynamic)
         if on_step is not None:
             on_step(t, x, x0)
     return x

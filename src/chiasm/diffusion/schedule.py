@@ -12,6 +12,7 @@ a reader can trust each formula by comparing it with the reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,6 +94,19 @@ class NoiseSchedule:
             eps = math.sqrt(a_t) * output + math.sqrt(1 - a_t) * x_t
         return x0, eps
 
+    def limit_x0(self, x0: torch.Tensor, threshold: float | None = None, max_value: float = 1.0) -> torch.Tensor:
+        """The predicted x_0 kept in the data range: clamped to [-1, 1] (``clip_sample``) or, with
+        ``threshold`` (a percentile such as 0.995), Imagen's dynamic thresholding (Saharia et al.
+        2022): per sample, s = that percentile of |x_0| within [1, ``max_value``], and x_0 is clamped
+        to [-s, s] and divided by s. Strong guidance pushes x_0 far outside the data range; a
+        plain clamp then saturates every such pixel, while the rescale keeps their contrasts."""
+        if threshold is not None:
+            flat = x0.reshape(x0.shape[0], -1).abs().float()
+            s = torch.quantile(flat, threshold, dim=1).clamp(min=1.0, max=max_value)
+            s = s.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+            return x0.clamp(-s, s) / s
+        return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
+
     # --- DDPM ---------------------------------------------------------------------
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int) -> tuple[torch.Tensor, float]:
         """Mean and variance of q(x_{t_prev} | x_t, x_0) (Ho et al. eq. 7, for any earlier step t_prev).
@@ -107,11 +121,14 @@ class NoiseSchedule:
         return mean, var
 
     def ddpm_step(self, output: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
-                  noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ancestral step x_t -> x_{t_prev}; returns it and the predicted x_0. No noise at the last step."""
+                  noise: torch.Tensor | None, limit: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ancestral step x_t -> x_{t_prev}; returns it and the predicted x_0. No noise at the last step.
+
+        ``limit``: what keeps the predicted x_0 in range (default :meth:`limit_x0`).
+        """
         x0, _ = self.split(output, x_t, self.alpha_bar_at(t))
-        if self.cfg.clip_sample:
-            x0 = x0.clamp(-1, 1)
+        x0 = (limit or self.limit_x0)(x0)
         mean, var = self.posterior(x0, x_t, t, t_prev)
         if t > 0:
             if noise is None:
@@ -126,12 +143,19 @@ class NoiseSchedule:
         return eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
 
     def ddim_step(self, output: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int, eta: float,
-                  noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_{t_prev} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (Song et al. eq. 12)."""
-        a_prev = self.alpha_bar_at(t_prev)
-        x0, eps = self.split(output, x_t, self.alpha_bar_at(t))
-        if self.cfg.clip_sample:
-            x0 = x0.clamp(-1, 1)
+                  noise: torch.Tensor | None, limit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  consistent_eps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_{t_prev} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (Song et al. eq. 12).
+
+        ``consistent_eps``: eps re-derived from the limited x_0 (diffusers'
+        ``use_clipped_model_output``), so the step's direction agrees with the x_0 it moves to;
+        otherwise the network's eps is kept, as diffusers does by default.
+        """
+        a_t, a_prev = self.alpha_bar_at(t), self.alpha_bar_at(t_prev)
+        x0, eps = self.split(output, x_t, a_t)
+        x0 = (limit or self.limit_x0)(x0)
+        if consistent_eps:
+            eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
         sigma = self.ddim_sigma(t, t_prev, eta)
         prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         if eta > 0:
