@@ -70,12 +70,13 @@ def train_and_eval(cfg: RunConfig) -> dict:
 
 
 def world_target(kind: str, work: Path, quick: bool, *, steps: int = 300, grid: int | None = 3,
-                 max_tiles: int = 9, separators: str = "row_end", batch_size: int = 8) -> dict:
+                 max_tiles: int = 9, separators: str = "row_end", batch_size: int = 8,
+                 n_train: int = 2000) -> dict:
     """Train and evaluate on world ``kind``; small_objects twice (single view, tiled) on one budget."""
     from chiasm.synthetic.gui import make_gui_world
     from chiasm.synthetic.seeing import make_seeing_world
 
-    n_train, n_eval = (24, 8) if quick else (2000, 100)
+    n_train, n_eval = (24, 8) if quick else (n_train, 100)
     steps = 3 if quick else steps
     if kind == "gui":
         files = make_gui_world(work / kind, n_train=n_train, n_eval=n_eval)
@@ -94,7 +95,7 @@ def world_target(kind: str, work: Path, quick: bool, *, steps: int = 300, grid: 
                          steps=steps, scorer="iou" if kind == "gui" else "exact",
                          max_new_tokens=24 if kind == "gui" else 8, batch_size=batch_size, grid=grid)
         runs[name] = {**train_and_eval(cfg), "steps": steps, "batch_size": batch_size, "grid": grid,
-                      "tiling": tiling}
+                      "tiling": tiling, "n_train": n_train}
     return runs
 
 
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grid", type=int, default=3, help="visual tokens per view: grid x grid (0: the map's own 7 x 7)")
     p.add_argument("--max-tiles", type=int, default=9)
+    p.add_argument("--n-train", type=int, default=2000, help="training images (GUI: screens, two questions each)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="seeing-"))
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name] = world_target(name, work, args.quick, steps=args.steps, grid=args.grid or None,
                                          max_tiles=args.max_tiles, separators=args.separators,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, n_train=args.n_train)
         results[name]["wall_s"] = time.perf_counter() - t0
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]))

@@ -77,8 +77,14 @@ def test_whole_ddim_trajectory_equals_diffusers_loop() -> None:
     ref.set_timesteps(25)
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     for t in ref.timesteps:
-        x = ref.step(net(x, torch.full((3,), int(t))), t, x).prev_sample
+        x = ref.step(net(x, torch.full((3,), int(t))), t, x, use_clipped_model_output=True).prev_sample
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    raw = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 25, clipped_eps=False),
+                 torch.Generator().manual_seed(5))
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    for t in ref.timesteps:
+        x = ref.step(net(x, torch.full((3,), int(t))), t, x).prev_sample  # diffusers' default: the network's eps
+    torch.testing.assert_close(raw, x, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
