@@ -94,9 +94,19 @@ class ConversationEncoder:
         separator text between its views (for length estimates; :meth:`encode` is exact)."""
         if self.tiling is None:
             return [len(self.tok(self.view_text, add_special_tokens=False)["input_ids"])] * len(sample.images)
-        self.image_counts(sample)  # refuses, naming the image, one no grid takes
-        texts = [tiled_text(size, self.tiling, self.tile_size, self.view_text) for size in self.image_sizes(sample)]
+        texts = self._tiled_texts(sample)
         return [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def _tiled_texts(self, sample: Sample) -> list[str]:
+        """Each tiled image's text (views' tokens and separators), its header read once; an image no
+        grid takes is refused, naming it."""
+        out = []
+        for path, size in zip(sample.images, self.image_sizes(sample), strict=True):
+            try:
+                out.append(tiled_text(size, self.tiling, self.tile_size, self.view_text))
+            except TilingError as exc:
+                raise DataError(f"{path}: {exc}", source=sample.source, sample_id=sample.id, image=str(path)) from None
+        return out
 
     def _template(self, sample: Sample) -> ChatTemplate:
         """The template with this sample's image texts: one per image when images are tiled by size."""
@@ -106,9 +116,7 @@ class ConversationEncoder:
         if placed != len(sample.images):
             raise DataError(f"{placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sample.images)} image(s): "
                             "placeholders and images do not match", source=sample.source, sample_id=sample.id)
-        self.image_counts(sample)  # refuses, naming the image, one no grid takes
-        texts = [tiled_text(size, self.tiling, self.tile_size, self.view_text) for size in self.image_sizes(sample)]
-        return self.template.with_image_texts(texts)
+        return self.template.with_image_texts(self._tiled_texts(sample))
 
     def encode(self, sample: Sample) -> Encoded:
         """Ids and labels for training: every assistant answer and its turn end are supervised, nothing else."""

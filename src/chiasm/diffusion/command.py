@@ -37,11 +37,7 @@ def add_diffusion_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    s.add_argument("--threshold", type=float, help="dynamic thresholding percentile of the predicted x_0 "
-                     "(Imagen; e.g. 0.995), for strong guidance; default: a plain clamp")
-    s.add_argument("--threshold-max", type=float, default=1.0, help="the largest dynamic-threshold scale")
-    s.add_argument("--network-eps", action="store_true", help="DDIM steps with the network's eps rather than "
-                     "the one re-derived from the clamped x_0 (diffusers' default; worse under guidance)")
+    _add_x0_limits(s)
     s.add_argument("--n", type=int, default=8, help="how many samples")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples", help="output folder (nothing is written outside it)")
@@ -60,11 +56,7 @@ def add_diffusion_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     e.add_argument("--ddpm-steps", type=int, default=1000)
     e.add_argument("--compare-n", type=int, help="samples for the sampler comparison (default: --n)")
     e.add_argument("--compare-guidance", type=float, default=0.0)
-    e.add_argument("--threshold", type=float, help="dynamic thresholding percentile of the predicted x_0 "
-                     "(Imagen; e.g. 0.995), for strong guidance; default: a plain clamp")
-    e.add_argument("--threshold-max", type=float, default=1.0, help="the largest dynamic-threshold scale")
-    e.add_argument("--network-eps", action="store_true", help="DDIM steps with the network's eps rather than "
-                     "the one re-derived from the clamped x_0 (diffusers' default; worse under guidance)")
+    _add_x0_limits(e)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
     return d
@@ -125,11 +117,24 @@ def _output_folder(out: str) -> Path:
     return folder
 
 
+def _add_x0_limits(p: argparse.ArgumentParser) -> None:
+    """Options of how a sampler keeps the predicted x_0 in range (sample and eval alike)."""
+    p.add_argument("--threshold", type=float, help="dynamic thresholding percentile of the predicted x_0 "
+                   "(Imagen; e.g. 0.995), for strong guidance; default: a plain clamp")
+    p.add_argument("--threshold-max", type=float, default=1.0, help="the largest dynamic-threshold scale")
+    p.add_argument("--network-eps", action="store_true", help="DDIM steps with the network's eps rather than "
+                   "the one re-derived from the clamped x_0 (diffusers' default; worse under guidance)")
+
+
+def _x0_limits(args: argparse.Namespace) -> dict:
+    """SampleOptions' fields from :func:`_add_x0_limits`' options."""
+    return {"threshold": args.threshold, "threshold_max": args.threshold_max, "clipped_eps": not args.network_eps}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from chiasm.diffusion.sampler import SampleOptions
 
-    opts = SampleOptions(args.sampler, args.steps, args.eta, args.guidance, args.threshold, args.threshold_max,
-                         not args.network_eps)
+    opts = SampleOptions(args.sampler, args.steps, args.eta, args.guidance, **_x0_limits(args))
     if not 1 <= args.n <= MAX_SAMPLES:
         raise ValueError(f"--n must be in 1..{MAX_SAMPLES}, got {args.n}")
     opts.check(10**9)  # ranges that need no model; the step count against the model's follows
@@ -175,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         guidances = [float(w) for w in args.guidance.split(",") if w.strip()]
     except ValueError:
         raise ValueError(f"--guidance takes comma-separated numbers, got {args.guidance!r}") from None
-    opts = SampleOptions(args.sampler, args.steps, 0.0, 0.0, args.threshold, args.threshold_max, not args.network_eps)
+    opts = SampleOptions(args.sampler, args.steps, 0.0, 0.0, **_x0_limits(args))
     for w in [*guidances, args.compare_guidance]:
         replace(opts, guidance=w).check(10**9)
     if not 2 <= args.n <= 10000:

@@ -79,8 +79,9 @@ def sample(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule:
     """Draw x_T ~ N(0, I) and denoise it; ``on_step(t, x_t, x0_pred)`` sees every intermediate."""
     opts.check(schedule.train_steps)
     x = torch.randn(shape, generator=generator, device=device)
-    dynamic = opts.threshold is not None
-    limit = (lambda x0: schedule.limit_x0(x0, opts.threshold, opts.threshold_max)) if dynamic else None
+    def limit(x0: torch.Tensor) -> torch.Tensor:
+        return schedule.limit_x0(x0, opts.threshold, opts.threshold_max)
+
     for t in schedule.timesteps(opts.steps):
         t_prev = schedule.previous(t, opts.steps)
         out = call(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
