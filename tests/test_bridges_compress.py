@@ -19,8 +19,22 @@ def test_four_times_fewer_tokens(name: str, options: dict) -> None:
 @pytest.mark.parametrize("name", ["pixel_shuffle", "pooling"])
 def test_grid_not_divisible_is_a_clear_error(name: str) -> None:
     bridge = build_bridge(BridgeConfig(name, {}), vision_dim=8, lm_dim=16)
-    with pytest.raises(ValueError, match="7x7 feature grid is not divisible by factor 2"):
+    with pytest.raises(ValueError, match=r"7x7 feature grid is not divisible by (factor 2|the 2x2 kernel)"):
         bridge.num_tokens((7, 7))
+
+
+def test_pooling_with_a_rectangular_kernel_averages_consecutive_frames_of_one_row() -> None:
+    """An audio encoder's (1, T) grid: kernel [1, 4] makes one token of each 4 consecutive frames."""
+    bridge = build_bridge(BridgeConfig("pooling", {"kernel": [1, 4]}), vision_dim=3, lm_dim=5)
+    frames = torch.randn(2, 12, 3)
+    with torch.no_grad():
+        expected = bridge.mlp(frames.view(2, 3, 4, 3).mean(2), (1, 3))
+    assert bridge.num_tokens((1, 12)) == 3 and bridge.token_grid((1, 12)) == (1, 3)
+    assert torch.allclose(bridge(frames, (1, 12)), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="1x10 feature grid is not divisible by the 1x4 kernel"):
+        bridge.num_tokens((1, 10))
+    with pytest.raises(ValueError, match="kernel is k or"):
+        build_bridge(BridgeConfig("pooling", {"kernel": [1, 2, 3]}), vision_dim=3, lm_dim=5)
 
 
 def test_pixel_shuffle_groups_each_2x2_block_into_one_token() -> None:

@@ -2,7 +2,9 @@
 
 * ``pixel_shuffle`` (Idefics3 / nanoVLM): space-to-depth by ``factor`` s, then a linear
   map: s*s neighbouring features become one token of width s*s*Dv -> h*w/s^2 tokens.
-* ``pooling`` (LLaVA-NeXT style): k x k average pooling of the grid, then the MLP.
+* ``pooling`` (LLaVA-NeXT style): k x k average pooling of the grid, then the MLP. A
+  rectangular ``kernel = [kh, kw]`` pools a one-row grid along its length: an audio
+  encoder's frames, ``[1, 8]`` averaging 8 consecutive 20 ms frames into one token.
 """
 
 from __future__ import annotations
@@ -47,20 +49,28 @@ class PixelShuffleBridge(Bridge):
 
 @BRIDGES.register("pooling")
 class PoolingBridge(Bridge):
-    def __init__(self, vision_dim: int, lm_dim: int, kernel: int = 2, hidden: int | None = None):
+    def __init__(self, vision_dim: int, lm_dim: int, kernel: int | list[int] = 2, hidden: int | None = None):
         super().__init__(vision_dim, lm_dim)
-        self.kernel = kernel
+        pair = [kernel, kernel] if isinstance(kernel, int) else list(kernel)
+        if len(pair) != 2 or min(pair) < 1:
+            raise ValueError(f"pooling: kernel is k or [kh, kw] of positive sizes, not {kernel!r}")
+        self.kernel = (int(pair[0]), int(pair[1]))
         self.mlp = MLPBridge(vision_dim, lm_dim, hidden=hidden)
 
+    def _check(self, grid: tuple[int, int]) -> tuple[int, int]:
+        (h, w), (kh, kw) = grid, self.kernel
+        if h % kh or w % kw:
+            raise ValueError(f"pooling: the {h}x{w} feature grid is not divisible by the {kh}x{kw} kernel")
+        return h // kh, w // kw
+
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        _check_divisible(grid, self.kernel, "pooling")
-        return (grid[0] // self.kernel) * (grid[1] // self.kernel)
+        rows, cols = self._check(grid)
+        return rows * cols
 
     def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
-        return grid[0] // self.kernel, grid[1] // self.kernel
+        return self._check(grid)
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        _check_divisible(grid, self.kernel, "pooling")
+        small = self._check(grid)
         pooled = nn.functional.avg_pool2d(_to_map(features, grid), self.kernel)
-        small = (grid[0] // self.kernel, grid[1] // self.kernel)
         return self.mlp(pooled.flatten(2).transpose(1, 2), small)
