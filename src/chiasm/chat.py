@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from chiasm.data.images import load_image
-from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Turn
+from chiasm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, DataError, Turn
 from chiasm.generation import Engine, Request, RequestError, SamplingParams
 from chiasm.model import VisionLanguageModel
 
@@ -30,11 +30,18 @@ HELP = ("commands: /image PATH attaches an image to the next question, /reset st
 
 @torch.no_grad()
 def ask(model: VisionLanguageModel, question: str, images: list[Path], *, history: list[Turn] | None = None,
-        max_new_tokens: int = 64, params: SamplingParams | None = None) -> str:
+        max_new_tokens: int = 64, params: SamplingParams | None = None, audios: list[Path] | None = None) -> str:
     """One whole answer, greedy unless ``params`` say otherwise.
 
-    Images go where ``<image>`` stands, or before the question if there is no placeholder.
+    Images go where ``<image>`` stands, or before the question if there is no placeholder. Audio
+    clips (a model that hears) go after the images; with clips the typed question may be empty:
+    the question is then the spoken one.
     """
+    audios = list(audios or [])
+    if audios and not question.strip():
+        question = "\n".join([AUDIO_PLACEHOLDER] * len(audios))
+    elif audios and AUDIO_PLACEHOLDER not in question:
+        question = "\n".join([AUDIO_PLACEHOLDER] * len(audios) + [question])
     check_question(question, len(images), history)
     # Decoded here, so a missing or corrupt file fails naming its path, and handed to the engine
     # decoded, so it is not read twice.
@@ -43,7 +50,7 @@ def ask(model: VisionLanguageModel, question: str, images: list[Path], *, histor
     if images and IMAGE_PLACEHOLDER not in question and not any(IMAGE_PLACEHOLDER in t.text for t in history or []):
         text = _with_placeholders(question, len(images))
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
-    request = Request([*(history or []), Turn("human", text)], pictures, params)
+    request = Request([*(history or []), Turn("human", text)], pictures, params, [Path(a) for a in audios])
     return Engine(model).generate([request])[0].text.strip()
 
 

@@ -83,14 +83,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     except ValueError as exc:  # "top_p must be ..." -> "--top-p: must be ...", named as the user typed it
         field, _, rest = str(exc).partition(" ")
         raise ValueError(f"--{field.replace('_', '-')}: {rest}") from None
-    if question is not None:
+    if question is None and args.audio:
+        question = ""  # the spoken clip is the question
+    if question is not None and not args.audio:
         check_question(question, len(args.image))  # before the model loads
+    for clip in args.audio:  # a missing or unreadable clip costs no model loading
+        from chiasm.speech.audio import load_audio
+
+        load_audio(clip)
     images = [Path(p) for p in args.image]
     for image in images:  # a missing or broken image costs no model loading
         load_image(image)
     model = VisionLanguageModel.load(model_dir, device=args.device, dtype=args.dtype)
     if question is not None:
-        print(ask(model, question, images, params=params))
+        print(ask(model, question, images, params=params, audios=[Path(c) for c in args.audio]))
     else:
         interactive(model, images, params)
     return 0
@@ -191,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model folder (unless --model gives it), then the question; no question: a session")
     c.add_argument("--model", help="the model folder (instead of the first positional argument)")
     c.add_argument("--image", action="append", default=[], help="repeat for several images")
+    c.add_argument("--audio", action="append", default=[],
+                   help="an audio clip for a model that hears (repeatable); with no QUESTION it is the question")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     c.add_argument("--top-p", type=float, default=1.0)

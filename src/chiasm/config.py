@@ -101,6 +101,18 @@ class TilingConfig:
 
 
 @dataclass
+class AudioConfig:
+    """A speech encoder and its own bridge: each ``<audio>`` clip becomes a fixed number of LM tokens."""
+
+    # A Whisper: "packaged:base" / "packaged:tiny.en", a CTranslate2 or transformers folder, a hub id.
+    source: str = "packaged:base"
+    # The encoder's window: a multiple of 0.02 s up to 30. Longer clips are refused, never cut.
+    seconds: float = 30.0
+    # Any token-reducing bridge over the encoder's one-row grid of 20 ms frames.
+    bridge: BridgeConfig = field(default_factory=lambda: BridgeConfig("pooling", {"kernel": [1, 10]}))
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
@@ -123,6 +135,8 @@ class ModelConfig:
     # Dynamic high resolution (chiasm.highres.tiling): each image becomes a global view plus tiles
     # of a grid chosen for its shape; None: one view at the encoder's size.
     tiling: TilingConfig | None = None
+    # Hearing (chiasm.hearing): a Whisper encoder + bridge for <audio> placeholders; None: images only.
+    audio: AudioConfig | None = None
 
     def __post_init__(self) -> None:
         from chiasm.layout import LAYOUTS
@@ -155,6 +169,8 @@ class StageConfig:
     encoder: PolicyConfig = field(default_factory=PolicyConfig)
     bridge: PolicyConfig = field(default_factory=lambda: PolicyConfig(mode="full"))
     lm: PolicyConfig = field(default_factory=PolicyConfig)
+    # The audio bridge of a model that hears ("full" or "frozen"; its Whisper encoder stays frozen).
+    audio_bridge: PolicyConfig = field(default_factory=lambda: PolicyConfig(mode="full"))
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 8

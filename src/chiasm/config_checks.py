@@ -47,6 +47,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("EncoderConfig", "feature_layer"): ANY,
     ("EncoderConfig", "image_size"): at_least(1),
     ("ModelConfig", "max_length"): at_least(1),
+    ("AudioConfig", "seconds"): Rule(lambda v: 0 < v <= 30 and abs(v * 50 - round(v * 50)) < 1e-6,
+                                     "must be a multiple of 0.02 in (0, 30] (Whisper's 20 ms frames, 30 s window)"),
     ("TilingConfig", "max_tiles"): at_least(1),
     ("TilingConfig", "min_tiles"): at_least(1),
     ("TilingConfig", "min_side"): at_least(1),

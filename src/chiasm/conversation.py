@@ -11,12 +11,12 @@ answer, so generation starts exactly where training put the answers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from chiasm.chat_template import ChatTemplate, TemplateProblem
-from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
+from chiasm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, DataError, Sample, Turn
 from chiasm.highres.tiling import TilingConfig, TilingError
 from chiasm.highres.tiling import image_text as tiled_text
 from chiasm.layout import image_text
@@ -49,6 +49,8 @@ class ConversationEncoder:
         image_layout: str = "raster",
         tiling: TilingConfig | None = None,
         tile_size: int = 0,
+        audio_token_id: int | None = None,
+        tokens_per_audio: int = 0,
     ):
         self.view_text = image_text(image_layout, tokens_per_image)
         self.template = ChatTemplate(tokenizer, image_text=self.view_text)
@@ -59,14 +61,31 @@ class ConversationEncoder:
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
         self.system_prompt = system_prompt
+        self.audio_token_id = audio_token_id
+        self.tokens_per_audio = tokens_per_audio
 
     def _messages(self, turns: list[Turn]) -> list[dict[str, str]]:
         msgs = []
         if self.system_prompt is not None and (not turns or turns[0].role != "system"):
             msgs.append({"role": "system", "content": self.system_prompt})
-        # The template expands each placeholder (it knows whether it writes the image token itself).
-        msgs.extend({"role": _ROLES[t.role], "content": t.text} for t in turns)
+        # The template expands each image placeholder (it knows whether it writes the image token
+        # itself); an audio placeholder is the audio token, repeated once per audio-bridge token.
+        clip = AUDIO_PLACEHOLDER * self.tokens_per_audio
+        msgs.extend({"role": _ROLES[t.role],
+                     "content": t.text.replace(AUDIO_PLACEHOLDER, clip) if self.tokens_per_audio else t.text}
+                    for t in turns)
         return msgs
+
+    def _check_audio(self, sample: Sample) -> None:
+        """Audio placeholders and clips must match, and only a model that hears takes audio."""
+        placed = sum(t.text.count(AUDIO_PLACEHOLDER) for t in sample.conversations)
+        if (placed or sample.audios) and not self.tokens_per_audio:
+            raise DataError(f"{len(sample.audios)} audio clip(s) and {placed} {AUDIO_PLACEHOLDER} placeholder(s), "
+                            "but this model does not hear (its config has no [model.audio])",
+                            source=sample.source, sample_id=sample.id)
+        if placed != len(sample.audios):
+            raise DataError(f"{placed} {AUDIO_PLACEHOLDER} placeholder(s) but {len(sample.audios)} audio clip(s): "
+                            "placeholders and clips do not match", source=sample.source, sample_id=sample.id)
 
     def image_sizes(self, sample: Sample) -> list[tuple[int, int]]:
         """(width, height) of each image: ``meta['image_sizes']`` (images in memory) or the files' headers."""
@@ -120,6 +139,7 @@ class ConversationEncoder:
 
     def encode(self, sample: Sample) -> Encoded:
         """Ids and labels for training: every assistant answer and its turn end are supervised, nothing else."""
+        self._check_audio(sample)
         template = self._template(sample)
         try:
             text, spans = template.answer_spans(template.fit(self._messages(sample.conversations)))
@@ -137,7 +157,8 @@ class ConversationEncoder:
         turns = sample.conversations
         if turns and turns[-1].role == "gpt":
             turns = turns[:-1]
-        template = self._template(Sample(sample.id, turns, sample.images, sample.meta, sample.source))
+        self._check_audio(replace(sample, conversations=turns))
+        template = self._template(replace(sample, conversations=turns))
         try:
             text = template.prompt_text(template.fit(self._messages(turns)))
         except TemplateProblem as exc:
@@ -154,8 +175,14 @@ class ConversationEncoder:
                 f"{placed} image-token positions for {len(sample.images)} image(s) of {expected} tokens in all: "
                 "placeholders and images do not match",
                 source=sample.source, sample_id=sample.id)
+        heard = sum(1 for i in ids if i == self.audio_token_id) if self.tokens_per_audio else 0
+        if heard != len(sample.audios) * self.tokens_per_audio:
+            raise DataError(f"{heard} audio-token positions for {len(sample.audios)} clip(s) of "
+                            f"{self.tokens_per_audio} tokens each: placeholders and clips do not match",
+                            source=sample.source, sample_id=sample.id)
         if len(ids) > self.max_length:
+            audio = f" and {heard} audio" if heard else ""
             raise DataError(
-                f"sequence of {len(ids)} tokens (incl. {expected} image tokens) exceeds the LM's "
-                f"maximum of {self.max_length}; image tokens are never truncated: shorten the "
+                f"sequence of {len(ids)} tokens (incl. {expected} image{audio} tokens) exceeds the LM's "
+                f"maximum of {self.max_length}; image and audio tokens are never truncated: shorten the "
                 "conversation or use a bridge with fewer tokens", source=sample.source, sample_id=sample.id)

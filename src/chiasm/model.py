@@ -13,6 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -29,10 +30,14 @@ from chiasm.layout import token_order
 from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
 from chiasm.model_folder_checks import check_saved_config
 from chiasm.processor import PROCESSOR_FILE, Processor, load_tokenizer
-from chiasm.tokens import add_image_token, image_token_count
+from chiasm.tokens import add_audio_token, add_image_token, image_token_count
+
+if TYPE_CHECKING:
+    from chiasm.hearing.encoder import AudioEncoder
 
 CONFIG_FILE = "chiasm_config.json"
 ENCODER_FOLDER = "encoder"  # what rebuilding the encoder needs beyond its weights (a tower's configs)
+AUDIO_BRIDGE_FILE = "audio_bridge.safetensors"
 
 
 @dataclass
@@ -42,10 +47,15 @@ class VLMOutput:
 
 
 class VisionLanguageModel(nn.Module):
-    """Encoder + bridge + causal LM, with the tokenizer that knows the image token."""
+    """Encoder + bridge + causal LM, with the tokenizer that knows the image token.
+
+    A model that hears (``config.audio``) also holds a frozen audio encoder and its own bridge,
+    whose tokens fill the ``<audio>`` positions (see :mod:`chiasm.hearing`).
+    """
 
     def __init__(self, config: ModelConfig, encoder: VisionEncoder, bridge: Bridge,
-                 lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+                 lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+                 audio_encoder: AudioEncoder | None = None, audio_bridge: Bridge | None = None):
         super().__init__()
         self.config = config
         self.encoder = encoder
@@ -53,6 +63,15 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer)
+        if (audio_encoder is None) != (audio_bridge is None) or (audio_encoder is None) != (config.audio is None):
+            raise ValueError("a model that hears needs config.audio, an audio encoder and an audio bridge together")
+        if audio_bridge is not None and audio_bridge.in_lm:
+            raise ValueError(f"the audio bridge must emit tokens into the sequence; {type(audio_bridge).__name__} "
+                             "works inside the LM's layers")
+        self.audio_encoder = audio_encoder
+        # An empty module when the model does not hear, so every stage's policy loop sees the component.
+        self.audio_bridge = audio_bridge if audio_bridge is not None else nn.ModuleList()
+        self.audio_token_id = add_audio_token(tokenizer) if audio_encoder is not None else None
         # Checked here so that a layout the bridge cannot follow fails before any training.
         self.token_order = token_order(config.image_layout, bridge.token_grid(encoder.grid()),
                                        image_token_count(encoder, bridge))
@@ -69,13 +88,20 @@ class VisionLanguageModel(nn.Module):
                                             attn_implementation=config.attn_implementation,
                                             trust_remote_code=config.lm.trust_remote_code)
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
-        return _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
+        hearing = {}
+        if config.audio is not None:
+            from chiasm.hearing.encoder import AudioEncoder
+
+            audio_encoder = AudioEncoder.from_whisper(config.audio.source, config.audio.seconds)
+            hearing = {"audio_encoder": audio_encoder,
+                       "audio_bridge": build_bridge(config.audio.bridge, audio_encoder.dim, lm.config.hidden_size)}
+        return _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer, **hearing))
 
     @property
     def processor(self) -> Processor:
         """Sample -> inputs for this model (tokenizer, image preprocessing, tokens per image, layout)."""
         key = (self.encoder.preprocessing, self.tokens_per_image, self.max_length, self.config.system_prompt,
-               self.config.image_layout)
+               self.config.image_layout, self.tokens_per_audio)
         cached = getattr(self, "_processor", None)
         if cached is None or cached[0] != key:  # rebuilt only when one of its parts changed
             cached = (key, Processor.from_model(self))
@@ -91,6 +117,13 @@ class VisionLanguageModel(nn.Module):
     @property
     def tokens_per_image(self) -> int:
         return image_token_count(self.encoder, self.bridge)
+
+    @property
+    def tokens_per_audio(self) -> int:
+        """Sequence positions one audio clip occupies (0 for a model that does not hear)."""
+        if self.audio_encoder is None:
+            return 0
+        return self.audio_bridge.num_tokens(self.audio_encoder.grid())
 
     @property
     def max_length(self) -> int:
@@ -116,16 +149,48 @@ class VisionLanguageModel(nn.Module):
     def bridge_dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
 
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Embed ``input_ids`` and put visual tokens where the image placeholders stand.
+    def audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
+        """Log-mel windows ``(n_clips, n_mels, frames)`` -> ``(n_clips, tokens_per_audio, D)`` in the LM's dtype."""
+        if self.audio_encoder is None:
+            raise ValueError("audio was given to a model that does not hear (its config has no [model.audio])")
+        frames = self.audio_encoder(audio)
+        dtype = next(self.audio_bridge.parameters()).dtype
+        tokens = self.audio_bridge(frames.to(dtype), self.audio_encoder.grid())
+        return tokens.to(self.lm.get_input_embeddings().weight.dtype)
+
+    def _splice_audio(self, input_ids: torch.Tensor, embeds: torch.Tensor, audio: torch.Tensor | None) -> torch.Tensor:
+        """Put each clip's tokens at its ``<audio>`` positions (clips in row-major placeholder order)."""
+        if self.audio_token_id is None:
+            if audio is not None and audio.shape[0]:
+                raise ValueError("audio was given to a model that does not hear (its config has no [model.audio])")
+            return embeds
+        is_audio = input_ids == self.audio_token_id
+        n_positions = int(is_audio.sum())
+        if audio is None or audio.shape[0] == 0:
+            if n_positions:
+                raise ValueError(f"{n_positions} audio-token positions but no audio was given")
+            return embeds
+        heard = self.audio_tokens(audio)
+        if heard.shape[0] * heard.shape[1] != n_positions:
+            raise ValueError(f"{heard.shape[0]} clip(s) x {heard.shape[1]} audio tokens = "
+                             f"{heard.shape[0] * heard.shape[1]} but the sequence holds {n_positions} audio positions")
+        embeds = embeds.clone()
+        embeds[is_audio] = heard.reshape(-1, heard.shape[-1])
+        return embeds
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None,
+              audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed ``input_ids`` and put visual tokens where the image placeholders stand (and audio
+        tokens at audio placeholders).
 
         Images are consumed in row-major order of their placeholders across the batch,
         which is the order the collator lists them in. In-LM bridges also need the keyword
         arguments that ``lm_inputs`` returns beside this sequence.
         """
         is_image = input_ids == self.image_token_id
-        safe_ids = input_ids.masked_fill(is_image, 0)
-        embeds = self.lm.get_input_embeddings()(safe_ids)
+        placeholders = is_image if self.audio_token_id is None else is_image | (input_ids == self.audio_token_id)
+        safe_ids = input_ids.masked_fill(placeholders, 0)
+        embeds = self._splice_audio(input_ids, self.lm.get_input_embeddings()(safe_ids), audio)
         n_positions = int(is_image.sum())
         if features is None or features.shape[0] == 0:
             if n_positions:
@@ -142,10 +207,10 @@ class VisionLanguageModel(nn.Module):
         embeds[is_image] = vis.reshape(-1, vis.shape[-1])
         return embeds
 
-    def lm_inputs(self, input_ids: torch.Tensor,
-                  features: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def lm_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None,
+                  audio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The embedded sequence and the keyword arguments that in-LM bridges read in the LM's layers."""
-        embeds = self.embed(input_ids, features)
+        embeds = self.embed(input_ids, features, audio)
         if features is None or features.shape[0] == 0:
             return embeds, {}
         return embeds, self.bridge.layer_inputs(features.to(self.bridge_dtype), self.encoder.grid(),
@@ -154,7 +219,7 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, *, pixels: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, return_logits: bool = False,
-                position_ids: torch.Tensor | None = None) -> VLMOutput:
+                position_ids: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> VLMOutput:
         """Loss (mean over supervised tokens) and/or logits; give either pixels or cached features.
 
         With labels, the LM head runs only where a label is supervised: with a 49k-word
@@ -162,11 +227,12 @@ class VisionLanguageModel(nn.Module):
         and the loss needs only the answer tokens. ``return_logits`` adds full logits.
         ``position_ids`` marks packed rows (restarting at 0 per sample, see
         chiasm.train.packing): the LM then gets no 2D mask, because transformers derives the
-        block-causal mask from ``position_ids`` only when the 2D mask is absent.
+        block-causal mask from ``position_ids`` only when the 2D mask is absent. ``audio``: the
+        batch's log-mel windows, for a model that hears.
         """
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        embeds, layer_inputs = self.lm_inputs(input_ids, features)
+        embeds, layer_inputs = self.lm_inputs(input_ids, features, audio)
         mask = {"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids}
         return self._forward(embeds, labels, return_logits, {**mask, **layer_inputs})
 
@@ -196,11 +262,12 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  pixels: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, use_cache: bool = True) -> list[list[int]]:
+                 max_new_tokens: int = 32, use_cache: bool = True,
+                 audio: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy continuation of left-padded prompts; returns the new token ids per row."""
         if features is None and pixels is not None:
             features = self.encode_images(pixels)
-        embeds, layer_inputs = self.lm_inputs(input_ids, features)
+        embeds, layer_inputs = self.lm_inputs(input_ids, features, audio)
         return self._generate(embeds, attention_mask, max_new_tokens, use_cache, layer_inputs)
 
     def _generate(self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -211,7 +278,7 @@ class VisionLanguageModel(nn.Module):
 
         return greedy_rows(self.lm, embeds, attention_mask, layer_inputs, max_new_tokens=max_new_tokens,
                            stop_ids=stop_token_ids(self.base_lm, self.tokenizer), use_cache=use_cache,
-                           suppress=[self.image_token_id])
+                           suppress=[i for i in (self.image_token_id, self.audio_token_id) if i is not None])
 
     # ---- persistence ---------------------------------------------------------------
     def merged_lm(self) -> PreTrainedModel:
@@ -236,6 +303,9 @@ class VisionLanguageModel(nn.Module):
         save_file(_contiguous(self.encoder.state_dict()), str(folder / "encoder.safetensors"))
         shutil.rmtree(folder / ENCODER_FOLDER, ignore_errors=True)  # never a stale tower config from an older save
         self.encoder.export(folder / ENCODER_FOLDER)
+        if self.audio_encoder is not None:
+            self.audio_encoder.save(folder)
+            save_file(_contiguous(self.audio_bridge.state_dict()), str(folder / AUDIO_BRIDGE_FILE))
         lm.save_pretrained(folder / "lm", safe_serialization=True)
         self.processor.save_pretrained(folder)  # processor_config.json, and the tokenizer into lm/
         return folder
@@ -282,8 +352,18 @@ class VisionLanguageModel(nn.Module):
         processor = Processor.from_pretrained(folder, tokenizer=tokenizer) if has_processor else None
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
-        model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer))
+        hearing = {}
+        if config.audio is not None:
+            from chiasm.hearing.encoder import AudioEncoder
+
+            audio_encoder = AudioEncoder.load(folder, config.audio.seconds)
+            hearing = {"audio_encoder": audio_encoder,
+                       "audio_bridge": build_bridge(config.audio.bridge, audio_encoder.dim, lm.config.hidden_size,
+                                                    pretrained=False)}
+        model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer, **hearing))
         _load_weights(bridge, folder / "bridge.safetensors", "bridge")
+        if config.audio is not None:
+            _load_weights(model.audio_bridge, folder / AUDIO_BRIDGE_FILE, "audio bridge")
         if processor is not None:
             _adopt_processor(model, processor, folder)
         if device is not None:
@@ -321,6 +401,9 @@ def _adopt_processor(model: VisionLanguageModel, processor: Processor, folder: P
     if processor.tokens_per_image != model.tokens_per_image:
         raise ValueError(f"{folder / PROCESSOR_FILE} says {processor.tokens_per_image} tokens per image, "
                          f"the saved encoder and bridge make {model.tokens_per_image}")
+    if processor.tokens_per_audio != model.tokens_per_audio:
+        raise ValueError(f"{folder / PROCESSOR_FILE} says {processor.tokens_per_audio} tokens per audio clip, "
+                         f"the saved audio encoder and bridge make {model.tokens_per_audio}")
     model.encoder.preprocessing = processor.image
 
 

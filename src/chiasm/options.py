@@ -59,3 +59,9 @@ def check_model_options(cfg: ModelConfig, where: str = "model") -> None:
         raise ConfigError(f"{where}: {exc.args[0]}") from None
     check_options("encoder", cfg.encoder.name, cfg.encoder.options, enc_types)
     check_options("bridge", cfg.bridge.name, cfg.bridge.options, bridge_types)
+    if cfg.audio is not None:
+        try:
+            audio_types = bridge_option_types(cfg.audio.bridge.name)
+        except KeyError as exc:
+            raise ConfigError(f"{where}.audio: {exc.args[0]}") from None
+        check_options("audio bridge", cfg.audio.bridge.name, cfg.audio.bridge.options, audio_types)

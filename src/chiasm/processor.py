@@ -34,10 +34,11 @@ from chiasm.errors import ModelFolderError, one_line
 from chiasm.highres.tiling import TilingConfig
 from chiasm.highres.tiling import views as tile_views
 from chiasm.layout import LAYOUTS
-from chiasm.tokens import IMAGE_TOKEN, add_image_token
+from chiasm.tokens import AUDIO_TOKEN, IMAGE_TOKEN, add_audio_token, add_image_token
 
 if TYPE_CHECKING:
     from chiasm.features import FeatureCache
+    from chiasm.hearing.preprocessing import AudioPreprocessing
     from chiasm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Batch:
     pixels: torch.Tensor | None = None
     # Samples dropped from this batch under on_error="skip": the DataError of each.
     skipped: list[DataError] = field(default_factory=list)
+    # Log-mel windows ``(n_clips, n_mels, frames)`` in <audio> placeholder order (models that hear).
+    audio: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -74,15 +77,16 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), self.image_paths,
-                     move(self.features), move(self.pixels), self.skipped)
+                     move(self.features), move(self.pixels), self.skipped, move(self.audio))
 
 
 class Processor:
-    """Tokenizer + image preprocessing + visual-token count and layout of one model."""
+    """Tokenizer + image preprocessing + visual-token count and layout of one model (+ its audio, if it hears)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image: ImagePreprocessing, *, tokens_per_image: int,
                  max_length: int, system_prompt: str | None = None, image_layout: str = "raster",
-                 tiling: TilingConfig | None = None):
+                 tiling: TilingConfig | None = None, audio: AudioPreprocessing | None = None,
+                 tokens_per_audio: int = 0):
         if image_layout not in LAYOUTS:
             raise ValueError(f"unknown image layout {image_layout!r}; known: {', '.join(LAYOUTS.names())}")
         self.tokenizer = tokenizer
@@ -93,6 +97,11 @@ class Processor:
         self.system_prompt = system_prompt
         self.image_layout = image_layout
         self.tiling = tiling
+        self.audio = audio
+        self.tokens_per_audio = tokens_per_audio if audio is not None else 0
+        self.audio_token_id = add_audio_token(tokenizer) if audio is not None else None
+        if audio is not None and tokens_per_audio < 1:
+            raise ValueError(f"a model that hears needs at least one token per clip, not {tokens_per_audio}")
         if tiling is not None and (image.output_size is None or image.output_size[0] != image.output_size[1]):
             raise ValueError(f"tiling needs square encoder inputs; the image preprocessing gives "
                              f"{image.output_size or 'a size that depends on the image'}")
@@ -102,9 +111,12 @@ class Processor:
     @classmethod
     def from_model(cls, model: VisionLanguageModel) -> Processor:
         """The processor of a built model: its tokenizer, its encoder's preprocessing, its token count."""
+        hears = model.audio_encoder is not None
         return cls(model.tokenizer, model.encoder.preprocessing, tokens_per_image=model.tokens_per_image,
                    max_length=model.max_length, system_prompt=model.config.system_prompt,
-                   image_layout=model.config.image_layout, tiling=model.config.tiling)
+                   image_layout=model.config.image_layout, tiling=model.config.tiling,
+                   audio=model.audio_encoder.preprocessing if hears else None,
+                   tokens_per_audio=model.tokens_per_audio)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None) -> Processor:
@@ -117,7 +129,8 @@ class Processor:
             data = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise ModelFolderError(f"{file}: not valid JSON ({exc}); save the model again") from exc
-        known = {"image", "tokens_per_image", "max_length", "system_prompt", "image_layout", "image_token", "tiling"}
+        known = {"image", "tokens_per_image", "max_length", "system_prompt", "image_layout", "image_token", "tiling",
+                 "audio"}
         unknown = sorted(set(data) - known)
         missing = sorted({"image", "tokens_per_image", "max_length"} - set(data))
         if missing:
@@ -130,16 +143,28 @@ class Processor:
             tokenizer = load_tokenizer(folder / TOKENIZER_FOLDER)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
+        audio, tokens_per_audio = None, 0
+        if data.get("audio"):
+            from chiasm.hearing.preprocessing import AudioPreprocessing
+
+            try:
+                audio = AudioPreprocessing.from_dict(data["audio"])
+                tokens_per_audio = int(data["audio"]["tokens"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelFolderError(f"{file}: bad 'audio' entry ({exc!r}); save the model again") from exc
         return cls(tokenizer, ImagePreprocessing.from_dict(data["image"]),
                    tokens_per_image=int(data["tokens_per_image"]), max_length=int(data["max_length"]),
                    system_prompt=data.get("system_prompt"), image_layout=data.get("image_layout", "raster"),
-                   tiling=TilingConfig.from_dict(data["tiling"]) if data.get("tiling") else None)
+                   tiling=TilingConfig.from_dict(data["tiling"]) if data.get("tiling") else None,
+                   audio=audio, tokens_per_audio=tokens_per_audio)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image": self.image.to_dict(), "tokens_per_image": self.tokens_per_image,
                 "max_length": self.max_length, "system_prompt": self.system_prompt,
                 "image_layout": self.image_layout, "image_token": IMAGE_TOKEN,
-                "tiling": None if self.tiling is None else asdict(self.tiling)}
+                "tiling": None if self.tiling is None else asdict(self.tiling),
+                "audio": None if self.audio is None else {**self.audio.to_dict(), "tokens": self.tokens_per_audio,
+                                                          "token": AUDIO_TOKEN}}
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``processor_config.json`` and the tokenizer (into ``lm/``) of a model folder."""
@@ -157,7 +182,8 @@ class Processor:
             self._conversation = ConversationEncoder(
                 self.tokenizer, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
                 max_length=self.max_length, system_prompt=self.system_prompt, image_layout=self.image_layout,
-                tiling=self.tiling, tile_size=self.tile_size)
+                tiling=self.tiling, tile_size=self.tile_size, audio_token_id=self.audio_token_id,
+                tokens_per_audio=self.tokens_per_audio)
         return self._conversation
 
     @property
@@ -237,7 +263,14 @@ class Processor:
                 override_images: list[str] | None = None, on_error: str = "raise") -> Batch:
         """Pad (right for training, left for generation) and attach pixels or cached features."""
         return collate_items(items, self.pad_token_id, left_pad=left_pad, features=features,
-                             preprocess=self.image_views, override_images=override_images, on_error=on_error)
+                             preprocess=self.image_views, override_images=override_images, on_error=on_error,
+                             audio=self.load_audio if self.audio is not None else None)
+
+    def load_audio(self, path: str | Path) -> torch.Tensor:
+        """One audio file -> the ``(n_mels, frames)`` window the audio encoder takes (a DataError if it cannot)."""
+        if self.audio is None:
+            raise DataError(f"{path}: this model does not hear (its config has no [model.audio])")
+        return self.audio.load(path)
 
     def __call__(self, samples: Sequence[Sample], *, for_generation: bool = False,
                  features: FeatureCache | None = None) -> Batch:
@@ -264,7 +297,8 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
                   features: FeatureCache | None = None,
                   preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
                   override_images: list[str] | None = None, on_error: str = "raise",
-                  max_pixels: int | None = None) -> Batch:
+                  max_pixels: int | None = None,
+                  audio: Callable[[Path], torch.Tensor] | None = None) -> Batch:
     """Pad to the longest row and attach images, from the feature cache or through ``preprocess``.
 
     ``override_images`` replaces every image (used to test image reliance with a blank picture); it is
@@ -273,16 +307,21 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
     An image that cannot be loaded raises a :class:`DataError` naming it, its sample and data
     file; with ``on_error="skip"`` its sample is dropped from the batch instead and listed in
     ``Batch.skipped`` (the batch may then have fewer rows, or none). ``max_pixels``: see
-    :func:`~chiasm.data.images.load_image`.
+    :func:`~chiasm.data.images.load_image`. ``audio`` turns a sample's audio file into the audio
+    encoder's log-mel window (a model that hears); bad audio is treated like a bad image.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     kept: list[Prepared] = []
     images: list[torch.Tensor] = []
+    clips: list[torch.Tensor] = []
     skipped: list[DataError] = []
     for it in items:
         paths_of = [str(p) for p in it.sample.images]
         try:
+            if it.sample.audios and audio is None:
+                raise DataError(f"{len(it.sample.audios)} audio clip(s), but this model does not hear")
+            heard = [audio(Path(p)) for p in it.sample.audios] if it.sample.audios else []
             if not paths_of:
                 pass
             elif features is not None:
@@ -307,6 +346,7 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
                 exc.message, sample_id=it.sample.id, source=it.sample.source, image=exc.image))
             continue
         kept.append(it)
+        clips.extend(heard)
     width = max((len(it.encoded.input_ids) for it in kept), default=0)
     ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
     labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)
@@ -324,6 +364,8 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
     batch = Batch(ids, mask, labels, paths, skipped=skipped)
     if images:
         setattr(batch, "features" if features is not None else "pixels", torch.cat(images))
+    if clips:
+        batch.audio = torch.stack(clips)
     if skipped:
         log.warning("dropped %d of %d samples from a batch (first: %s)", len(skipped), len(items), skipped[0])
     return batch

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from chiasm.highres.tiling import TilingConfig
 
 IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"  # a clip's placeholder and the token its positions hold (chiasm.hearing)
 
 
 def image_token_count(encoder: VisionEncoder, bridge: Bridge, image_size: tuple[int, int] | None = None,
@@ -47,3 +48,12 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
                                      replace_extra_special_tokens=False)
     return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def add_audio_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Register ``<audio>`` as a special token (idempotent) and return its id; like ``<image>``, its
+    positions are filled with the audio bridge's tokens and never embedded."""
+    if AUDIO_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]},
+                                     replace_extra_special_tokens=False)
+    return int(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample, Turn
+from chiasm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, DataError, Sample, Turn
 
 # Other tools write OpenAI-style role names; they mean the same speakers.
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
-_RESERVED = ("id", "image", "conversations")
+_RESERVED = ("id", "image", "audio", "conversations")
 # Spellings a person may mean as the placeholder (<Image>, < image >, <IMAGE>): the placeholder is
 # matched exactly, so these would silently be trained on as text, or leave their image unplaced.
 _LOOKALIKE = re.compile(r"<\s*image\s*>", re.IGNORECASE)
@@ -205,30 +205,36 @@ def _parse_record(record: Any, label: str, source: str, root: Path, check_images
         raise fail(f"{bad_number} is not a finite number (NaN, Infinity or too large for a float); "
                    "quote it if it is text")
     turns = _parse_turns(record.get("conversations"), fail)
-    names = _parse_image_names(record.get("image"), fail)
-    placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
-    if placeholders != len(names):
-        raise fail(
-            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the conversation "
-            f"but {len(names)} image(s) listed"
-        )
-    images = [root / name for name in names]
-    if not allow_outside_root:
-        for name, image in zip(names, images, strict=True):
-            if not _inside(image, root):
-                raise fail(f"image path {name!r} leads outside the image root {root} (to {image.resolve()}); "
-                           "set allow_outside_image_root = true to allow it")
-    if check_images:
-        for image in images:
-            try:
-                found = image.is_file()
-                exists = found or image.exists()
-            except OSError as exc:  # e.g. a name longer than the file system allows
-                raise fail(f"cannot look up image {image}: {exc.strerror}") from None
-            if not found:
-                raise fail(f"image path is not a file: {image}" if exists else f"image not found: {image}")
+    images = _media(record, "image", IMAGE_PLACEHOLDER, turns, root, fail, check_images, allow_outside_root)
+    audios = _media(record, "audio", AUDIO_PLACEHOLDER, turns, root, fail, check_images, allow_outside_root)
     meta = {key: value for key, value in record.items() if key not in _RESERVED}
-    return Sample(id=sample_id, conversations=turns, images=images, meta=meta, source=source)
+    return Sample(id=sample_id, conversations=turns, images=images, meta=meta, source=source, audios=audios)
+
+
+def _media(record: dict, key: str, placeholder: str, turns: list[Turn], root: Path, fail: Callable[[str], DataError],
+           check_files: bool, allow_outside_root: bool) -> list[Path]:
+    """The files listed under ``key`` ("image" or "audio"): as many as their placeholders, inside the root, present."""
+    names = _parse_image_names(record.get(key), fail, key)
+    placeholders = sum(turn.text.count(placeholder) for turn in turns)
+    what = "audio clip(s)" if key == "audio" else "image(s)"
+    if placeholders != len(names):
+        raise fail(f"{placeholders} {placeholder} placeholder(s) in the conversation but {len(names)} {what} listed")
+    files = [root / name for name in names]
+    if not allow_outside_root:
+        for name, file in zip(names, files, strict=True):
+            if not _inside(file, root):
+                raise fail(f"{key} path {name!r} leads outside the image root {root} (to {file.resolve()}); "
+                           "set allow_outside_image_root = true to allow it")
+    if check_files:
+        for file in files:
+            try:
+                found = file.is_file()
+                exists = found or file.exists()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise fail(f"cannot look up {key} {file}: {exc.strerror}") from None
+            if not found:
+                raise fail(f"{key} path is not a file: {file}" if exists else f"{key} not found: {file}")
+    return files
 
 
 def _parse_turns(raw: Any, fail: Callable[[str], DataError]) -> list[Turn]:
@@ -272,12 +278,12 @@ def _parse_turns(raw: Any, fail: Callable[[str], DataError]) -> list[Turn]:
     return turns
 
 
-def _parse_image_names(raw: Any, fail: Callable[[str], DataError]) -> list[str]:
+def _parse_image_names(raw: Any, fail: Callable[[str], DataError], key: str = "image") -> list[str]:
     if raw is None:
         return []
     names = [raw] if isinstance(raw, str) else raw
     if not isinstance(names, list) or not all(isinstance(n, str) and n and "\0" not in n for n in names):
-        raise fail(f"'image' must be a non-empty string (without NUL characters) or a list of them, got {raw!r}")
+        raise fail(f"'{key}' must be a non-empty string (without NUL characters) or a list of them, got {raw!r}")
     return names
 
 
@@ -310,6 +316,8 @@ def _dump(sample: Sample, root: Path, source: str) -> str:
         record["image"] = names[0]
     elif names:
         record["image"] = names
+    if sample.audios:
+        record["audio"] = [_relative(clip, root) for clip in sample.audios]
     record["conversations"] = [{"from": turn.role, "value": turn.text} for turn in sample.conversations]
     for key, value in sample.meta.items():
         if key in _RESERVED:

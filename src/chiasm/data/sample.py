@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 Role = Literal["human", "gpt", "system"]
 IMAGE_PLACEHOLDER = "<image>"
+AUDIO_PLACEHOLDER = "<audio>"
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Turn:
 
 @dataclass
 class Sample:
-    """One conversation about zero or more images.
+    """One conversation about zero or more images and audio clips (``<audio>`` placeholders, in order).
 
     ``source`` is the file the sample was read from, kept so that every error can
     name both the file and the sample id.
@@ -36,6 +37,7 @@ class Sample:
     images: list[Path] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
+    audios: list[Path] = field(default_factory=list)
 
 
 class DataError(ValueError):

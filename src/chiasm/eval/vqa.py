@@ -35,7 +35,7 @@ def answer(model: VisionLanguageModel, samples: list[Sample], *, batch_size: int
         batch = processor.collate(items, left_pad=True, features=features,
                                   override_images=[override_image] if override_image else None).to(model.device)
         rows = model.generate(batch.input_ids, batch.attention_mask, pixels=batch.pixels, features=batch.features,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, audio=batch.audio)
         out.extend(model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows)
     return out
 

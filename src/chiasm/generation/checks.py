@@ -8,14 +8,16 @@ whole before any of it costs model time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
 from chiasm.chat_template import TemplateProblem
 from chiasm.data.images import load_image
-from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample
+from chiasm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, DataError, Sample
 from chiasm.errors import one_line
 from chiasm.generation.requests import Request, RequestError, SamplingParams
 from chiasm.processor import Processor
@@ -30,6 +32,7 @@ class PreparedRequest:
     request: Request
     input_ids: list[int]
     images: list[Image.Image]
+    audio: list[torch.Tensor] = field(default_factory=list)  # log-mel windows, in placeholder order
 
     @property
     def params(self) -> SamplingParams:
@@ -70,6 +73,25 @@ def check_conversation(request: Request) -> None:
     if placed != len(request.images):
         raise RequestError(f"the conversation holds {placed} {IMAGE_PLACEHOLDER} placeholder(s) but "
                            f"{len(request.images)} image(s) were given; give one image per placeholder")
+    heard = sum(t.text.count(AUDIO_PLACEHOLDER) for t in turns)
+    if heard != len(request.audios):
+        raise RequestError(f"the conversation holds {heard} {AUDIO_PLACEHOLDER} placeholder(s) but "
+                           f"{len(request.audios)} audio clip(s) were given; give one clip per placeholder")
+
+
+def open_audio(clip: object, n: int, processor: Processor) -> torch.Tensor:
+    """Audio clip ``n`` (1-based) as the log-mel window the model hears, or a RequestError naming it."""
+    if processor.audio is None:
+        raise RequestError("this model does not hear: it takes no audio (its config has no [model.audio])")
+    try:
+        if isinstance(clip, str | Path):
+            return processor.load_audio(clip)
+        if isinstance(clip, np.ndarray):
+            return processor.audio(clip.astype(np.float32, copy=False), f"audio {n}")
+    except DataError as exc:
+        raise RequestError(f"audio {n}: {exc.message}") from None
+    raise RequestError(f"audio {n}: expected 16 kHz mono samples (a numpy array) or a file path, "
+                       f"got {type(clip).__name__}")
 
 
 def open_image(image: object, n: int) -> Image.Image:
@@ -98,9 +120,11 @@ def prepare(request: Request, processor: Processor, context: int) -> PreparedReq
     check_params(request.params)
     check_conversation(request)
     images = [open_image(im, n) for n, im in enumerate(request.images, start=1)]
+    audio = [open_audio(clip, n, processor) for n, clip in enumerate(request.audios, start=1)]
     sample = Sample(id="request", conversations=list(request.conversation),
                     images=[Path(f"image-{n}") for n in range(len(images))], source="<request>",
-                    meta={"image_sizes": [im.size for im in images]})  # a tiled image's tokens follow its size
+                    meta={"image_sizes": [im.size for im in images]},  # a tiled image's tokens follow its size
+                    audios=[Path(f"audio-{n}") for n in range(len(audio))])
     try:
         ids = processor.conversation.encode_prompt(sample).input_ids
     except (DataError, TemplateProblem) as exc:
@@ -110,4 +134,4 @@ def prepare(request: Request, processor: Processor, context: int) -> PreparedReq
         raise RequestError(f"the prompt's {len(ids)} tokens + max_new_tokens {request.params.max_new_tokens} = "
                            f"{total} exceed the model's context of {context} tokens; lower max_new_tokens or "
                            "shorten the conversation")
-    return PreparedRequest(request, ids, images)
+    return PreparedRequest(request, ids, images, audio)

@@ -87,10 +87,13 @@ class Engine:
         ids, mask = _left_pad([it.input_ids for it in items], self.processor.pad_token_id, model.device)
         images = [im for it in items for im in it.images]  # placeholder order across rows, as embed() reads them
         features = model.encode_images(self.processor.pixels(images).to(model.device)) if images else None
-        embeds, layer_inputs = model.lm_inputs(ids, features)
+        clips = [clip for it in items for clip in it.audio]  # likewise for <audio> placeholders
+        audio = torch.stack(clips).to(model.device) if clips else None
+        embeds, layer_inputs = model.lm_inputs(ids, features, audio)
         rows = [_Row(offset + i, it, TextStream(model.tokenizer, it.params.stop),
                      make_generator(it.params, model.device)) for i, it in enumerate(items)]
-        dec = BatchDecoder(model.lm, embeds, mask, layer_inputs, suppress=[model.image_token_id])
+        placeholders = [i for i in (model.image_token_id, model.audio_token_id) if i is not None]
+        dec = BatchDecoder(model.lm, embeds, mask, layer_inputs, suppress=placeholders)
         while dec.active:
             active = [rows[i] for i in dec.active]
             tokens = next_tokens(dec.logits(), [r.item.params for r in active], [r.generator for r in active])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from chiasm.data.sample import Turn
@@ -39,11 +40,14 @@ class SamplingParams:
 
 @dataclass
 class Request:
-    """A conversation ending with a human turn; one image per ``<image>`` placeholder, in order."""
+    """A conversation ending with a human turn; one image per ``<image>`` placeholder, in order (and one
+    audio clip per ``<audio>`` placeholder)."""
 
     conversation: list[Turn]
     images: list[Image.Image | str | Path] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
+    # One clip per ``<audio>`` placeholder (a model that hears): 16 kHz mono samples or a file path.
+    audios: list[np.ndarray | str | Path] = field(default_factory=list)
 
 
 @dataclass

@@ -55,9 +55,10 @@ async def chat_completions(http: HttpRequest) -> Response:
         raise ApiError(404, f"the model {chat.model!r} does not exist on this server; it serves "
                             f"{state.model_name!r}", param="model", code="model_not_found")
     images = await anyio.to_thread.run_sync(_load_images, chat, state.settings)
+    audios = await anyio.to_thread.run_sync(_load_audio, chat, state.settings)
     params = SamplingParams(max_new_tokens=chat.max_tokens or 1, temperature=chat.temperature, top_p=chat.top_p,
                             top_k=chat.top_k, seed=chat.seed, stop=chat.stop)
-    job = Job(loop=asyncio.get_running_loop(), request=Request(chat.conversation, images, params),
+    job = Job(loop=asyncio.get_running_loop(), request=Request(chat.conversation, images, params, audios),
               max_tokens=chat.max_tokens)
     state.worker.submit(job)
     reply = Reply(state.model_name, include_usage=chat.include_usage)
@@ -77,6 +78,13 @@ async def chat_completions(http: HttpRequest) -> Response:
 
 def _load_images(chat: ChatRequest, settings: ServeSettings) -> list:
     return [load_image_url(url, settings, where=where) for url, where in chat.image_urls]
+
+
+def _load_audio(chat: ChatRequest, settings: ServeSettings) -> list:
+    from chiasm.serve.audio import decode_input_audio
+
+    return [decode_input_audio(data, fmt, where=where, max_bytes=settings.max_image_bytes)
+            for data, fmt, where in chat.audio_clips]
 
 
 class Waiter:

@@ -2,7 +2,8 @@
 
 OpenAI roles map onto chiasm's (``user`` -> ``human``, ``assistant`` -> ``gpt``, ``system`` and
 ``developer`` -> ``system``); each ``image_url`` part becomes an ``<image>`` placeholder at its
-place in the text, so the images keep the order and position the client gave them. A field
+place in the text, so the images keep the order and position the client gave them; each
+``input_audio`` part likewise becomes an ``<audio>`` placeholder (for a model that hears). A field
 that would change the answer and that this server does not implement (``n`` > 1, tools,
 log-probabilities, penalties, a JSON response format) is refused by name rather than silently
 ignored, and so is an unknown field (a misspelt ``temprature`` would otherwise pass unnoticed).
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from chiasm.data.sample import IMAGE_PLACEHOLDER, Turn
+from chiasm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, Turn
 from chiasm.serve.errors import bad_request
 from chiasm.serve.settings import ServeSettings
 
@@ -41,6 +42,8 @@ class ChatRequest:
     conversation: list[Turn]
     image_urls: list[tuple[str, str]]   # (url, where it was in the request, for errors)
     max_tokens: int | None
+    # (base64 data, format, where) of each input_audio part, in placeholder order
+    audio_clips: list[tuple[str, str, str]] = field(default_factory=list)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -71,7 +74,7 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
     if fmt is not None and fmt != {"type": "text"}:
         raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported by this server",
                           "response_format", "unsupported_field")
-    conversation, image_urls = _parse_messages(body.get("messages"), settings)
+    conversation, image_urls, audio_clips = _parse_messages(body.get("messages"), settings)
     stream = _optional(body, "stream", bool, False)
     options = body.get("stream_options")
     include_usage = False
@@ -81,7 +84,7 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise bad_request("'stream_options' must be an object with only 'include_usage'", "stream_options")
         include_usage = _optional(options, "include_usage", bool, False, param="stream_options.include_usage")
-    return ChatRequest(model=model, conversation=conversation, image_urls=image_urls,
+    return ChatRequest(model=model, conversation=conversation, image_urls=image_urls, audio_clips=audio_clips,
                        max_tokens=_max_tokens(body, settings),
                        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
@@ -90,7 +93,8 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
                        stop=_stop(body.get("stop")), stream=stream, include_usage=include_usage)
 
 
-def _parse_messages(messages: Any, settings: ServeSettings) -> tuple[list[Turn], list[tuple[str, str]]]:
+def _parse_messages(messages: Any, settings: ServeSettings
+                    ) -> tuple[list[Turn], list[tuple[str, str]], list[tuple[str, str, str]]]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
     if len(messages) > settings.max_messages:
@@ -98,6 +102,7 @@ def _parse_messages(messages: Any, settings: ServeSettings) -> tuple[list[Turn],
                           f"{settings.max_messages}", "messages")
     turns: list[Turn] = []
     urls: list[tuple[str, str]] = []
+    clips: list[tuple[str, str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -106,10 +111,15 @@ def _parse_messages(messages: Any, settings: ServeSettings) -> tuple[list[Turn],
         if not isinstance(role, str) or role not in _ROLES:
             raise bad_request(f"{where}.role {role!r} is not supported; use one of {', '.join(_ROLES)}",
                               f"{where}.role")
-        text, images = _parse_content(message.get("content"), where, settings)
-        if images and role != "user":
-            raise bad_request(f"{where}: images are only allowed in user messages, not {role!r}", f"{where}.content")
+        text, images, audio = _parse_content(message.get("content"), where, settings)
+        if (images or audio) and role != "user":
+            raise bad_request(f"{where}: images and audio are only allowed in user messages, not {role!r}",
+                              f"{where}.content")
         urls += images
+        clips += audio
+        if len(clips) > settings.max_images_per_request:
+            raise bad_request(f"the request holds more than {settings.max_images_per_request} audio clips, this "
+                              "server's limit per request", where, "too_many_audio_clips")
         if len(urls) > settings.max_images_per_request:
             raise bad_request(f"the request holds more than {settings.max_images_per_request} images, this server's "
                               "limit per request", where, "too_many_images")
@@ -117,18 +127,20 @@ def _parse_messages(messages: Any, settings: ServeSettings) -> tuple[list[Turn],
     if turns[-1].role != "human":
         raise bad_request(f"the last message must come from the user (it is {messages[-1]['role']!r}): the model "
                           "answers the user's last message", f"messages[{len(messages) - 1}].role")
-    return turns, urls
+    return turns, urls, clips
 
 
-def _parse_content(content: Any, where: str, settings: ServeSettings) -> tuple[str, list[tuple[str, str]]]:
-    """A message's text with a placeholder per image part, and the image URLs in order."""
+def _parse_content(content: Any, where: str, settings: ServeSettings
+                   ) -> tuple[str, list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """A message's text with a placeholder per image or audio part, and the image URLs and clips in order."""
     if isinstance(content, str):
         _check_text(content, f"{where}.content")
-        return content, []
+        return content, [], []
     if not isinstance(content, list) or not content:
         raise bad_request(f"{where}.content must be a string or a non-empty list of content parts", f"{where}.content")
     pieces: list[str] = []
     urls: list[tuple[str, str]] = []
+    clips: list[tuple[str, str, str]] = []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -144,21 +156,42 @@ def _parse_content(content: Any, where: str, settings: ServeSettings) -> tuple[s
                 raise bad_request(f"{at}.image_url.detail must be auto, low or high", f"{at}.image_url.detail")
             urls.append((url, at))
             pieces.append(IMAGE_PLACEHOLDER)
+        elif kind == "input_audio":
+            clips.append(_input_audio(part.get("input_audio"), at))
+            pieces.append(AUDIO_PLACEHOLDER)
         elif kind in ("text", None):
             raise bad_request(f"{at} must be an object {{\"type\": \"text\", \"text\": ...}} or "
                               f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}", at)
         else:
-            raise bad_request(f"{at}: content part type {kind!r} is not supported; use text or image_url", at)
+            raise bad_request(f"{at}: content part type {kind!r} is not supported; use text, image_url or "
+                              "input_audio", at)
     if len(urls) > settings.max_images_per_message:
         raise bad_request(f"{where} holds {len(urls)} images, over this server's limit of "
                           f"{settings.max_images_per_message} per message", f"{where}.content", "too_many_images")
-    return "\n".join(pieces), urls
+    return "\n".join(pieces), urls, clips
+
+
+def _input_audio(part: Any, at: str) -> tuple[str, str, str]:
+    """``{"data": base64, "format": "wav"}`` checked (decoded later, off the event loop)."""
+    from chiasm.serve.audio import FORMATS
+
+    if not isinstance(part, dict) or not isinstance(part.get("data"), str) or not part["data"]:
+        raise bad_request(f"{at}.input_audio must be an object with a base64 'data' string and a 'format'",
+                          f"{at}.input_audio")
+    fmt = part.get("format")
+    if fmt not in FORMATS:
+        raise bad_request(f"{at}.input_audio.format must be one of {', '.join(FORMATS)}, got {fmt!r}",
+                          f"{at}.input_audio.format")
+    return part["data"], fmt, at
 
 
 def _check_text(text: str, param: str) -> None:
     if IMAGE_PLACEHOLDER in text:  # it would count as an image slot with no image behind it
         raise bad_request(f"{param} holds the text {IMAGE_PLACEHOLDER!r}, which this model reserves for images; "
                           "send images as image_url content parts", param)
+    if AUDIO_PLACEHOLDER in text:  # likewise an audio slot with no clip behind it
+        raise bad_request(f"{param} holds the text {AUDIO_PLACEHOLDER!r}, which this model reserves for audio; "
+                          "send audio as input_audio content parts", param)
 
 
 def _max_tokens(body: dict, settings: ServeSettings) -> int | None:

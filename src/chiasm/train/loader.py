@@ -55,6 +55,7 @@ class Item:
     labels: list[int]
     image_paths: list[str]
     images: torch.Tensor | None  # (n_images, 3, H, W) pixels or (n_images, N, Dv) features
+    audio: torch.Tensor | None = None  # (n_clips, n_mels, frames) log-mel windows, for a model that hears
 
 
 @dataclass
@@ -76,7 +77,8 @@ class LoaderBatch(Batch):
         moved = super().to(device)
         pos = None if self.position_ids is None else self.position_ids.to(device)
         return LoaderBatch(moved.input_ids, moved.attention_mask, moved.labels, moved.image_paths, moved.features,
-                           moved.pixels, skipped=self.skipped, position_ids=pos, sample_ids=self.sample_ids)
+                           moved.pixels, skipped=self.skipped, audio=moved.audio, position_ids=pos,
+                           sample_ids=self.sample_ids)
 
 
 class SampleDataset(Dataset):
@@ -88,11 +90,13 @@ class SampleDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], encoder: ConversationEncoder, *,
                  features: FeatureCache | None = None,
-                 preprocess: Callable[..., torch.Tensor] | None = None, max_pixels: int | None = None):
+                 preprocess: Callable[..., torch.Tensor] | None = None, max_pixels: int | None = None,
+                 audio: Callable[[Path], torch.Tensor] | None = None):
         if (features is None) == (preprocess is None):
             raise ValueError("SampleDataset needs exactly one of a feature cache or an image preprocessing")
         self.samples, self.encoder, self.features, self.preprocess = samples, encoder, features, preprocess
         self.max_pixels = max_pixels  # see chiasm.data.images.load_image
+        self.audio = audio  # audio file -> log-mel window (a model that hears)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,11 +106,18 @@ class SampleDataset(Dataset):
         try:
             enc = self.encoder.encode(s)
             paths = [str(p) for p in s.images]
-            return Item(i, s.id, s.source, enc.input_ids, enc.labels, paths, self._images(s, paths))
+            return Item(i, s.id, s.source, enc.input_ids, enc.labels, paths, self._images(s, paths), self._audio(s))
         except DataError as err:
             if err.sample_id is None:  # e.g. a feature-cache lookup: name the sample here
                 err = DataError(err.message, source=s.source, sample_id=s.id, image=err.image)
             return Failed(i, err)
+
+    def _audio(self, s: Sample) -> torch.Tensor | None:
+        if not s.audios:
+            return None
+        if self.audio is None:  # encode() has refused this already; kept for direct callers
+            raise DataError(f"{len(s.audios)} audio clip(s), but this model does not hear")
+        return torch.stack([self.audio(Path(p)) for p in s.audios])
 
     def _images(self, s: Sample, paths: list[str]) -> torch.Tensor | None:
         if not paths:
@@ -147,8 +158,9 @@ class Collator:
         paths = [p for it in ordered for p in it.image_paths]
         images = [it.images for it in ordered if it.images is not None]
         stacked = torch.cat(images) if images else None
+        clips = [it.audio for it in ordered if it.audio is not None]  # placeholder order, as for images
         batch = LoaderBatch(ids, mask, labels, paths, position_ids=pos, sample_ids=[it.sample_id for it in ordered],
-                            skipped=skipped)
+                            skipped=skipped, audio=torch.cat(clips) if clips else None)
         if self.cached:
             batch.features = stacked
         else:
@@ -206,7 +218,8 @@ class StageLoader:
         processor = model.processor  # the tokenizer and image steps inference uses too
         dataset = SampleDataset(samples, processor.conversation, features=features,
                                 preprocess=None if features is not None else processor.image_views,
-                                max_pixels=stage.max_image_pixels)
+                                max_pixels=stage.max_image_pixels,
+                                audio=processor.load_audio if processor.audio is not None else None)
         self.sampler = PlanBatchSampler(plan, rank, start_step)
         if stage.num_workers:
             # Fast tokenizers warn (and turn their threads off) in forked workers; say so up front.

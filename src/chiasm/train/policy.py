@@ -1,7 +1,8 @@
 """Per-component training policies: frozen, full, LoRA (peft) or last-N blocks.
 
-A stage applies one policy to each of encoder, bridge and LM, then logs exactly how many
-parameters each component trains and freezes, so a run's log shows what a stage did.
+A stage applies one policy to each of encoder, bridge and LM (and the audio bridge of a model
+that hears; its Whisper encoder is always frozen), then logs exactly how many parameters each
+component trains and freezes, so a run's log shows what a stage did.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from chiasm.model import VisionLanguageModel
 from chiasm.train.lora_targets import lora_targets
 
 log = logging.getLogger(__name__)
-COMPONENTS = ("encoder", "bridge", "lm")
+COMPONENTS = ("encoder", "bridge", "lm", "audio_bridge")
+BRIDGES = ("bridge", "audio_bridge")
 
 
 def _lm_blocks(model: VisionLanguageModel) -> list[nn.Module]:
@@ -45,8 +47,8 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
             p.requires_grad_(True)
         return
     if policy.mode == "last_n":
-        if component == "bridge":
-            raise ValueError("the last_n policy applies to the encoder or the LM, not the bridge")
+        if component in BRIDGES:
+            raise ValueError(f"the last_n policy applies to the encoder or the LM, not the {component}")
         blocks = _lm_blocks(model) if component == "lm" else model.encoder.blocks()
         for block in blocks[-policy.last_n:]:
             for p in block.parameters():
@@ -58,8 +60,8 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
                     p.requires_grad_(True)
         return
     if policy.mode == "lora":
-        if component == "bridge":
-            raise ValueError("LoRA applies to the encoder or the LM; train the bridge with 'full'")
+        if component in BRIDGES:
+            raise ValueError(f"LoRA applies to the encoder or the LM; train the {component} with 'full'")
         if component == "lm":
             if not isinstance(model.lm, PeftModel):
                 model.lm = get_peft_model(model.lm, _lora_config(policy, model.lm, component))
@@ -80,7 +82,7 @@ def set_train_modes(model: VisionLanguageModel, policies: dict[str, PolicyConfig
     norm), so only those go to train mode.
     """
     model.eval()
-    for comp in COMPONENTS:
+    for comp in (c for c in COMPONENTS if c in policies):
         policy = policies[comp]
         module: nn.Module = getattr(model, comp)
         if policy.mode in ("full", "lora"):
@@ -94,12 +96,13 @@ def set_train_modes(model: VisionLanguageModel, policies: dict[str, PolicyConfig
 
 def apply_stage_policies(model: VisionLanguageModel, policies: dict[str, PolicyConfig]) -> dict[str, dict[str, int]]:
     """Apply every component's policy; return and log trainable/frozen counts per component."""
-    for comp in COMPONENTS:
+    given = [c for c in COMPONENTS if c in policies]  # the audio bridge's may be left out: it stays as it is
+    for comp in given:
         apply_policy(model, comp, policies[comp])
     counts = parameter_counts(model)
-    for comp in COMPONENTS:
+    for comp in (c for c in given if c in counts):  # no audio-bridge line for a model that does not hear
         c = counts[comp]
-        log.info("%-7s %-6s trainable %12s  frozen %12s", comp, policies[comp].mode,
+        log.info("%-12s %-6s trainable %12s  frozen %12s", comp, policies[comp].mode,
                  f"{c['trainable']:,}", f"{c['frozen']:,}")
     return counts
 
@@ -107,6 +110,8 @@ def apply_stage_policies(model: VisionLanguageModel, policies: dict[str, PolicyC
 def parameter_counts(model: VisionLanguageModel) -> dict[str, dict[str, int]]:
     out = {}
     for comp in COMPONENTS:
+        if comp == "audio_bridge" and model.audio_encoder is None:
+            continue
         params = list(getattr(model, comp).parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         out[comp] = {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}

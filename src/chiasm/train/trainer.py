@@ -304,7 +304,7 @@ class Trainer:
                 batch = loader.batch(indices).to(self.dist.device)
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
-                                  features=batch.features, position_ids=batch.position_ids).loss
+                                  features=batch.features, position_ids=batch.position_ids, audio=batch.audio).loss
 
             text_only = prealign is None and any(not s.images for s in samples)
             unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device,
@@ -356,7 +356,7 @@ class Trainer:
                         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                             loss_t = wrapped(batch.input_ids, batch.attention_mask, batch.labels,
                                              pixels=batch.pixels, features=batch.features,
-                                             position_ids=batch.position_ids).loss
+                                             position_ids=batch.position_ids, audio=batch.audio).loss
                             loss_t = loss_t * weights[micro]
                             total = loss_t
                             if replay is not None and sync:
