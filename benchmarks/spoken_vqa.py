@@ -1,0 +1,188 @@
+"""Spoken-question VQA: a trained VLM given ears, asked the same questions typed and spoken.
+
+The vision side is a saved model that already answers typed questions about the synthetic
+world (by default the demo's, ``runs/demo/model``: run ``chiasm demo`` first). It gets a
+frozen Whisper encoder and a fresh audio bridge (``chiasm.hearing.attach``), and two stages
+train the audio bridge alone, everything else frozen, as a VLM's first stage aligns its
+visual bridge:
+
+1. ``hear``: speech -> transcript. A spoken question and "Write down the question." -> its text.
+2. ``answer``: an image and a spoken question -> the answer (no text of the question anywhere).
+
+The questions are those of the world's training conversations (its templates and training-only
+wordings), each spoken by espeak-ng with an English voice, a timbre variant, speed and pitch
+drawn per clip. The evaluation asks every held-out question of the world (held-out images)
+three times: typed; spoken by an accent never heard in training (``--heldout-voice``, with the
+training timbres); and spoken by the training voices (new clips: is a gap the voice or the
+task?). Target: spoken (held-out accent) within 10 points of typed.
+
+    python benchmarks/spoken_vqa.py --vision runs/demo/model      # writes benchmarks/results/spoken_vqa.json
+
+The trained model is saved to ``WORK/model`` (``--work``, default runs/spoken-vqa).
+
+``--quick`` shrinks everything for a smoke run whose numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from chiasm.config import AudioConfig, BridgeConfig, PolicyConfig, RunConfig, StageConfig
+from chiasm.data.llava import load_llava, save_llava
+from chiasm.data.sample import Sample, Turn
+from chiasm.eval.vqa import answer, score
+from chiasm.hearing.attach import attach_hearing
+from chiasm.model import VisionLanguageModel
+from chiasm.speech.synthetic import VARIANTS, espeak
+
+RESULTS = Path(__file__).parent / "results"
+TRAIN_VOICES = ("en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-029")
+TRANSCRIBE = "Write down the question."
+
+
+def _qa_pairs(samples: list[Sample]) -> list[tuple[Path, str, str]]:
+    """(image, question text, answer) of every human/gpt turn pair, the image placeholder removed."""
+    out = []
+    for s in samples:
+        turns = [t for t in s.conversations if t.role != "system"]
+        for q, a in zip(turns[::2], turns[1::2], strict=False):
+            out.append((s.images[0], q.text.replace("<image>", "").strip(), a.text))
+    return out
+
+
+def _speak(text: str, out: Path, rng: random.Random, voices: tuple[str, ...], variants: list[str]) -> Path:
+    voice = rng.choice(voices) + rng.choice(variants)
+    return espeak(text, voice, out, speed=rng.randint(150, 190), pitch=rng.randint(35, 65))
+
+
+def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_voice: str,
+               seed: int = 0) -> dict[str, Path]:
+    """Write the two stages' data files and the spoken eval set (LLaVA JSON, clips beside them)."""
+    rng = random.Random(seed)
+    pairs = _qa_pairs(load_llava(world / "instruct.json").samples)
+    rng.shuffle(pairs)
+    train_variants = [v for v in VARIANTS if "klatt" not in v]  # the Klatt synthesiser is a different engine
+    hear, answer_rows = [], []
+    for i, (_, text, _) in enumerate(pairs[:n_hear]):
+        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, TRAIN_VOICES, train_variants)
+        hear.append(Sample(f"hear-{i:05d}", [Turn("human", f"<audio>\n{TRANSCRIBE}"), Turn("gpt", text)],
+                           audios=[clip]))
+    for i, (image, text, ans) in enumerate(pairs[n_hear:n_hear + n_answer]):
+        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, TRAIN_VOICES, train_variants)
+        answer_rows.append(Sample(f"answer-{i:05d}", [Turn("human", "<image>\n<audio>"), Turn("gpt", ans)],
+                                  [image], audios=[clip]))
+    typed = load_llava(world / "eval.json").samples
+    files = {"hear": work / "hear.json", "answer": work / "answer.json", "spoken": work / "spoken_eval.json",
+             "spoken_trained_voices": work / "spoken_eval_trained_voices.json"}
+    for name, voices in (("spoken", (heldout_voice,)), ("spoken_trained_voices", TRAIN_VOICES)):
+        spoken = []
+        for s in typed:
+            text = s.conversations[0].text.replace("<image>", "").strip()
+            clip = _speak(text, work / "clips" / name / f"{s.id}.wav", rng, voices, train_variants)
+            spoken.append(Sample(s.id, [Turn("human", "<image>\n<audio>"), s.conversations[1]], s.images,
+                                 dict(s.meta, spoken=text), audios=[clip]))
+        save_llava(spoken, files[name], work)
+    save_llava(hear, files["hear"], work)
+    save_llava(answer_rows, files["answer"], work)
+    return files
+
+
+def stages(files: dict[str, Path], work: Path, *, hear_steps: int, answer_steps: int, batch: int,
+           lr: float) -> list[StageConfig]:
+    frozen, full = PolicyConfig(mode="frozen"), PolicyConfig(mode="full")
+    common = {"encoder": frozen, "bridge": frozen, "lm": frozen, "audio_bridge": full, "batch_size": batch,
+              "lr": lr, "image_root": str(work), "allow_outside_image_root": True, "on_error": "skip",
+              "max_skip_fraction": 0.05}
+    return [StageConfig(name="hear", data=str(files["hear"]), max_steps=hear_steps, **common),
+            StageConfig(name="answer", data=str(files["answer"]), max_steps=answer_steps, **common)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vision", default="runs/demo/model", help="a saved model that answers typed questions")
+    p.add_argument("--world", default="runs/demo/world", help="the synthetic world it was trained on")
+    p.add_argument("--whisper", default="packaged:base")
+    p.add_argument("--seconds", type=float, default=6.0, help="the audio window (clips longer are skipped)")
+    p.add_argument("--kernel", type=int, default=10, help="frames pooled per audio token (20 ms each)")
+    p.add_argument("--hear-steps", type=int, default=150)
+    p.add_argument("--answer-steps", type=int, default=250)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--heldout-voice", default="en-gb-scotland")
+    p.add_argument("--work", default="runs/spoken-vqa")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if not (Path(args.vision) / "chiasm_config.json").is_file():
+        print(f"{args.vision}: no saved model; run `chiasm demo` first (it writes runs/demo/model)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    tick = time.perf_counter()
+    work = Path(args.work)
+    n_hear, n_answer = (8, 8) if args.quick else (args.hear_steps * args.batch, args.answer_steps * args.batch)
+    files = build_data(Path(args.world), work, n_hear=n_hear, n_answer=n_answer, heldout_voice=args.heldout_voice)
+    data_s = time.perf_counter() - tick
+    model = VisionLanguageModel.load(args.vision)
+    model = attach_hearing(model, AudioConfig(args.whisper, args.seconds,
+                                              BridgeConfig("pooling", {"kernel": [1, args.kernel], "hidden": None})))
+    steps = (2, 2) if args.quick else (args.hear_steps, args.answer_steps)
+    cfg = RunConfig(model=model.config, stages=stages(files, work, hear_steps=steps[0], answer_steps=steps[1],
+                                                      batch=args.batch, lr=args.lr),
+                    output_dir=str(work / "run"), precision="fp32")
+    from chiasm.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    model = Trainer(cfg, model=model).run()
+    train_s = time.perf_counter() - t0
+    model.save(work / "model")  # a model folder that hears: chat, eval and serve load it
+    typed = load_llava(Path(args.world) / "eval.json").samples
+    spoken = load_llava(files["spoken"], allow_outside_root=True).samples
+    trained_voices = load_llava(files["spoken_trained_voices"], allow_outside_root=True).samples
+    if args.quick:
+        typed, spoken, trained_voices = typed[:10], spoken[:10], trained_voices[:10]
+    t0 = time.perf_counter()
+    results = {}
+    for name, samples in (("typed", typed), ("spoken", spoken), ("spoken_trained_voices", trained_voices)):
+        preds = answer(model, samples, batch_size=16, max_new_tokens=6, desc=name)
+        results[name] = score(samples, preds, "synthetic")
+        results[name]["examples"] = [{"id": s.id, "question": s.meta.get("spoken", s.conversations[0].text),
+                                      "answer": s.conversations[1].text, "predicted": pr}
+                                     for s, pr in list(zip(samples, preds, strict=True))[:12]]
+    prompts = [Sample("t", [Turn("human", f"<audio>\n{TRANSCRIBE}")], audios=s.audios) for s in spoken[:8]]
+    heard = answer(model, prompts, batch_size=8, max_new_tokens=16, desc="transcribing")
+    eval_s = time.perf_counter() - t0
+    typed_acc, spoken_acc = results["typed"]["overall"], results["spoken"]["overall"]
+    out = {
+        "vision": args.vision, "whisper": args.whisper, "seconds": args.seconds, "kernel": args.kernel,
+        "tokens_per_clip": model.tokens_per_audio, "steps": {"hear": steps[0], "answer": steps[1]},
+        "batch": args.batch, "heldout_voice": args.heldout_voice,
+        "typed": {k: v for k, v in results["typed"].items() if k not in ("scores", "hits")},
+        "spoken": {k: v for k, v in results["spoken"].items() if k not in ("scores", "hits")},
+        "spoken_trained_voices": {k: v for k, v in results["spoken_trained_voices"].items()
+                                  if k not in ("scores", "hits")},
+        "transcripts": [{"said": s.meta["spoken"], "heard": h} for s, h in zip(spoken, heard, strict=False)],
+        "seconds_taken": {"data": round(data_s, 1), "train": round(train_s, 1), "eval": round(eval_s, 1),
+                          "total": round(time.perf_counter() - tick, 1)},
+        "targets": {"spoken_within_10_points_of_typed": spoken_acc >= typed_acc - 0.10,
+                    "run_under_15_minutes": time.perf_counter() - tick < 900},
+        "command": "benchmarks/spoken_vqa.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(f"typed {typed_acc:.1%}  spoken {spoken_acc:.1%}  (held-out voice {args.heldout_voice}); "
+          f"train {train_s / 60:.1f} min, total {(time.perf_counter() - tick) / 60:.1f} min")
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"spoken_vqa{args.tag}.json"
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
