@@ -7,7 +7,8 @@ train the audio bridge alone, everything else frozen, as a VLM's first stage ali
 visual bridge:
 
 1. ``hear``: speech -> transcript. A spoken question and "Write down the question." -> its text.
-2. ``answer``: an image and a spoken question -> the answer (no text of the question anywhere).
+2. ``answer``: an image and a spoken question -> the answer (no text of the question anywhere);
+   with ``--lora`` the LM gets LoRA adapters too and typed questions are mixed in.
 
 The questions are those of the world's training conversations (its templates and training-only
 wordings), each spoken by espeak-ng with an English voice, a timbre variant, speed and pitch
@@ -63,7 +64,7 @@ def _speak(text: str, out: Path, rng: random.Random, voices: tuple[str, ...], va
 
 
 def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_voice: str,
-               seed: int = 0) -> dict[str, Path]:
+               typed_every: int = 0, seed: int = 0) -> dict[str, Path]:
     """Write the two stages' data files and the spoken eval set (LLaVA JSON, clips beside them)."""
     rng = random.Random(seed)
     pairs = _qa_pairs(load_llava(world / "instruct.json").samples)
@@ -78,6 +79,9 @@ def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_v
         clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, TRAIN_VOICES, train_variants)
         answer_rows.append(Sample(f"answer-{i:05d}", [Turn("human", "<image>\n<audio>"), Turn("gpt", ans)],
                                   [image], audios=[clip]))
+        if typed_every and i % typed_every == 0:  # typed questions too, so a LoRA-tuned LM keeps reading text
+            answer_rows.append(Sample(f"typed-{i:05d}", [Turn("human", f"<image>\n{text}"), Turn("gpt", ans)],
+                                      [image]))
     typed = load_llava(world / "eval.json").samples
     files = {"hear": work / "hear.json", "answer": work / "answer.json", "spoken": work / "spoken_eval.json",
              "spoken_trained_voices": work / "spoken_eval_trained_voices.json"}
@@ -95,13 +99,16 @@ def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_v
 
 
 def stages(files: dict[str, Path], work: Path, *, hear_steps: int, answer_steps: int, batch: int,
-           lr: float) -> list[StageConfig]:
+           lr: float, lora: bool) -> list[StageConfig]:
+    """``hear`` trains the audio bridge alone; ``answer`` too, plus LoRA on the LM when ``lora`` (the
+    speech-LLM recipe: SALMONN and Qwen-Audio tune the LM with LoRA once the audio is aligned)."""
     frozen, full = PolicyConfig(mode="frozen"), PolicyConfig(mode="full")
-    common = {"encoder": frozen, "bridge": frozen, "lm": frozen, "audio_bridge": full, "batch_size": batch,
+    common = {"encoder": frozen, "bridge": frozen, "audio_bridge": full, "batch_size": batch,
               "lr": lr, "image_root": str(work), "allow_outside_image_root": True, "on_error": "skip",
               "max_skip_fraction": 0.05}
-    return [StageConfig(name="hear", data=str(files["hear"]), max_steps=hear_steps, **common),
-            StageConfig(name="answer", data=str(files["answer"]), max_steps=answer_steps, **common)]
+    lm = PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=3e-4) if lora else frozen
+    return [StageConfig(name="hear", data=str(files["hear"]), max_steps=hear_steps, lm=frozen, **common),
+            StageConfig(name="answer", data=str(files["answer"]), max_steps=answer_steps, lm=lm, **common)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--heldout-voice", default="en-gb-scotland")
+    p.add_argument("--lora", action="store_true", help="answer stage: LoRA on the LM as well (typed rows mixed in)")
+    p.add_argument("--typed-every", type=int, default=3, help="with --lora: one typed row per N spoken ones")
     p.add_argument("--work", default="runs/spoken-vqa")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tag", default="")
@@ -127,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     tick = time.perf_counter()
     work = Path(args.work)
     n_hear, n_answer = (8, 8) if args.quick else (args.hear_steps * args.batch, args.answer_steps * args.batch)
-    files = build_data(Path(args.world), work, n_hear=n_hear, n_answer=n_answer, heldout_voice=args.heldout_voice)
+    files = build_data(Path(args.world), work, n_hear=n_hear, n_answer=n_answer, heldout_voice=args.heldout_voice,
+                       typed_every=args.typed_every if args.lora else 0)
     data_s = time.perf_counter() - tick
     model = VisionLanguageModel.load(args.vision)
     model = attach_hearing(model, AudioConfig(args.whisper, args.seconds,
                                               BridgeConfig("pooling", {"kernel": [1, args.kernel], "hidden": None})))
     steps = (2, 2) if args.quick else (args.hear_steps, args.answer_steps)
     cfg = RunConfig(model=model.config, stages=stages(files, work, hear_steps=steps[0], answer_steps=steps[1],
-                                                      batch=args.batch, lr=args.lr),
+                                                      batch=args.batch, lr=args.lr, lora=args.lora),
                     output_dir=str(work / "run"), precision="fp32")
     from chiasm.train.trainer import Trainer
 
@@ -162,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "vision": args.vision, "whisper": args.whisper, "seconds": args.seconds, "kernel": args.kernel,
         "tokens_per_clip": model.tokens_per_audio, "steps": {"hear": steps[0], "answer": steps[1]},
-        "batch": args.batch, "heldout_voice": args.heldout_voice,
+        "batch": args.batch, "heldout_voice": args.heldout_voice, "lr": args.lr, "lm_lora": args.lora,
+        "typed_every": args.typed_every if args.lora else 0,
         "typed": {k: v for k, v in results["typed"].items() if k not in ("scores", "hits")},
         "spoken": {k: v for k, v in results["spoken"].items() if k not in ("scores", "hits")},
         "spoken_trained_voices": {k: v for k, v in results["spoken_trained_voices"].items()
