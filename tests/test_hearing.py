@@ -217,3 +217,36 @@ def test_chat_cli_asks_a_spoken_question(hearing_model, image, tmp_path, capsys)
     assert said == ask(VisionLanguageModel.load(folder), "", [image], audios=[clip], max_new_tokens=4)
     assert main(["chat", str(folder), "--audio", str(tmp_path / "missing.wav"), "Hello?"]) == 2
     assert "missing.wav: audio file not found" in capsys.readouterr().err
+
+
+def test_ddp_two_ranks_with_and_without_audio_match_one_process(hearing_model, image, tmp_path) -> None:
+    """2 gloo ranks x batch 2 == one process with batch 2 x 2 accumulation, on a mix of samples with
+    and without a clip (batches without one leave the audio bridge without a gradient)."""
+    from safetensors.torch import load_file
+
+    from chiasm.config import save_config
+    from chiasm.testing import run_ranks
+
+    samples = []
+    for i in range(8):
+        clip = [_wav(tmp_path / f"c{i}.wav", 0.3 + 0.05 * i, 250.0 * (i + 1))] if i % 2 == 0 else []
+        text = "<image>\n<audio>" if clip else "<image>\nWhat colour?"
+        samples.append(Sample(f"s{i}", [Turn("human", text), Turn("gpt", ["red", "blue"][i % 3 == 0])], [image],
+                              audios=clip))
+    save_llava(samples, tmp_path / "d.json", tmp_path)
+    frozen = PolicyConfig(mode="frozen")
+
+    def config(out: str, **kw) -> RunConfig:
+        stage = StageConfig(name="hear", data=str(tmp_path / "d.json"), image_root=str(tmp_path), encoder=frozen,
+                            lm=frozen, batch_size=2, max_steps=2, lr=1e-2, feature_cache=False,
+                            allow_outside_image_root=True, **kw)
+        return RunConfig(model=hearing_model.config, stages=[stage], output_dir=str(tmp_path / out),
+                         precision="fp32", seed=1)
+
+    save_config(config("ddp"), tmp_path / "ddp.json")
+    run_ranks(["-m", "chiasm.cli", "train", "--config", str(tmp_path / "ddp.json"), "--no-eval"], timeout=280)
+    torch.manual_seed(0)
+    single = Trainer(config("single", grad_accum=2), show_progress=False).run()
+    ddp = load_file(str(tmp_path / "ddp" / "model" / "audio_bridge.safetensors"))
+    for k, v in single.audio_bridge.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)

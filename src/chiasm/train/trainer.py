@@ -306,7 +306,9 @@ class Trainer:
                     return module(batch.input_ids, batch.attention_mask, batch.labels, pixels=batch.pixels,
                                   features=batch.features, position_ids=batch.position_ids, audio=batch.audio).loss
 
-            text_only = prealign is None and any(not s.images for s in samples)
+            # Samples without images (or, for a model that hears, without audio) leave a bridge ungraded.
+            text_only = prealign is None and (any(not s.images for s in samples) or (
+                model.audio_encoder is not None and any(not s.audios for s in samples)))
             unused = needs_unused_search(inner, first_loss, self.cfg.find_unused_parameters, self.dist.device,
                                          text_only_samples=text_only)
             wrapped = wrap(inner, model, self.cfg.strategy, self.dist, unused, text_only_samples=text_only)
