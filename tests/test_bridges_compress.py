@@ -19,7 +19,7 @@ def test_four_times_fewer_tokens(name: str, options: dict) -> None:
 @pytest.mark.parametrize("name", ["pixel_shuffle", "pooling"])
 def test_grid_not_divisible_is_a_clear_error(name: str) -> None:
     bridge = build_bridge(BridgeConfig(name, {}), vision_dim=8, lm_dim=16)
-    with pytest.raises(ValueError, match=r"7x7 feature grid is not divisible by (factor 2|the 2x2 kernel)"):
+    with pytest.raises(ValueError, match=r"7x7 feature grid is not divisible by factor 2"):
         bridge.num_tokens((7, 7))
 
 
@@ -55,3 +55,17 @@ def test_pooling_averages_each_block_before_the_mlp() -> None:
     expected_in = torch.stack([blocks[0, :2, :2].mean((0, 1)), blocks[0, :2, 2:].mean((0, 1)),
                                blocks[0, 2:, :2].mean((0, 1)), blocks[0, 2:, 2:].mean((0, 1))])
     torch.testing.assert_close(bridge(feats, (4, 4))[0], bridge.mlp(expected_in[None], (2, 2))[0])
+
+
+def test_pixel_shuffle_with_a_rectangular_factor_stacks_consecutive_frames() -> None:
+    """[1, 3] on a (1, 6) grid: tokens of 3 consecutive frames side by side, as pixel_unshuffle orders a square."""
+    bridge = build_bridge(BridgeConfig("pixel_shuffle", {"factor": [1, 3]}), vision_dim=2, lm_dim=6)
+    with torch.no_grad():
+        bridge.proj.weight.copy_(torch.eye(6))
+        bridge.proj.bias.zero_()
+    frames = torch.arange(12, dtype=torch.float32).view(1, 6, 2)  # frame f holds (2f, 2f + 1)
+    out = bridge(frames, (1, 6))
+    # channel-major: feature 0 of frames 0, 1, 2, then feature 1 of them
+    assert out.shape == (1, 2, 6) and out[0, 0].tolist() == [0, 2, 4, 1, 3, 5]
+    with pytest.raises(ValueError, match="1x7 feature grid is not divisible by the 1x3 factor"):
+        bridge.num_tokens((1, 7))

@@ -1,7 +1,9 @@
 """Bridges that emit fewer tokens by merging neighbouring grid cells.
 
 * ``pixel_shuffle`` (Idefics3 / nanoVLM): space-to-depth by ``factor`` s, then a linear
-  map: s*s neighbouring features become one token of width s*s*Dv -> h*w/s^2 tokens.
+  map: s*s neighbouring features become one token of width s*s*Dv -> h*w/s^2 tokens. A
+  rectangular ``factor = [1, k]`` stacks k consecutive frames of a one-row grid (the frame
+  stacking of speech LLMs).
 * ``pooling`` (LLaVA-NeXT style): k x k average pooling of the grid, then the MLP. A
   rectangular ``kernel = [kh, kw]`` pools a one-row grid along its length: an audio
   encoder's frames, ``[1, 8]`` averaging 8 consecutive 20 ms frames into one token.
@@ -22,45 +24,56 @@ def _to_map(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], h, w)
 
 
-def _check_divisible(grid: tuple[int, int], factor: int, name: str) -> None:
-    if grid[0] % factor or grid[1] % factor:
-        raise ValueError(f"{name}: the {grid[0]}x{grid[1]} feature grid is not divisible by factor {factor}")
-
-
 @BRIDGES.register("pixel_shuffle")
 class PixelShuffleBridge(Bridge):
-    def __init__(self, vision_dim: int, lm_dim: int, factor: int = 2):
+    def __init__(self, vision_dim: int, lm_dim: int, factor: int | list[int] = 2):
         super().__init__(vision_dim, lm_dim)
-        self.factor = factor
-        self.proj = nn.Linear(vision_dim * factor * factor, lm_dim)
+        self.factor = _pair(factor, "pixel_shuffle: factor")
+        self.proj = nn.Linear(vision_dim * self.factor[0] * self.factor[1], lm_dim)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        _check_divisible(grid, self.factor, "pixel_shuffle")
-        return (grid[0] // self.factor) * (grid[1] // self.factor)
+        rows, cols = _blocks(grid, self.factor, "pixel_shuffle")
+        return rows * cols
 
     def token_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
-        return grid[0] // self.factor, grid[1] // self.factor
+        return _blocks(grid, self.factor, "pixel_shuffle")
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        _check_divisible(grid, self.factor, "pixel_shuffle")
-        folded = nn.functional.pixel_unshuffle(_to_map(features, grid), self.factor)  # (B, D*s*s, h/s, w/s)
-        return self.proj(folded.flatten(2).transpose(1, 2))
+        """Space-to-depth: each block's features side by side, channel-major as ``pixel_unshuffle`` orders them."""
+        (rows, cols), (kh, kw) = _blocks(grid, self.factor, "pixel_shuffle"), self.factor
+        b, d = features.shape[0], features.shape[2]
+        blocks = features.reshape(b, rows, kh, cols, kw, d).permute(0, 1, 3, 5, 2, 4)  # (B, rows, cols, D, kh, kw)
+        return self.proj(blocks.reshape(b, rows * cols, d * kh * kw))
+
+
+def _pair(value: int | list[int], what: str) -> tuple[int, int]:
+    """``k`` or ``[kh, kw]`` as a pair of positive sizes (a rectangle folds a one-row grid along its length)."""
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{what} is k or [kh, kw] of positive sizes, not {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _blocks(grid: tuple[int, int], size: tuple[int, int], name: str) -> tuple[int, int]:
+    (h, w), (kh, kw) = grid, size
+    if h % kh or w % kw:
+        what = f"factor {kh}" if kh == kw else f"the {kh}x{kw} factor"
+        raise ValueError(f"{name}: the {h}x{w} feature grid is not divisible by {what}")
+    return h // kh, w // kw
 
 
 @BRIDGES.register("pooling")
 class PoolingBridge(Bridge):
     def __init__(self, vision_dim: int, lm_dim: int, kernel: int | list[int] = 2, hidden: int | None = None):
         super().__init__(vision_dim, lm_dim)
-        pair = [kernel, kernel] if isinstance(kernel, int) else list(kernel)
-        if len(pair) != 2 or min(pair) < 1:
-            raise ValueError(f"pooling: kernel is k or [kh, kw] of positive sizes, not {kernel!r}")
-        self.kernel = (int(pair[0]), int(pair[1]))
+        self.kernel = _pair(kernel, "pooling: kernel")
         self.mlp = MLPBridge(vision_dim, lm_dim, hidden=hidden)
 
     def _check(self, grid: tuple[int, int]) -> tuple[int, int]:
         (h, w), (kh, kw) = grid, self.kernel
         if h % kh or w % kw:
-            raise ValueError(f"pooling: the {h}x{w} feature grid is not divisible by the {kh}x{kw} kernel")
+            what = f"factor {kh}" if kh == kw else f"the {kh}x{kw} kernel"
+            raise ValueError(f"pooling: the {h}x{w} feature grid is not divisible by {what}")
         return h // kh, w // kw
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
