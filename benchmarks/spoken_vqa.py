@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", default="runs/demo/world", help="the synthetic world it was trained on")
     p.add_argument("--whisper", default="packaged:base")
     p.add_argument("--seconds", type=float, default=6.0, help="the audio window (clips longer are skipped)")
-    p.add_argument("--kernel", type=int, default=10, help="frames pooled per audio token (20 ms each)")
+    p.add_argument("--kernel", type=int, default=10, help="frames per audio token (20 ms each)")
+    p.add_argument("--bridge", choices=["pooling", "stack"], default="pooling",
+                   help="pooling: the kernel's frames averaged, then an MLP; stack: side by side, then a linear map")
     p.add_argument("--hear-steps", type=int, default=150)
     p.add_argument("--answer-steps", type=int, default=250)
     p.add_argument("--batch", type=int, default=8)
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                        typed_every=args.typed_every if args.lora else 0)
     data_s = time.perf_counter() - tick
     model = VisionLanguageModel.load(args.vision)
-    model = attach_hearing(model, AudioConfig(args.whisper, args.seconds,
-                                              BridgeConfig("pooling", {"kernel": [1, args.kernel], "hidden": None})))
+    bridge = BridgeConfig("pooling", {"kernel": [1, args.kernel]}) if args.bridge == "pooling" \
+        else BridgeConfig("pixel_shuffle", {"factor": [1, args.kernel]})
+    model = attach_hearing(model, AudioConfig(args.whisper, args.seconds, bridge))
     steps = (2, 2) if args.quick else (args.hear_steps, args.answer_steps)
     cfg = RunConfig(model=model.config, stages=stages(files, work, hear_steps=steps[0], answer_steps=steps[1],
                                                       batch=args.batch, lr=args.lr, lora=args.lora),
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     typed_acc, spoken_acc = results["typed"]["overall"], results["spoken"]["overall"]
     out = {
         "vision": args.vision, "whisper": args.whisper, "seconds": args.seconds, "kernel": args.kernel,
+        "bridge": args.bridge,
         "tokens_per_clip": model.tokens_per_audio, "steps": {"hear": steps[0], "answer": steps[1]},
         "batch": args.batch, "heldout_voice": args.heldout_voice, "lr": args.lr, "lm_lora": args.lora,
         "typed_every": args.typed_every if args.lora else 0,
