@@ -157,8 +157,9 @@ class ConversationEncoder:
         turns = sample.conversations
         if turns and turns[-1].role == "gpt":
             turns = turns[:-1]
-        self._check_audio(replace(sample, conversations=turns))
-        template = self._template(replace(sample, conversations=turns))
+        asked = replace(sample, conversations=turns)
+        self._check_audio(asked)
+        template = self._template(asked)
         try:
             text = template.prompt_text(template.fit(self._messages(turns)))
         except TemplateProblem as exc:

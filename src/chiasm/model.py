@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from chiasm.bridges.base import Bridge, build_bridge
 from chiasm.checkpointing import enable_checkpointing
-from chiasm.config import ModelConfig, from_dict, to_dict
+from chiasm.config import AudioConfig, ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.errors import ModelFolderError
 from chiasm.layout import token_order
@@ -88,13 +88,7 @@ class VisionLanguageModel(nn.Module):
                                             attn_implementation=config.attn_implementation,
                                             trust_remote_code=config.lm.trust_remote_code)
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size)
-        hearing = {}
-        if config.audio is not None:
-            from chiasm.hearing.encoder import AudioEncoder
-
-            audio_encoder = AudioEncoder.from_whisper(config.audio.source, config.audio.seconds)
-            hearing = {"audio_encoder": audio_encoder,
-                       "audio_bridge": build_bridge(config.audio.bridge, audio_encoder.dim, lm.config.hidden_size)}
+        hearing = hearing_parts(config.audio, lm.config.hidden_size)
         return _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer, **hearing))
 
     @property
@@ -124,6 +118,11 @@ class VisionLanguageModel(nn.Module):
         if self.audio_encoder is None:
             return 0
         return self.audio_bridge.num_tokens(self.audio_encoder.grid())
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Token ids whose positions hold image or audio tokens: never embedded, never generated."""
+        return [i for i in (self.image_token_id, self.audio_token_id) if i is not None]
 
     @property
     def max_length(self) -> int:
@@ -170,13 +169,7 @@ class VisionLanguageModel(nn.Module):
             if n_positions:
                 raise ValueError(f"{n_positions} audio-token positions but no audio was given")
             return embeds
-        heard = self.audio_tokens(audio)
-        if heard.shape[0] * heard.shape[1] != n_positions:
-            raise ValueError(f"{heard.shape[0]} clip(s) x {heard.shape[1]} audio tokens = "
-                             f"{heard.shape[0] * heard.shape[1]} but the sequence holds {n_positions} audio positions")
-        embeds = embeds.clone()
-        embeds[is_audio] = heard.reshape(-1, heard.shape[-1])
-        return embeds
+        return _fill(embeds, is_audio, self.audio_tokens(audio), "clip(s)", "audio tokens", "audio positions")
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None,
               audio: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,13 +192,7 @@ class VisionLanguageModel(nn.Module):
         vis = self.visual_tokens(features)
         if self.token_order is not None:  # e.g. grouped by quadrant (chiasm.layout)
             vis = vis[:, self.token_order]
-        if vis.shape[0] * vis.shape[1] != n_positions:
-            raise ValueError(
-                f"{vis.shape[0]} image(s) x {vis.shape[1]} visual tokens = {vis.shape[0] * vis.shape[1]}"
-                f" but the sequence holds {n_positions} image-token positions")
-        embeds = embeds.clone()
-        embeds[is_image] = vis.reshape(-1, vis.shape[-1])
-        return embeds
+        return _fill(embeds, is_image, vis, "image(s)", "visual tokens", "image-token positions")
 
     def lm_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None,
                   audio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -278,7 +265,7 @@ class VisionLanguageModel(nn.Module):
 
         return greedy_rows(self.lm, embeds, attention_mask, layer_inputs, max_new_tokens=max_new_tokens,
                            stop_ids=stop_token_ids(self.base_lm, self.tokenizer), use_cache=use_cache,
-                           suppress=[i for i in (self.image_token_id, self.audio_token_id) if i is not None])
+                           suppress=self.placeholder_ids)
 
     # ---- persistence ---------------------------------------------------------------
     def merged_lm(self) -> PreTrainedModel:
@@ -352,14 +339,7 @@ class VisionLanguageModel(nn.Module):
         processor = Processor.from_pretrained(folder, tokenizer=tokenizer) if has_processor else None
         # Shapes only: the saved state dict below replaces any pretrained bridge weights.
         bridge = build_bridge(config.bridge, encoder.dim, lm.config.hidden_size, pretrained=False)
-        hearing = {}
-        if config.audio is not None:
-            from chiasm.hearing.encoder import AudioEncoder
-
-            audio_encoder = AudioEncoder.load(folder, config.audio.seconds)
-            hearing = {"audio_encoder": audio_encoder,
-                       "audio_bridge": build_bridge(config.audio.bridge, audio_encoder.dim, lm.config.hidden_size,
-                                                    pretrained=False)}
+        hearing = hearing_parts(config.audio, lm.config.hidden_size, folder=folder)
         model = _in_lm_dtype(cls(config, encoder, bridge, lm, tokenizer, **hearing))
         _load_weights(bridge, folder / "bridge.safetensors", "bridge")
         if config.audio is not None:
@@ -369,6 +349,35 @@ class VisionLanguageModel(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def _fill(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, items: str, kind: str,
+          positions: str) -> torch.Tensor:
+    """``tokens`` ``(n, k, D)`` put at the ``where`` positions of ``embeds`` in row-major order; the counts
+    must agree (``items``, ``kind`` and ``positions`` name them in the error)."""
+    n_positions = int(where.sum())
+    if tokens.shape[0] * tokens.shape[1] != n_positions:
+        raise ValueError(f"{tokens.shape[0]} {items} x {tokens.shape[1]} {kind} = {tokens.shape[0] * tokens.shape[1]}"
+                         f" but the sequence holds {n_positions} {positions}")
+    embeds = embeds.clone()
+    embeds[where] = tokens.reshape(-1, tokens.shape[-1])
+    return embeds
+
+
+def hearing_parts(audio: AudioConfig | None, lm_dim: int, *, folder: Path | None = None) -> dict[str, nn.Module]:
+    """The audio encoder and bridge a model that hears is built with (keyword arguments of the model).
+
+    The encoder comes from its Whisper source, or from a saved model ``folder`` (whose bridge
+    weights are loaded next, so the bridge is only shaped); nothing for a model that does not hear.
+    """
+    if audio is None:
+        return {}
+    from chiasm.hearing.encoder import AudioEncoder
+
+    encoder = AudioEncoder.from_whisper(audio.source, audio.seconds) if folder is None \
+        else AudioEncoder.load(folder, audio.seconds)
+    return {"audio_encoder": encoder,
+            "audio_bridge": build_bridge(audio.bridge, encoder.dim, lm_dim, pretrained=folder is None)}
 
 
 def _in_lm_dtype(model: VisionLanguageModel) -> VisionLanguageModel:

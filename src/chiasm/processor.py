@@ -319,9 +319,7 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
     for it in items:
         paths_of = [str(p) for p in it.sample.images]
         try:
-            if it.sample.audios and audio is None:
-                raise DataError(f"{len(it.sample.audios)} audio clip(s), but this model does not hear")
-            heard = [audio(Path(p)) for p in it.sample.audios] if it.sample.audios else []
+            heard = sample_audio(it.sample, audio)
             if not paths_of:
                 pass
             elif features is not None:
@@ -369,6 +367,16 @@ def collate_items(items: list[Prepared], pad_id: int, *, left_pad: bool = False,
     if skipped:
         log.warning("dropped %d of %d samples from a batch (first: %s)", len(skipped), len(items), skipped[0])
     return batch
+
+
+def sample_audio(sample: Sample, load: Callable[[Path], torch.Tensor] | None) -> list[torch.Tensor]:
+    """The log-mel windows of ``sample``'s clips, in placeholder order; clips for a model that does not
+    hear (``load`` None) are a DataError."""
+    if not sample.audios:
+        return []
+    if load is None:
+        raise DataError(f"{len(sample.audios)} audio clip(s), but this model does not hear")
+    return [load(Path(p)) for p in sample.audios]
 
 
 def as_views(pixels: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,11 @@ def _pair(value: int | list[int], what: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _blocks(grid: tuple[int, int], size: tuple[int, int], name: str) -> tuple[int, int]:
+def _blocks(grid: tuple[int, int], size: tuple[int, int], name: str, unit: str = "factor") -> tuple[int, int]:
+    """The (rows, cols) of ``size`` blocks over ``grid``; a grid they do not tile is refused."""
     (h, w), (kh, kw) = grid, size
     if h % kh or w % kw:
-        what = f"factor {kh}" if kh == kw else f"the {kh}x{kw} factor"
+        what = f"factor {kh}" if kh == kw else f"the {kh}x{kw} {unit}"
         raise ValueError(f"{name}: the {h}x{w} feature grid is not divisible by {what}")
     return h // kh, w // kw
 
@@ -70,11 +71,7 @@ class PoolingBridge(Bridge):
         self.mlp = MLPBridge(vision_dim, lm_dim, hidden=hidden)
 
     def _check(self, grid: tuple[int, int]) -> tuple[int, int]:
-        (h, w), (kh, kw) = grid, self.kernel
-        if h % kh or w % kw:
-            what = f"factor {kh}" if kh == kw else f"the {kh}x{kw} kernel"
-            raise ValueError(f"pooling: the {h}x{w} feature grid is not divisible by {what}")
-        return h // kh, w // kw
+        return _blocks(grid, self.kernel, "pooling", "kernel")
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         rows, cols = self._check(grid)

@@ -92,8 +92,7 @@ class Engine:
         embeds, layer_inputs = model.lm_inputs(ids, features, audio)
         rows = [_Row(offset + i, it, TextStream(model.tokenizer, it.params.stop),
                      make_generator(it.params, model.device)) for i, it in enumerate(items)]
-        placeholders = [i for i in (model.image_token_id, model.audio_token_id) if i is not None]
-        dec = BatchDecoder(model.lm, embeds, mask, layer_inputs, suppress=placeholders)
+        dec = BatchDecoder(model.lm, embeds, mask, layer_inputs, suppress=model.placeholder_ids)
         while dec.active:
             active = [rows[i] for i in dec.active]
             tokens = next_tokens(dec.logits(), [r.item.params for r in active], [r.generator for r in active])

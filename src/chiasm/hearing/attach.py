@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from chiasm.bridges.base import build_bridge
 from chiasm.config import AudioConfig
-from chiasm.hearing.encoder import AudioEncoder
-from chiasm.model import VisionLanguageModel, _in_lm_dtype
+from chiasm.model import VisionLanguageModel, _in_lm_dtype, hearing_parts
 
 
 def attach_hearing(model: VisionLanguageModel, audio: AudioConfig) -> VisionLanguageModel:
@@ -18,8 +16,6 @@ def attach_hearing(model: VisionLanguageModel, audio: AudioConfig) -> VisionLang
     """
     if model.audio_encoder is not None:
         raise ValueError("this model hears already; change [model.audio] of a new model instead")
-    encoder = AudioEncoder.from_whisper(audio.source, audio.seconds)
-    bridge = build_bridge(audio.bridge, encoder.dim, model.base_lm.config.hidden_size)
     heard = VisionLanguageModel(replace(model.config, audio=audio), model.encoder, model.bridge, model.lm,
-                                model.tokenizer, audio_encoder=encoder, audio_bridge=bridge)
+                                model.tokenizer, **hearing_parts(audio, model.base_lm.config.hidden_size))
     return _in_lm_dtype(heard.to(model.device))

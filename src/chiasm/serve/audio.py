@@ -16,7 +16,7 @@ import numpy as np
 
 from chiasm.data.sample import DataError
 from chiasm.serve.errors import bad_request
-from chiasm.speech.audio import resample
+from chiasm.speech.audio import mono_16k
 
 FORMATS = ("wav", "flac", "ogg", "mp3")
 
@@ -36,12 +36,7 @@ def decode_input_audio(data: str, fmt: str, *, where: str, max_bytes: int) -> np
         samples, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise bad_request(f"{where}: cannot decode the {fmt} audio ({exc})", param) from None
-    if samples.size == 0:
-        raise bad_request(f"{where}: the audio clip is empty", param)
-    mono = samples.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise bad_request(f"{where}: the audio holds NaN or infinite samples", param)
     try:
-        return resample(mono, int(rate), name=where)
-    except DataError as exc:
+        return mono_16k(samples, int(rate), where)
+    except DataError as exc:  # empty, NaN or infinite samples, a sample rate that cannot be real
         raise bad_request(str(exc), param) from None

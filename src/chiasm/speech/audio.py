@@ -51,12 +51,18 @@ def load_audio(path: str | Path, *, raw_rate: int | None = None) -> np.ndarray:
             data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: unreadable audio ({exc})") from None
+    return mono_16k(data, int(rate), str(path))
+
+
+def mono_16k(data: np.ndarray, rate: int, name: str) -> np.ndarray:
+    """Decoded ``(samples, channels)`` audio -> mono float32 at 16 kHz; empty, non-finite or
+    unresamplable audio is a DataError naming ``name`` (a file, or a part of a request)."""
     if data.size == 0 or data.shape[0] == 0:
-        raise DataError(f"{path}: empty audio (no samples)")
+        raise DataError(f"{name}: empty audio (no samples)")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(mono).all():
-        raise DataError(f"{path}: audio holds NaN or infinite samples")
-    return resample(mono, int(rate), name=str(path))
+        raise DataError(f"{name}: audio holds NaN or infinite samples")
+    return resample(mono, rate, name=name)
 
 
 def duration(audio: np.ndarray, rate: int = SAMPLE_RATE) -> float:

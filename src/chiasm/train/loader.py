@@ -33,7 +33,7 @@ from chiasm.data.images import load_image
 from chiasm.data.sample import DataError, Sample
 from chiasm.features import FeatureCache
 from chiasm.model import VisionLanguageModel
-from chiasm.processor import as_views
+from chiasm.processor import as_views, sample_audio
 from chiasm.train.batches import Batch
 from chiasm.train.packing import build_rows, check_packable, pack_rows
 from chiasm.train.skips import loader_skips_before
@@ -113,11 +113,8 @@ class SampleDataset(Dataset):
             return Failed(i, err)
 
     def _audio(self, s: Sample) -> torch.Tensor | None:
-        if not s.audios:
-            return None
-        if self.audio is None:  # encode() has refused this already; kept for direct callers
-            raise DataError(f"{len(s.audios)} audio clip(s), but this model does not hear")
-        return torch.stack([self.audio(Path(p)) for p in s.audios])
+        clips = sample_audio(s, self.audio)
+        return torch.stack(clips) if clips else None
 
     def _images(self, s: Sample, paths: list[str]) -> torch.Tensor | None:
         if not paths:
