@@ -99,7 +99,7 @@ def test_declare_adds_a_plugin_once() -> None:
      r"image_layout: unknown image layout 'spiral'; known: quadrants, raster"),
     (EvalConfig, {"scorer": "fuzzy"}, r"scorer: unknown VQA scorer 'fuzzy'; known: exact, iou, synthetic, vqa_soft"),
     (StageConfig, {"name": "pre", "data": "d.json", "objective": "Words"},
-     r"stage 'pre': objective: unknown objective 'Words'; known: contrastive, lm, words"),
+     r"stage 'pre': objective: unknown objective 'Words'; known: contrastive, ctc, lm, words"),
 ])
 def test_config_rejects_unknown_names_listing_the_known_ones(cls: type, data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -194,9 +194,10 @@ class StageConfig:
     # "contrastive": pre-alignment of a prefix bridge to the LM's word embeddings, no LM forward
     # (chiasm.train.contrastive). "words": each named group of visual tokens regresses onto the
     # words of the phrase grounded there (chiasm.synthetic.word_targets; needs image_layout
-    # "quadrants" and "regions").
+    # "quadrants" and "regions"). "ctc": the audio bridge alone, its tokens scored against the
+    # LM's word embeddings by CTC on speech -> transcript samples (chiasm.hearing.ctc).
     objective: str = "lm"
-    temperature: float = 0.05  # of the contrastive objective
+    temperature: float = 0.05  # of the contrastive and ctc objectives' cosine logits
     # Contrastive: also match every run of this many consecutive caption tokens (their mean
     # embedding), so one visual token must carry an object's attributes together. 0: words only.
     phrase_span: int = 0

@@ -3,8 +3,10 @@
 ``lm`` is the trainer's own next-token loss on assistant turns through the LM. Every other
 name is a *pre-alignment* objective: it trains the bridge alone on cached encoder
 features, with no LM pass (chiasm.train.prealign), and is looked up in :data:`PREALIGN`:
-``contrastive`` (chiasm.train.contrastive) and the synthetic world's ``words``
-(chiasm.synthetic.word_targets), each imported only when a stage names it.
+``contrastive`` (chiasm.train.contrastive), the synthetic world's ``words``
+(chiasm.synthetic.word_targets) and ``ctc`` for the audio bridge (chiasm.hearing.ctc), each
+imported only when a stage names it. An objective trains the image bridge unless it names
+another ``component`` (ctc: ``audio_bridge``); one with no image ``paths`` reads no feature cache.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class PreAlignObjective(Protocol):
     """What the trainer asks of a pre-alignment objective."""
 
     metric: str  # name of the accuracy logged per step
-    paths: list[str]  # image path of each item, for the feature cache
+    paths: list[str]  # image path of each item, for the feature cache (empty: no cache is read)
 
     def __init__(self, model: VisionLanguageModel, samples: list[Sample], stage: StageConfig) -> None: ...
 
@@ -43,6 +45,7 @@ class PreAlignObjective(Protocol):
 PREALIGN: Registry[PreAlignObjective] = Registry("pre-alignment objective", plugins={
     "contrastive": "chiasm.train.contrastive",
     "words": "chiasm.synthetic.word_targets",
+    "ctc": "chiasm.hearing.ctc",
 })
 
 

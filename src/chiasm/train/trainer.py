@@ -270,7 +270,8 @@ class Trainer:
             n_items, paths = len(prealign), prealign.paths
         else:
             n_items, paths = len(samples), [str(p) for s in samples for p in s.images]
-        features = self._features(paths, stage, samples)
+        # An objective with no image paths (ctc reads audio) needs no feature cache.
+        features = self._features(paths, stage, samples) if prealign is None or paths else None
         if features is not None and features.bad:
             # The cache build decoded every image once: samples with a broken one go before step 1.
             samples = drop_bad_images(samples, features.bad, skips, stage.on_error)
@@ -289,8 +290,8 @@ class Trainer:
             features=features, stage_dir=self.run_dir / "stages" / stage.name)
         batches = iter(loader) if loader is not None else None
         replay = self._replay_pool(stage, plan.total, seed, resuming=resume_from is not None)
-        # A pre-alignment stage runs only the bridge, so only the bridge is wrapped for DDP/FSDP.
-        inner = model.bridge if prealign is not None else model
+        # A pre-alignment stage runs only its bridge, so only that bridge is wrapped for DDP/FSDP.
+        inner = getattr(model, getattr(prealign, "component", "bridge")) if prealign is not None else model
         set_train_modes(model, {c: getattr(stage, c) for c in COMPONENTS})
         if model.config.gradient_checkpointing:
             # transformers recomputes layers only in training mode, also for a frozen LM whose
