@@ -45,6 +45,7 @@ from chiasm.speech.synthetic import VARIANTS, espeak
 
 RESULTS = Path(__file__).parent / "results"
 TRAIN_VOICES = ("en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-029")
+MORE_VOICES = ("en-us-nyc", "en-gb-x-gbcwmd")  # --voices 7: every other English voice but the held-out one
 TRANSCRIBE = "Write down the question."
 
 
@@ -64,7 +65,7 @@ def _speak(text: str, out: Path, rng: random.Random, voices: tuple[str, ...], va
 
 
 def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_voice: str,
-               typed_every: int = 0, seed: int = 0) -> dict[str, Path]:
+               typed_every: int = 0, seed: int = 0, voices: tuple[str, ...] = TRAIN_VOICES) -> dict[str, Path]:
     """Write the two stages' data files and the spoken eval set (LLaVA JSON, clips beside them)."""
     rng = random.Random(seed)
     pairs = _qa_pairs(load_llava(world / "instruct.json").samples)
@@ -72,11 +73,11 @@ def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_v
     train_variants = [v for v in VARIANTS if "klatt" not in v]  # the Klatt synthesiser is a different engine
     hear, answer_rows = [], []
     for i, (_, text, _) in enumerate(pairs[:n_hear]):
-        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, TRAIN_VOICES, train_variants)
+        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, voices, train_variants)
         hear.append(Sample(f"hear-{i:05d}", [Turn("human", f"<audio>\n{TRANSCRIBE}"), Turn("gpt", text)],
                            audios=[clip]))
     for i, (image, text, ans) in enumerate(pairs[n_hear:n_hear + n_answer]):
-        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, TRAIN_VOICES, train_variants)
+        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, voices, train_variants)
         answer_rows.append(Sample(f"answer-{i:05d}", [Turn("human", "<image>\n<audio>"), Turn("gpt", ans)],
                                   [image], audios=[clip]))
         if typed_every and i % typed_every == 0:  # typed questions too, so a LoRA-tuned LM keeps reading text
@@ -85,11 +86,11 @@ def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_v
     typed = load_llava(world / "eval.json").samples
     files = {"hear": work / "hear.json", "answer": work / "answer.json", "spoken": work / "spoken_eval.json",
              "spoken_trained_voices": work / "spoken_eval_trained_voices.json"}
-    for name, voices in (("spoken", (heldout_voice,)), ("spoken_trained_voices", TRAIN_VOICES)):
+    for name, said_by in (("spoken", (heldout_voice,)), ("spoken_trained_voices", voices)):
         spoken = []
         for s in typed:
             text = s.conversations[0].text.replace("<image>", "").strip()
-            clip = _speak(text, work / "clips" / name / f"{s.id}.wav", rng, voices, train_variants)
+            clip = _speak(text, work / "clips" / name / f"{s.id}.wav", rng, said_by, train_variants)
             spoken.append(Sample(s.id, [Turn("human", "<image>\n<audio>"), s.conversations[1]], s.images,
                                  dict(s.meta, spoken=text), audios=[clip]))
         save_llava(spoken, files[name], work)
@@ -99,15 +100,20 @@ def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_v
 
 
 def stages(files: dict[str, Path], work: Path, *, hear_steps: int, answer_steps: int, batch: int,
-           lr: float, lora: bool) -> list[StageConfig]:
-    """``hear`` trains the audio bridge alone; ``answer`` too, plus LoRA on the LM when ``lora`` (the
-    speech-LLM recipe: SALMONN and Qwen-Audio tune the LM with LoRA once the audio is aligned)."""
+           lr: float, lora: bool, hear: str = "lm", ctc_batch: int = 32, ctc_lr: float = 1e-3,
+           ctc_temperature: float = 0.1) -> list[StageConfig]:
+    """``hear`` trains the audio bridge alone: through the frozen LM (``lm``), or by CTC against the
+    LM's word embeddings with no LM pass (``ctc``, chiasm.hearing.ctc); ``answer`` too, plus LoRA on
+    the LM when ``lora`` (the speech-LLM recipe: SALMONN and Qwen-Audio tune the LM with LoRA once
+    the audio is aligned)."""
     frozen, full = PolicyConfig(mode="frozen"), PolicyConfig(mode="full")
     common = {"encoder": frozen, "bridge": frozen, "audio_bridge": full, "batch_size": batch,
               "lr": lr, "image_root": str(work), "allow_outside_image_root": True, "on_error": "skip",
               "max_skip_fraction": 0.05}
     lm = PolicyConfig(mode="lora", lora_r=8, lora_alpha=16, lr=3e-4) if lora else frozen
-    return [StageConfig(name="hear", data=str(files["hear"]), max_steps=hear_steps, lm=frozen, **common),
+    hear_options = common if hear == "lm" else dict(common, objective="ctc", batch_size=ctc_batch, lr=ctc_lr,
+                                                     temperature=ctc_temperature)
+    return [StageConfig(name="hear", data=str(files["hear"]), max_steps=hear_steps, lm=frozen, **hear_options),
             StageConfig(name="answer", data=str(files["answer"]), max_steps=answer_steps, lm=lm, **common)]
 
 
@@ -120,11 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", type=int, default=10, help="frames per audio token (20 ms each)")
     p.add_argument("--bridge", choices=["pooling", "stack"], default="pooling",
                    help="pooling: the kernel's frames averaged, then an MLP; stack: side by side, then a linear map")
+    p.add_argument("--hear", choices=["lm", "ctc"], default="lm",
+                   help="hear stage: speech -> transcript through the frozen LM, or CTC against its word embeddings")
     p.add_argument("--hear-steps", type=int, default=150)
+    p.add_argument("--ctc-batch", type=int, default=32)
+    p.add_argument("--ctc-lr", type=float, default=1e-3)
+    p.add_argument("--max-hear-clips", type=int, default=1200, help="distinct hear clips (ctc runs several epochs)")
     p.add_argument("--answer-steps", type=int, default=250)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--heldout-voice", default="en-gb-scotland")
+    p.add_argument("--voices", type=int, choices=[5, 7], default=5,
+                   help="training voices: 5 (en-us, en-gb, en-gb-x-rp, en-gb-x-gbclan, en-029) or 7 (+ en-us-nyc, "
+                        "en-gb-x-gbcwmd)")
     p.add_argument("--lora", action="store_true", help="answer stage: LoRA on the LM as well (typed rows mixed in)")
     p.add_argument("--typed-every", type=int, default=3, help="with --lora: one typed row per N spoken ones")
     p.add_argument("--work", default="runs/spoken-vqa")
@@ -137,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tick = time.perf_counter()
     work = Path(args.work)
-    n_hear, n_answer = (8, 8) if args.quick else (args.hear_steps * args.batch, args.answer_steps * args.batch)
+    hear_batch = args.ctc_batch if args.hear == "ctc" else args.batch
+    n_hear = min(args.hear_steps * hear_batch, args.max_hear_clips)
+    n_hear, n_answer = (hear_batch, 8) if args.quick else (n_hear, args.answer_steps * args.batch)
     files = build_data(Path(args.world), work, n_hear=n_hear, n_answer=n_answer, heldout_voice=args.heldout_voice,
-                       typed_every=args.typed_every if args.lora else 0)
+                       typed_every=args.typed_every if args.lora else 0,
+                       voices=TRAIN_VOICES + (MORE_VOICES if args.voices == 7 else ()))
     data_s = time.perf_counter() - tick
     model = VisionLanguageModel.load(args.vision)
     bridge = BridgeConfig("pooling", {"kernel": [1, args.kernel]}) if args.bridge == "pooling" \
@@ -147,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     model = attach_hearing(model, AudioConfig(args.whisper, args.seconds, bridge))
     steps = (2, 2) if args.quick else (args.hear_steps, args.answer_steps)
     cfg = RunConfig(model=model.config, stages=stages(files, work, hear_steps=steps[0], answer_steps=steps[1],
-                                                      batch=args.batch, lr=args.lr, lora=args.lora),
+                                                      batch=args.batch, lr=args.lr, lora=args.lora, hear=args.hear,
+                                                      ctc_batch=args.ctc_batch, ctc_lr=args.ctc_lr),
                     output_dir=str(work / "run"), precision="fp32")
     from chiasm.train.trainer import Trainer
 
@@ -174,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     typed_acc, spoken_acc = results["typed"]["overall"], results["spoken"]["overall"]
     out = {
         "vision": args.vision, "whisper": args.whisper, "seconds": args.seconds, "kernel": args.kernel,
-        "bridge": args.bridge,
+        "bridge": args.bridge, "hear": args.hear,
         "tokens_per_clip": model.tokens_per_audio, "steps": {"hear": steps[0], "answer": steps[1]},
-        "batch": args.batch, "heldout_voice": args.heldout_voice, "lr": args.lr, "lm_lora": args.lora,
+        "batch": args.batch, "heldout_voice": args.heldout_voice, "voices": args.voices, "lr": args.lr,
+        "lm_lora": args.lora,
         "typed_every": args.typed_every if args.lora else 0,
         "typed": {k: v for k, v in results["typed"].items() if k not in ("scores", "hits")},
         "spoken": {k: v for k, v in results["spoken"].items() if k not in ("scores", "hits")},
