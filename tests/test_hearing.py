@@ -206,6 +206,23 @@ def test_spoken_vqa_benchmark_runs_end_to_end(tiny_model, tiny_world, whisper_di
     assert (tmp_path / "work" / "run" / "stages" / "answer" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng (scripts/setup.sh)")
+def test_spoken_vqa_benchmark_with_a_ctc_hear_stage(tiny_model, tiny_world, whisper_dir, tmp_path) -> None:
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import spoken_vqa
+
+    vision = tiny_model.save(tmp_path / "vision")
+    code = spoken_vqa.main(["--vision", str(vision), "--world", str(tiny_world.root), "--whisper", str(whisper_dir),
+                            "--work", str(tmp_path / "work"), "--quick", "--batch", "2", "--hear", "ctc",
+                            "--ctc-batch", "4", "--kernel", "5", "--voices", "7"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "work/run/stages/hear/metrics.jsonl").open()]
+    assert len(rows) == 2 and all("exact" in r for r in rows)  # the ctc objective's metric, no LM pass
+
+
 def test_chat_cli_asks_a_spoken_question(hearing_model, image, tmp_path, capsys) -> None:
     from chiasm.chat import ask
     from chiasm.cli import main
