@@ -41,6 +41,7 @@ from torch import nn
 from chiasm.config import StageConfig
 from chiasm.data.sample import DataError, Sample
 from chiasm.model import VisionLanguageModel
+from chiasm.train.contrastive import caption_text
 from chiasm.train.features import FeatureCache
 from chiasm.train.objectives import PREALIGN
 from chiasm.train.prealign import read_samples
@@ -65,7 +66,7 @@ def greedy_ctc(best: list[int], blank: int = 0) -> list[int]:
 
 def transcript(sample: Sample) -> str:
     """What the clip says: the sample's assistant turns, in order, single-spaced (a lone space is the blank)."""
-    return " ".join(" ".join(t.text.split()) for t in sample.conversations if t.role == "gpt").strip()
+    return " ".join(caption_text(sample).split())
 
 
 def blank_vector(model: VisionLanguageModel, norm: float) -> torch.Tensor:
@@ -122,7 +123,7 @@ class CTCObjective:
         self.samples, rows, self.skipped = read_samples(samples, stage, self._read)
         if not self.samples:
             raise ValueError(f"stage {stage.name!r}: no usable speech -> transcript samples in {stage.data}")
-        self.mels = [mel for mel, _ in rows]
+        self._mels = dict(enumerate(mel for mel, _ in rows))  # each dropped once its frames are kept
         self.labels = [ids for _, ids in rows]
         self.vocab = torch.tensor(sorted({i for ids in self.labels for i in ids}))  # class k + 1 is vocab[k]
         self.klass = {int(v): k + 1 for k, v in enumerate(self.vocab)}
@@ -154,7 +155,7 @@ class CTCObjective:
         new = [i for i in indices if i not in self._frames]
         if new:
             enc = self.model.audio_encoder
-            mel = torch.stack([self.mels[i] for i in new]).to(self.model.device, torch.float32)
+            mel = torch.stack([self._mels.pop(i) for i in new]).to(self.model.device, torch.float32)
             for i, f in zip(new, enc(mel), strict=True):
                 self._frames[i] = f.half().cpu()
         return torch.stack([self._frames[i] for i in indices])
