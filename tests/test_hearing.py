@@ -18,6 +18,7 @@ from chiasm.hearing.encoder import AudioEncoder, window_frames
 from chiasm.model import VisionLanguageModel
 from chiasm.speech.loader import save_whisper
 from chiasm.speech.tiny import tiny_whisper
+from chiasm.train.grouping import estimate_lengths
 from chiasm.train.trainer import Trainer
 
 SECONDS = 1.0  # 50 encoder frames; pooling [1, 10] -> 5 tokens per clip
@@ -113,6 +114,21 @@ def test_bad_audio_is_named_and_never_cut(hearing_model, image, tmp_path) -> Non
     two = Sample("two", [Turn("human", "<image>\n<audio> <audio>"), Turn("gpt", "x")], [image], audios=[clip])
     with pytest.raises(DataError, match=r"2 <audio> placeholder.* but 1 audio clip"):
         p([two])
+
+
+def test_length_grouping_counts_each_clip_as_its_audio_tokens(hearing_model, image, tmp_path) -> None:
+    m = hearing_model
+    clip = _wav(tmp_path / "a.wav", 0.5)
+    samples = [Sample("one", [Turn("human", "<image>\n<audio>"), Turn("gpt", "red")], [image], audios=[clip]),
+               Sample("three", [Turn("human", "<image>\n<audio> <audio>\n<audio>"), Turn("gpt", "red")], [image],
+                      audios=[clip] * 3),
+               Sample("none", [Turn("human", "<image>\nWhat colour is it?"), Turn("gpt", "red")], [image])]
+    est = estimate_lengths(samples, m.tokenizer, m.tokens_per_image, tokens_per_audio=m.processor.conversation
+                           .tokens_per_audio)
+    real = [len(m.processor.conversation.encode(s).input_ids) for s in samples]
+    # The chat template's tokens are the same for every sample: the estimate is off by one constant.
+    assert len({r - e for r, e in zip(real, est, strict=True)}) == 1
+    assert est[1] - est[0] >= 2 * m.tokens_per_audio
 
 
 def test_a_model_that_does_not_hear_refuses_audio(tiny_model, image, tmp_path) -> None:

@@ -15,21 +15,24 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from chiasm.config import StageConfig
-from chiasm.data.sample import IMAGE_PLACEHOLDER, DataError, Sample
+from chiasm.data.sample import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, DataError, Sample
 from chiasm.model import VisionLanguageModel
 
 
 def estimate_lengths(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase,
-                     tokens_per_image: int, image_tokens: Callable[[Sample], int] | None = None) -> list[int]:
-    """Tokens of each sample's turns (one batched tokenizer call) plus its image tokens.
+                     tokens_per_image: int, image_tokens: Callable[[Sample], int] | None = None,
+                     tokens_per_audio: int = 0) -> list[int]:
+    """Tokens of each sample's turns (one batched tokenizer call) plus its image and audio tokens.
 
     The chat template's few tokens per turn are left out: they shift every sample alike
     and sorting needs only the order, so the whole data set is never rendered up front.
     ``image_tokens`` counts a sample's image tokens where they depend on the images (tiles,
     from each file's header); a sample it cannot count (a broken image, refused later with
-    its name) is taken as ``tokens_per_image`` per image.
+    its name) is taken as ``tokens_per_image`` per image. Each clip of a model that hears takes
+    ``tokens_per_audio`` positions, its placeholder's text none.
     """
-    texts = [t.text.replace(IMAGE_PLACEHOLDER, "") for s in samples for t in s.conversations]
+    texts = [t.text.replace(IMAGE_PLACEHOLDER, "").replace(AUDIO_PLACEHOLDER, "")
+             for s in samples for t in s.conversations]
     counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     out, at = [], 0
     for s in samples:
@@ -40,7 +43,7 @@ def estimate_lengths(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBa
                 n_image = image_tokens(s)
             except DataError:
                 pass
-        out.append(sum(counts[at : at + k]) + n_image)
+        out.append(sum(counts[at : at + k]) + n_image + len(s.audios) * tokens_per_audio)
         at += k
     return out
 
@@ -77,5 +80,5 @@ def stage_order(stage: StageConfig, samples: Sequence[Sample], model: VisionLang
     per_step = stage.batch_size * stage.grad_accum * world
     conv = model.processor.conversation
     count = None if model.config.tiling is None else (lambda s: sum(conv.image_lengths(s)))
-    lengths = estimate_lengths(samples, model.tokenizer, model.tokens_per_image, count)
+    lengths = estimate_lengths(samples, model.tokenizer, model.tokens_per_image, count, conv.tokens_per_audio)
     return length_grouped_order(lengths, stage.batch_size, per_step * stage.group_by_length, seed)
