@@ -160,11 +160,17 @@ checkpoint_every = 2
     assert {"loss.png", "forward.png", "report.html", "model"} <= {p.name for p in run.iterdir()}
     out = tmp_path / "eval"
     assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(out), "--guidance", "0,2",
-                 "--n", "20", "--steps", "3", "--classifier-steps", "5", "--compare-ddpm", "--ddpm-steps", "6"]) == 0
+                 "--n", "20", "--steps", "3", "--classifier-steps", "5", "--compare-ddpm", "--ddpm-steps", "6",
+                 "--compare-eta", "1"]) == 0
     import json
 
     result = json.loads((out / "eval.json").read_text())
     assert [r["guidance"] for r in result["sweep"]] == [0.0, 2.0]
     assert result["fid_name"] == "FID-DIGITS" and result["samplers"]["ddpm"]["network_evaluations"] == 6
+    s = result["samplers"]  # DDIM at eta 0 always, and at each asked eta, each with its ratio to DDPM
+    assert (s["ddim"]["eta"], s["ddim_eta1"]["eta"]) == (0.0, 1.0)
+    assert s["fid_ratio_eta1"] == s["ddim_eta1"]["FID-DIGITS"] / s["ddpm"]["FID-DIGITS"]
+    assert s["ddim"]["FID-DIGITS"] != s["ddim_eta1"]["FID-DIGITS"]
     html = (out / "report.html").read_text()
-    assert "FID-DIGITS" in html and "Guidance sweep" in html and html.count("data:image/png;base64") >= 4
+    assert "FID-DIGITS" in html and "Guidance sweep" in html and "ddim_eta1 / ddpm" in html
+    assert html.count("data:image/png;base64") >= 4

@@ -65,6 +65,19 @@ def test_modes_train_what_they_say(tmp_path: Path, clips: Path, mode: str) -> No
                        after["model.decoder.layers.0.fc1.weight"])
 
 
+def test_lora_targets_name_layers_by_their_last_parts() -> None:
+    from chiasm.speech.policy import apply_mode
+
+    stage = SpeechStage(name="ft", mode="lora", lora_r=2, lora_targets=["self_attn.k_proj", "fc1"])
+    model = apply_mode(_whisper().model, stage)
+    wrapped = {n.removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith(".lora_A.default")}
+    short = {n.split("model.decoder.layers.0.")[-1] for n in wrapped}
+    assert short == {"self_attn.k_proj", "fc1"}  # cross-attention's k_proj and the encoder left alone
+    assert all(".decoder." in n for n in wrapped)
+    with pytest.raises(ValueError, match="no linear layer named"):
+        apply_mode(_whisper().model, SpeechStage(name="ft", mode="lora", lora_targets=["attn.k_proj"]))
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, clips: Path) -> None:
     from chiasm.speech.train import SpeechTrainer
     from chiasm.train.trainer import Interrupted

@@ -56,6 +56,8 @@ def add_diffusion_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     e.add_argument("--ddpm-steps", type=int, default=1000)
     e.add_argument("--compare-n", type=int, help="samples for the sampler comparison (default: --n)")
     e.add_argument("--compare-guidance", type=float, default=0.0)
+    e.add_argument("--compare-eta", default="0",
+                   help="comma-separated DDIM eta values drawn in the comparison (0: deterministic; 1: DDPM's noise)")
     _add_x0_limits(e)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
@@ -180,7 +182,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         guidances = [float(w) for w in args.guidance.split(",") if w.strip()]
     except ValueError:
         raise ValueError(f"--guidance takes comma-separated numbers, got {args.guidance!r}") from None
+    try:
+        etas = tuple(float(x) for x in args.compare_eta.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--compare-eta takes comma-separated numbers, got {args.compare_eta!r}") from None
     opts = SampleOptions(args.sampler, args.steps, 0.0, 0.0, **_x0_limits(args))
+    for eta in etas:
+        replace(opts, eta=eta).check(10**9)
     for w in [*guidances, args.compare_guidance]:
         replace(opts, guidance=w).check(10**9)
     if not 2 <= args.n <= 10000:
@@ -209,7 +217,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judge = train_classifier(train, test, steps=args.classifier_steps)
         judge.save(clf_dir)
     result = run_eval(model, judge, test, out, guidances=guidances, n=args.n, opts=opts, seed=args.seed,
-                      compare_ddpm=args.compare_ddpm, ddpm_steps=args.ddpm_steps, compare_n=args.compare_n)
+                      compare_ddpm=args.compare_ddpm, ddpm_steps=args.ddpm_steps, compare_n=args.compare_n,
+                      compare_etas=etas or (0.0,))
     plot_sweep(result, out / "sweep.png")
     if cfg.net.conditioning == "class":
         w = max(guidances) if guidances else 0.0

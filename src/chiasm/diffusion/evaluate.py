@@ -56,8 +56,14 @@ def score(samples: torch.Tensor, labels: list[int] | None, judge: Judge, real_fe
 
 def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, guidances: list[float],
              n: int, opts: SampleOptions, seed: int = 0, compare_ddpm: bool = False,
-             ddpm_steps: int = 1000, compare_n: int | None = None) -> dict[str, Any]:
-    """The w sweep (one row per guidance scale) and optionally DDIM against DDPM at ``opts.guidance``."""
+             ddpm_steps: int = 1000, compare_n: int | None = None,
+             compare_etas: tuple[float, ...] = (0.0,)) -> dict[str, Any]:
+    """The w sweep (one row per guidance scale) and optionally DDIM against DDPM at ``opts.guidance``.
+
+    The comparison draws DDIM at each of ``compare_etas`` (0: the deterministic ODE sampler; 1:
+    as much fresh noise per step as DDPM's posterior, over the same 50 strided steps), all from
+    the same seed, and gives each one's FID ratio to DDPM's (eta 0 is always drawn).
+    """
     out.mkdir(parents=True, exist_ok=True)
     fid_name = FID_NAMES.get(model.cfg.data.source, "FID")
     real_feats = judge.features(test.images)
@@ -84,18 +90,22 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
                  row[fid_name], row.get("recognition"), row["precision"], row["recall"], row["seconds"])
     if compare_ddpm:
         m = compare_n or n
-        rows = {}
-        for name, o in (("ddim", replace(opts, sampler="ddim", eta=0.0)),
-                        ("ddpm", replace(opts, sampler="ddpm", steps=ddpm_steps, eta=0.0))):
+        rows: dict[str, Any] = {}
+        compare_etas = (0.0, *sorted({e for e in compare_etas if e != 0}))  # eta 0 always: the plain "ddim" row
+        runs = [("ddim" if eta == 0 else f"ddim_eta{eta:g}", replace(opts, sampler="ddim", eta=eta))
+                for eta in compare_etas]
+        for name, o in [*runs, ("ddpm", replace(opts, sampler="ddpm", steps=ddpm_steps, eta=0.0))]:
             tick = time.perf_counter()
             samples = generate_batched(model, labels[:m] if labels else None, m, o, seed + 1,
                                        prompts=prompts[:m] if prompts else None)
             rows[name] = {**score(samples, labels[:m] if labels else None, judge, real_feats, fid_name),
                           "network_evaluations": o.steps * (2 if o.guidance else 1),
-                          "steps": o.steps, "seconds": round(time.perf_counter() - tick, 1)}
+                          "steps": o.steps, "eta": o.eta, "seconds": round(time.perf_counter() - tick, 1)}
             log.info("%s %d steps: %s=%.2f (%.0f s)", name, o.steps, fid_name, rows[name][fid_name],
                      rows[name]["seconds"])
-        rows["fid_ratio"] = rows["ddim"][fid_name] / rows["ddpm"][fid_name]
+        for name, _ in runs:
+            key = "fid_ratio" if name == "ddim" else f"fid_ratio_{name.removeprefix('ddim_')}"
+            rows[key] = rows[name][fid_name] / rows["ddpm"][fid_name]
         result["samplers"] = rows
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -33,11 +33,13 @@ def _sampler_table(result: dict[str, Any]) -> str:
     if not s:
         return ""
     fid = result["fid_name"]
+    names = [k for k, v in s.items() if isinstance(v, dict)]  # ddim, ddim_eta..., ddpm
     rows = [[name, str(s[name]["steps"]), str(s[name]["network_evaluations"]), fmt_num(s[name][fid], 2),
-             fmt_pct(s[name].get("recognition")), fmt_num(s[name]["seconds"], 0)] for name in ("ddim", "ddpm")]
+             fmt_pct(s[name].get("recognition")), fmt_num(s[name]["seconds"], 0)] for name in names]
+    ratios = "".join(f"<p>{fid} ratio {escape(name)} / ddpm: {fmt_num(s[key], 3)}</p>" for name in names
+                     if (key := "fid_ratio" if name == "ddim" else f"fid_ratio_{name.removeprefix('ddim_')}") in s)
     return ("<h2>DDIM against DDPM</h2>" + _table(["sampler", "steps", "network evaluations", fid,
-                                                   "recognised", "seconds"], rows)
-            + f"<p>{fid} ratio DDIM / DDPM: {fmt_num(s['fid_ratio'], 3)}</p>")
+                                                   "recognised", "seconds"], rows) + ratios)
 
 
 def write_diffusion_report(folder: Path, title: str = "chiasm diffusion") -> Path:

@@ -23,7 +23,7 @@ def apply_mode(model: nn.Module, stage: SpeechStage) -> nn.Module:
             # Decoder-only unless lora_encoder: module names under model.decoder (or model.encoder too).
             sides = ("decoder", "encoder") if stage.lora_encoder else ("decoder",)
             targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                       and n.split(".")[-1] in stage.lora_targets and any(f"model.{s}." in n for s in sides)]
+                       and _named(n, stage.lora_targets) and any(f"model.{s}." in n for s in sides)]
             if not targets:
                 raise ValueError(f"stage {stage.name!r}: no linear layer named {stage.lora_targets} for LoRA")
             model = get_peft_model(model, LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
@@ -39,6 +39,13 @@ def apply_mode(model: nn.Module, stage: SpeechStage) -> nn.Module:
     log.info("stage %s (%s): trains %.2fM parameters, freezes %.2fM", stage.name, stage.mode, trained / 1e6,
              frozen / 1e6)
     return model
+
+
+def _named(name: str, targets: list[str]) -> bool:
+    """A target names a layer by its last parts: ``k_proj`` is every attention's, ``self_attn.k_proj`` only
+    the self-attention's (leaving cross-attention's keys and values, computed over all 1,500 encoder
+    frames, frozen and cheap)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def encoder_trains(model: nn.Module) -> bool:
