@@ -58,7 +58,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(cfg.output_dir)
     trainer = SpeechTrainer(cfg)
     results = {}
-    ev = {"task": cfg.task, "num_beams": cfg.num_beams, "batch_size": cfg.eval_batch_size, "on_error": cfg.on_error}
+    from chiasm.speech.transcribe import EncoderOutputs
+
+    # Before and after share the evaluation clips' encoder outputs when training left the encoder as it was.
+    ev = {"task": cfg.task, "num_beams": cfg.num_beams, "batch_size": cfg.eval_batch_size, "on_error": cfg.on_error,
+          "encoded": EncoderOutputs()}
     if cfg.eval and cfg.eval_before and not args.no_eval and trainer.dist.is_main and not args.resume:
         results["before"] = evaluate_all(trainer.whisper, cfg.eval, label=cfg.model, **ev)
         write_eval(out, results)

@@ -10,11 +10,11 @@ from chiasm.speech.config import SpeechData
 from chiasm.speech.data_sets import load_set
 from chiasm.speech.loader import Whisper
 from chiasm.speech.metrics import error_rates, word_diff
-from chiasm.speech.transcribe import transcribe
+from chiasm.speech.transcribe import EncoderOutputs, transcribe
 
 
 def evaluate_set(w: Whisper, data: SpeechData, *, task: str = "transcribe", num_beams: int = 1,
-                 batch_size: int = 8, on_error: str = "raise") -> dict:
+                 batch_size: int = 8, on_error: str = "raise", encoded: EncoderOutputs | None = None) -> dict:
     """Transcribe every clip of ``data`` (grouped by language) and score it."""
     s = load_set(data, on_error=on_error)
     t0 = time.perf_counter()
@@ -23,7 +23,7 @@ def evaluate_set(w: Whisper, data: SpeechData, *, task: str = "transcribe", num_
     for lang in languages:
         group = [x for x in s.samples if (x.language or "") == lang]
         texts = transcribe(w, [x.load() for x in group], language=lang or None, task=task, num_beams=num_beams,
-                           batch_size=batch_size)
+                           batch_size=batch_size, encoded=encoded)
         hyps.update({x.id: t for x, t in zip(group, texts, strict=True)})
     seconds = time.perf_counter() - t0
     lang = s.samples[0].language if len({x.language for x in s.samples}) == 1 else None
@@ -36,10 +36,13 @@ def evaluate_set(w: Whisper, data: SpeechData, *, task: str = "transcribe", num_
 
 
 def evaluate_all(w: Whisper, sets: list[SpeechData], *, label: str, task: str = "transcribe", num_beams: int = 1,
-                 batch_size: int = 8, on_error: str = "raise") -> dict:
+                 batch_size: int = 8, on_error: str = "raise", encoded: EncoderOutputs | None = None) -> dict:
+    """Every set scored; ``encoded`` (checked against ``w``'s encoder weights first) spares re-encoding clips."""
+    if encoded is not None:
+        encoded.bind(w)
     return {"model": label, "num_beams": num_beams,
-            "sets": [evaluate_set(w, d, task=task, num_beams=num_beams, batch_size=batch_size, on_error=on_error)
-                     for d in sets]}
+            "sets": [evaluate_set(w, d, task=task, num_beams=num_beams, batch_size=batch_size, on_error=on_error,
+                                  encoded=encoded) for d in sets]}
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from chiasm.speech.audio import MAX_SECONDS, SAMPLE_RATE, chunks
 from chiasm.speech.loader import Whisper
@@ -18,16 +21,62 @@ def features(w: Whisper, audios: list[np.ndarray]) -> torch.Tensor:
     return out.to(w.model.device, w.model.dtype)
 
 
-def generate_ids(w: Whisper, feats: torch.Tensor, *, language: str | None = None, task: str = "transcribe",
-                 num_beams: int = 1, max_new_tokens: int = 200) -> list[list[int]]:
-    """The text tokens (prompt and end token removed) for each row of ``feats``."""
+class EncoderOutputs:
+    """Whisper encoder outputs of clips already transcribed, reused while the encoder is unchanged.
+
+    The encoder reads a 30 s window whatever the clip's length, so it is most of a short clip's
+    cost; a fine-tuning run that leaves it frozen scores the same evaluation clips before and after
+    training, and their encoder outputs are the same tensors both times. Rows are keyed by a hash of
+    the window's samples and dropped whenever a hash of the encoder's weights changes, so a model
+    whose encoder trained never reads a stale row. Past ``max_bytes`` new rows are not kept.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.rows: dict[str, torch.Tensor] = {}
+        self.weights: str | None = None
+
+    def bind(self, w: Whisper) -> None:
+        """Forget every row if ``w``'s encoder weights differ from those the rows were computed with."""
+        h = hashlib.sha1()
+        for name, t in w.model.model.encoder.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        if h.hexdigest() != self.weights:
+            self.rows.clear()
+            self.weights = h.hexdigest()
+
+    def __call__(self, w: Whisper, windows: list[np.ndarray]) -> torch.Tensor:
+        """``(len(windows), frames, d_model)``: kept rows reused, the others encoded as one batch."""
+        keys = [hashlib.sha1(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest() for x in windows]
+        todo = [i for i, k in enumerate(keys) if k not in self.rows]
+        fresh: dict[str, torch.Tensor] = {}
+        if todo:
+            with torch.no_grad():
+                out = w.model.model.encoder(features(w, [windows[i] for i in todo])).last_hidden_state
+            used = sum(t.numel() * t.element_size() for t in self.rows.values())
+            for i, row in zip(todo, out, strict=True):
+                fresh[keys[i]] = row
+                if used + row.numel() * row.element_size() <= self.max_bytes:
+                    self.rows[keys[i]] = row
+                    used += row.numel() * row.element_size()
+        return torch.stack([self.rows.get(k, fresh.get(k)) for k in keys])
+
+
+def generate_ids(w: Whisper, feats: torch.Tensor | None, *, language: str | None = None, task: str = "transcribe",
+                 num_beams: int = 1, max_new_tokens: int = 200,
+                 encoded: torch.Tensor | None = None) -> list[list[int]]:
+    """The text tokens (prompt and end token removed) for each row of ``feats`` (or of the encoder
+    outputs ``encoded``, given instead)."""
     prompt = decoder_prompt(w.tokenizer, language, task)  # refuses a language the model has no token for
     limit = min(max_new_tokens, w.model.config.max_target_positions - len(prompt))
     # transformers' Whisper generate builds the prompt itself from language and task (a prompt
     # passed as decoder_input_ids is taken as text after its own start tokens).
     lang_task = {"language": language, "task": task} if is_multilingual(w.tokenizer) else {}
+    source = {"input_features": feats} if encoded is None else \
+        {"encoder_outputs": BaseModelOutput(last_hidden_state=encoded)}
     with torch.no_grad():
-        out = w.model.generate(feats, num_beams=num_beams, do_sample=False, max_new_tokens=limit,
+        out = w.model.generate(**source, num_beams=num_beams, do_sample=False, max_new_tokens=limit,
                                return_timestamps=False, **lang_task)
     eot = w.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # every special token's id is at or above it
     rows = []
@@ -52,8 +101,12 @@ def _join(parts: list[str], max_overlap: int = 8) -> str:
 
 
 def transcribe(w: Whisper, audios: list[np.ndarray], *, language: str | None = None, task: str = "transcribe",
-               num_beams: int = 1, batch_size: int = 8, max_new_tokens: int = 200) -> list[str]:
-    """One transcript per clip; clips over 30 s are cut into windows overlapping by ``CHUNK_OVERLAP_S``."""
+               num_beams: int = 1, batch_size: int = 8, max_new_tokens: int = 200,
+               encoded: EncoderOutputs | None = None) -> list[str]:
+    """One transcript per clip; clips over 30 s are cut into windows overlapping by ``CHUNK_OVERLAP_S``.
+
+    With ``encoded`` the windows' encoder outputs are looked up there (and kept) rather than recomputed.
+    """
     language = language_code(language)
     pieces: list[tuple[int, np.ndarray]] = []
     for i, audio in enumerate(audios):
@@ -61,8 +114,10 @@ def transcribe(w: Whisper, audios: list[np.ndarray], *, language: str | None = N
     texts: list[list[str]] = [[] for _ in audios]
     for b in range(0, len(pieces), batch_size):
         batch = pieces[b : b + batch_size]
-        ids = generate_ids(w, features(w, [c for _, c in batch]), language=language, task=task,
-                           num_beams=num_beams, max_new_tokens=max_new_tokens)
+        windows = [c for _, c in batch]
+        ids = generate_ids(w, None if encoded else features(w, windows), language=language, task=task,
+                           num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           encoded=encoded(w, windows) if encoded else None)
         for (i, _), row in zip(batch, ids, strict=True):
             texts[i].append(w.tokenizer.decode(row, skip_special_tokens=True).strip())
     return [_join(t) for t in texts]
