@@ -65,19 +65,25 @@ def _speak(text: str, out: Path, rng: random.Random, voices: tuple[str, ...], va
 
 
 def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_voice: str,
-               typed_every: int = 0, seed: int = 0, voices: tuple[str, ...] = TRAIN_VOICES) -> dict[str, Path]:
-    """Write the two stages' data files and the spoken eval set (LLaVA JSON, clips beside them)."""
+               typed_every: int = 0, seed: int = 0, voices: tuple[str, ...] = TRAIN_VOICES,
+               foreign: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Write the two stages' data files and the spoken eval set (LLaVA JSON, clips beside them).
+
+    ``foreign`` voices (other languages' espeak-ng voices reading the English questions by their own
+    letter-to-sound rules: foreign accents) speak training clips beside ``voices``, never eval clips.
+    """
+    heard_by = voices + foreign
     rng = random.Random(seed)
     pairs = _qa_pairs(load_llava(world / "instruct.json").samples)
     rng.shuffle(pairs)
     train_variants = [v for v in VARIANTS if "klatt" not in v]  # the Klatt synthesiser is a different engine
     hear, answer_rows = [], []
     for i, (_, text, _) in enumerate(pairs[:n_hear]):
-        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, voices, train_variants)
+        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, heard_by, train_variants)
         hear.append(Sample(f"hear-{i:05d}", [Turn("human", f"<audio>\n{TRANSCRIBE}"), Turn("gpt", text)],
                            audios=[clip]))
     for i, (image, text, ans) in enumerate(pairs[n_hear:n_hear + n_answer]):
-        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, voices, train_variants)
+        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, heard_by, train_variants)
         answer_rows.append(Sample(f"answer-{i:05d}", [Turn("human", "<image>\n<audio>"), Turn("gpt", ans)],
                                   [image], audios=[clip]))
         if typed_every and i % typed_every == 0:  # typed questions too, so a LoRA-tuned LM keeps reading text
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voices", type=int, choices=[5, 7], default=5,
                    help="training voices: 5 (en-us, en-gb, en-gb-x-rp, en-gb-x-gbclan, en-029) or 7 (+ en-us-nyc, "
                         "en-gb-x-gbcwmd)")
+    p.add_argument("--foreign-voices", default="",
+                   help="comma-separated espeak-ng voices of other languages (e.g. de,nl,sv) that also speak the "
+                        "training questions: more accents heard in training; never used in evaluation")
     p.add_argument("--lora", action="store_true", help="answer stage: LoRA on the LM as well (typed rows mixed in)")
     p.add_argument("--typed-every", type=int, default=3, help="with --lora: one typed row per N spoken ones")
     p.add_argument("--work", default="runs/spoken-vqa")
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     n_hear, n_answer = (hear_batch, 8) if args.quick else (n_hear, args.answer_steps * args.batch)
     files = build_data(Path(args.world), work, n_hear=n_hear, n_answer=n_answer, heldout_voice=args.heldout_voice,
                        typed_every=args.typed_every if args.lora else 0,
-                       voices=TRAIN_VOICES + (MORE_VOICES if args.voices == 7 else ()))
+                       voices=TRAIN_VOICES + (MORE_VOICES if args.voices == 7 else ()),
+                       foreign=tuple(v for v in args.foreign_voices.split(",") if v))
     data_s = time.perf_counter() - tick
     model = VisionLanguageModel.load(args.vision)
     bridge = BridgeConfig("pooling", {"kernel": [1, args.kernel]}) if args.bridge == "pooling" \
@@ -194,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "vision": args.vision, "whisper": args.whisper, "seconds": args.seconds, "kernel": args.kernel,
         "bridge": args.bridge, "hear": args.hear,
         "tokens_per_clip": model.tokens_per_audio, "steps": {"hear": steps[0], "answer": steps[1]},
-        "batch": args.batch, "heldout_voice": args.heldout_voice, "voices": args.voices, "lr": args.lr,
+        "batch": args.batch, "heldout_voice": args.heldout_voice, "voices": args.voices,
+        "foreign_voices": args.foreign_voices, "lr": args.lr,
         "lm_lora": args.lora,
         "typed_every": args.typed_every if args.lora else 0,
         "typed": {k: v for k, v in results["typed"].items() if k not in ("scores", "hits")},
