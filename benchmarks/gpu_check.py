@@ -165,7 +165,8 @@ def set_checkpointing(model: VisionLanguageModel, on: bool) -> None:
     if on:
         enable_checkpointing(model.base_lm, model.encoder)
         return
-    model.base_lm.activation_checkpointing_disable()
+    lm = model.base_lm  # transformers releases before the rename call it gradient checkpointing
+    (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
     for module in model.encoder.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = False
