@@ -51,7 +51,7 @@ from benchmarks.common import (
     synthetic_batch,
     time_interleaved,
 )
-from chiasm.checkpointing import enable_checkpointing
+from chiasm.checkpointing import disable_lm_checkpointing, enable_checkpointing
 from chiasm.config import PolicyConfig
 from chiasm.model import VisionLanguageModel
 from chiasm.train.features import FeatureCache
@@ -165,8 +165,7 @@ def set_checkpointing(model: VisionLanguageModel, on: bool) -> None:
     if on:
         enable_checkpointing(model.base_lm, model.encoder)
         return
-    lm = model.base_lm  # transformers releases before the rename call it gradient checkpointing
-    (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+    disable_lm_checkpointing(model.base_lm)
     for module in model.encoder.modules():
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = False

@@ -31,6 +31,12 @@ def enable_lm_checkpointing(lm: PreTrainedModel) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
 
 
+def disable_lm_checkpointing(lm: PreTrainedModel) -> None:
+    """Switch a transformers LM's activation checkpointing off, under either of its names."""
+    disable = getattr(lm, "activation_checkpointing_disable", None)
+    (disable or lm.gradient_checkpointing_disable)()  # the second: transformers releases before the rename
+
+
 def enable_module_checkpointing(module: nn.Module) -> int:
     """Checkpoint the transformers layers inside ``module`` (e.g. a tower's ``vision_model``).
 

@@ -218,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judge.save(clf_dir)
     result = run_eval(model, judge, test, out, guidances=guidances, n=args.n, opts=opts, seed=args.seed,
                       compare_ddpm=args.compare_ddpm, ddpm_steps=args.ddpm_steps, compare_n=args.compare_n,
-                      compare_etas=etas or (0.0,))
+                      compare_etas=etas)
     plot_sweep(result, out / "sweep.png")
     if cfg.net.conditioning == "class":
         w = max(guidances) if guidances else 0.0

@@ -36,8 +36,8 @@ def _sampler_table(result: dict[str, Any]) -> str:
     names = [k for k, v in s.items() if isinstance(v, dict)]  # ddim, ddim_eta..., ddpm
     rows = [[name, str(s[name]["steps"]), str(s[name]["network_evaluations"]), fmt_num(s[name][fid], 2),
              fmt_pct(s[name].get("recognition")), fmt_num(s[name]["seconds"], 0)] for name in names]
-    ratios = "".join(f"<p>{fid} ratio {escape(name)} / ddpm: {fmt_num(s[key], 3)}</p>" for name in names
-                     if (key := "fid_ratio" if name == "ddim" else f"fid_ratio_{name.removeprefix('ddim_')}") in s)
+    ratios = "".join(f"<p>{fid} ratio {escape(name)} / ddpm: {fmt_num(s[name][fid] / s['ddpm'][fid], 3)}</p>"
+                     for name in names if name != "ddpm")
     return ("<h2>DDIM against DDPM</h2>" + _table(["sampler", "steps", "network evaluations", fid,
                                                    "recognised", "seconds"], rows) + ratios)
 

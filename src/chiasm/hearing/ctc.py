@@ -165,9 +165,10 @@ class CTCObjective:
         table = self.model.lm.get_input_embeddings().weight.detach()
         return torch.cat([self.blank.to(device)[None], table[self.vocab.to(device)].float()])
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D)`` audio tokens -> ``(B, T, 1 + |vocab|)`` class scores (cosines / temperature), blank first."""
-        classes = F.normalize(self.classes(tokens.device), dim=-1)
+    def logits(self, tokens: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, D)`` audio tokens -> ``(B, T, 1 + |vocab|)`` class scores (cosines / temperature), blank first;
+        ``classes`` is :meth:`classes` when the caller already gathered it."""
+        classes = F.normalize(self.classes(tokens.device) if classes is None else classes, dim=-1)
         return F.normalize(tokens.float(), dim=-1) @ classes.T / self.temperature
 
     def loss(self, indices: list[int], bridge: nn.Module, features: FeatureCache | None) -> tuple[torch.Tensor, float]:
@@ -181,13 +182,14 @@ class CTCObjective:
         if bridge.training:
             frames = mask_frames(frames, spans=self.mask_spans, width=self.mask_width, drop=self.mask_drop)
         tokens = bridge(frames, self.model.audio_encoder.grid())
-        logp = self.logits(tokens).log_softmax(-1)
+        classes = self.classes(device)  # gathered once: the scores' and the pull target's class embeddings
+        logp = self.logits(tokens, classes).log_softmax(-1)
         targets = [torch.tensor([self.klass[i] for i in self.labels[j]]) for j in indices]
         lengths = torch.tensor([len(t) for t in targets])
         ctc = F.ctc_loss(logp.transpose(0, 1), torch.cat(targets).to(device),
                          torch.full((len(indices),), tokens.shape[1], dtype=torch.long), lengths, blank=0,
                          zero_infinity=True)
-        expected = logp.detach().exp() @ self.classes(device)
+        expected = logp.detach().exp() @ classes
         pull = F.mse_loss(tokens.float(), expected, reduction="none").sum(-1).mean() / self.scale
         with torch.no_grad():
             decoded = [greedy_ctc(row) for row in logp.argmax(-1).tolist()]

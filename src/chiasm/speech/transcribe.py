@@ -115,9 +115,9 @@ def transcribe(w: Whisper, audios: list[np.ndarray], *, language: str | None = N
     for b in range(0, len(pieces), batch_size):
         batch = pieces[b : b + batch_size]
         windows = [c for _, c in batch]
-        ids = generate_ids(w, None if encoded else features(w, windows), language=language, task=task,
+        ids = generate_ids(w, features(w, windows) if encoded is None else None, language=language, task=task,
                            num_beams=num_beams, max_new_tokens=max_new_tokens,
-                           encoded=encoded(w, windows) if encoded else None)
+                           encoded=None if encoded is None else encoded(w, windows))
         for (i, _), row in zip(batch, ids, strict=True):
             texts[i].append(w.tokenizer.decode(row, skip_special_tokens=True).strip())
     return [_join(t) for t in texts]
