@@ -68,7 +68,8 @@ def part_ddim(args: argparse.Namespace) -> dict:
     judge = _judge(args, model)
     test = load_dataset(model.cfg.data.source, "test", root=model.cfg.data.root, size=model.cfg.data.size)
     res = run_eval(model, judge, test, Path(args.out), guidances=[], n=args.n,
-                   opts=SampleOptions("ddim", args.steps, 0.0, args.compare_guidance), compare_ddpm=True)
+                   opts=SampleOptions("ddim", args.steps, 0.0, args.compare_guidance, spacing=args.spacing),
+                   compare_ddpm=True, compare_seeds=args.seeds)
     s = res["samplers"]
     res["targets"] = {"ddim_fid_within_10_percent": s["fid_ratio"] <= 1.10,
                       "evaluations_ratio": s["ddpm"]["network_evaluations"] / s["ddim"]["network_evaluations"]}
@@ -132,7 +133,7 @@ def part_shard(args: argparse.Namespace) -> dict:
 
     model = _model(args)
     labels = balanced_labels(args.n, len(model.classes))[args.start:args.start + args.count]
-    opts = SampleOptions(args.sampler, args.steps, 0.0, args.compare_guidance)
+    opts = SampleOptions(args.sampler, args.steps, 0.0, args.compare_guidance, spacing=args.spacing)
     tick = time.perf_counter()
     samples = generate_batched(model, labels, len(labels), opts, args.seed + args.start)
     out = Path(args.out) / f"{args.sampler}{args.steps}_{args.start:05d}.safetensors"
@@ -188,6 +189,8 @@ def main() -> None:
     p.add_argument("--start", type=int, default=0, help="shard: first sample index")
     p.add_argument("--count", type=int, default=50, help="shard: how many samples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="ddim: draw each sampler at this many seeds (mean FIDs)")
+    p.add_argument("--spacing", choices=["trailing", "leading"], default="trailing", help="ddim: timestep spacing")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tick = time.perf_counter()

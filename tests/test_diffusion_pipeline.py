@@ -174,3 +174,17 @@ checkpoint_every = 2
     html = (out / "report.html").read_text()
     assert "FID-DIGITS" in html and "Guidance sweep" in html and "ddim_eta1 / ddpm" in html
     assert html.count("data:image/png;base64") >= 4
+    # Two seeds with the same judge, more samples compared than swept: the first seed's draw is the
+    # one-seed run's, rows hold the means
+    again = tmp_path / "eval-seeds"
+    assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(again), "--guidance", "0",
+                 "--n", "10", "--compare-n", "20", "--steps", "3", "--classifier", str(out / "classifier"),
+                 "--compare-ddpm", "--ddpm-steps", "6", "--compare-seeds", "2"]) == 0
+    two = json.loads((again / "eval.json").read_text())["samplers"]
+    per_seed = two["ddim"]["FID-DIGITS_per_seed"]
+    assert two["seeds"] == 2 and len(per_seed) == 2 and per_seed[0] == pytest.approx(s["ddim"]["FID-DIGITS"])
+    assert two["ddim"]["FID-DIGITS"] == pytest.approx(sum(per_seed) / 2)
+    assert two["fid_ratio"] == pytest.approx(two["ddim"]["FID-DIGITS"] / two["ddpm"]["FID-DIGITS"])
+    assert two["ddim"]["spacing"] == "trailing" and len(two["fid_ratio_per_seed"]) == 2
+    assert "mean over 2 seeds" in (again / "report.html").read_text()
+    assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(again), "--compare-seeds", "0"]) == 2

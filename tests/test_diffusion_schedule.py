@@ -72,19 +72,48 @@ def test_whole_ddim_trajectory_equals_diffusers_loop() -> None:
     """Our loop with a fixed toy network against diffusers' loop over the same network."""
     cfg = _cfg("linear", "epsilon", True)
     net = lambda x, t: 0.3 * x + 1e-4 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
-    got = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 25), torch.Generator().manual_seed(5))
+    got = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 25, spacing="leading"),
+                 torch.Generator().manual_seed(5))
     ref = diffusers.DDIMScheduler(clip_sample=True)
     ref.set_timesteps(25)
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     for t in ref.timesteps:
         x = ref.step(net(x, torch.full((3,), int(t))), t, x, use_clipped_model_output=True).prev_sample
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
-    raw = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 25, clipped_eps=False),
+    raw = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 25, clipped_eps=False, spacing="leading"),
                  torch.Generator().manual_seed(5))
     x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     for t in ref.timesteps:
         x = ref.step(net(x, torch.full((3,), int(t))), t, x).prev_sample  # diffusers' default: the network's eps
     torch.testing.assert_close(raw, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [50, 20, 30, 7, 1000])
+def test_trailing_timesteps_equal_diffusers(steps: int) -> None:
+    ref = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    visits = NoiseSchedule(ScheduleConfig()).timesteps(steps, "trailing")
+    assert visits == ref.timesteps.tolist()
+    assert visits[0] == 999 and len(set(visits)) == steps  # starts where x_T is pure noise
+
+
+@pytest.mark.parametrize(("kind", "eta"), [("cosine", 0.0), ("linear", 1.0)])
+def test_whole_trailing_trajectory_equals_diffusers_loop(kind: str, eta: float) -> None:
+    """The default spacing (trailing) walked by our loop and by diffusers' over the same toy network."""
+    cfg = _cfg(kind, "epsilon", True)
+    net = lambda x, t: 0.3 * x + 1e-4 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
+    got = sample(net, NoiseSchedule(cfg), (3, 1, 4, 4), SampleOptions("ddim", 20, eta=eta),
+                 torch.Generator().manual_seed(5))
+    assert SampleOptions().spacing == "trailing"
+    ref = diffusers.DDIMScheduler(beta_schedule=KINDS[kind], clip_sample=True, timestep_spacing="trailing")
+    ref.set_timesteps(20)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1, 4, 4, generator=gen)
+    for t in ref.timesteps:
+        out = net(x, torch.full((3,), int(t)))
+        extra = {"variance_noise": torch.randn(x.shape, generator=gen)} if eta > 0 else {}
+        x = ref.step(out, t, x, eta=eta, use_clipped_model_output=True, **extra).prev_sample
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -121,5 +150,9 @@ def test_bad_sampling_options() -> None:
         SampleOptions(steps=0).check(sched.train_steps)
     with pytest.raises(ValueError, match="guidance must be in"):
         SampleOptions(guidance=-1).check(sched.train_steps)
+    with pytest.raises(ValueError, match="unknown --spacing 'linspace'"):
+        SampleOptions(spacing="linspace").check(sched.train_steps)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        sched.timesteps(50, "linspace")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown sampler"):
         SampleOptions(sampler="euler").check(sched.train_steps)  # type: ignore[arg-type]

@@ -58,6 +58,9 @@ def add_diffusion_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     e.add_argument("--compare-guidance", type=float, default=0.0)
     e.add_argument("--compare-eta", default="0",
                    help="comma-separated DDIM eta values drawn in the comparison (0: deterministic; 1: DDPM's noise)")
+    e.add_argument("--compare-seeds", type=int, default=1,
+                   help="draw every sampler of the comparison at this many seeds and compare mean FIDs "
+                   "(FID on a few hundred samples moves by points between seeds)")
     _add_x0_limits(e)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
@@ -120,7 +123,10 @@ def _output_folder(out: str) -> Path:
 
 
 def _add_x0_limits(p: argparse.ArgumentParser) -> None:
-    """Options of how a sampler keeps the predicted x_0 in range (sample and eval alike)."""
+    """Options of which steps a sampler visits and how it keeps the predicted x_0 in range (sample and eval)."""
+    p.add_argument("--spacing", choices=["trailing", "leading"], default="trailing",
+                   help="timesteps visited: trailing starts at the last training step (pure noise); leading "
+                   "(diffusers' default) at T - T/steps")
     p.add_argument("--threshold", type=float, help="dynamic thresholding percentile of the predicted x_0 "
                    "(Imagen; e.g. 0.995), for strong guidance; default: a plain clamp")
     p.add_argument("--threshold-max", type=float, default=1.0, help="the largest dynamic-threshold scale")
@@ -130,7 +136,8 @@ def _add_x0_limits(p: argparse.ArgumentParser) -> None:
 
 def _x0_limits(args: argparse.Namespace) -> dict:
     """SampleOptions' fields from :func:`_add_x0_limits`' options."""
-    return {"threshold": args.threshold, "threshold_max": args.threshold_max, "clipped_eps": not args.network_eps}
+    return {"threshold": args.threshold, "threshold_max": args.threshold_max, "clipped_eps": not args.network_eps,
+            "spacing": args.spacing}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -191,6 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         replace(opts, eta=eta).check(10**9)
     for w in [*guidances, args.compare_guidance]:
         replace(opts, guidance=w).check(10**9)
+    if not 1 <= args.compare_seeds <= 100:
+        raise ValueError(f"--compare-seeds must be in 1..100, got {args.compare_seeds}")
     if not 2 <= args.n <= 10000:
         raise ValueError(f"--n must be in 2..10000, got {args.n}")
     from chiasm.diffusion.classifier import Judge, train_classifier
@@ -218,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judge.save(clf_dir)
     result = run_eval(model, judge, test, out, guidances=guidances, n=args.n, opts=opts, seed=args.seed,
                       compare_ddpm=args.compare_ddpm, ddpm_steps=args.ddpm_steps, compare_n=args.compare_n,
-                      compare_etas=etas)
+                      compare_etas=etas, compare_seeds=args.compare_seeds)
     plot_sweep(result, out / "sweep.png")
     if cfg.net.conditioning == "class":
         w = max(guidances) if guidances else 0.0

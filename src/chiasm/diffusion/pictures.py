@@ -55,7 +55,7 @@ def reverse_process(model: DiffusionModel, path: Path, *, labels: list[int] | No
                     opts: SampleOptions, frames: int = 10, seed: int = 0) -> Path:
     """Each row one sample, each column x_t along its denoising (the last column the result)."""
     n = len(labels) if labels is not None else len(prompts or []) or 4
-    visits = model.schedule.timesteps(opts.steps)
+    visits = model.schedule.timesteps(opts.steps, opts.spacing)
     keep = {visits[round(i * (len(visits) - 1) / (frames - 1))] for i in range(frames)}
     shots: list[torch.Tensor] = []
 

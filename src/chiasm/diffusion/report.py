@@ -38,6 +38,8 @@ def _sampler_table(result: dict[str, Any]) -> str:
              fmt_pct(s[name].get("recognition")), fmt_num(s[name]["seconds"], 0)] for name in names]
     ratios = "".join(f"<p>{fid} ratio {escape(name)} / ddpm: {fmt_num(s[name][fid] / s['ddpm'][fid], 3)}</p>"
                      for name in names if name != "ddpm")
+    if s.get("seeds", 1) > 1:
+        ratios += f"<p>each {escape(fid)} the mean over {int(s['seeds'])} seeds, the same seeds for every sampler</p>"
     return ("<h2>DDIM against DDPM</h2>" + _table(["sampler", "steps", "network evaluations", fid,
                                                    "recognised", "seconds"], rows) + ratios)
 

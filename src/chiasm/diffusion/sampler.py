@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from chiasm.diffusion.schedule import NoiseSchedule
+from chiasm.diffusion.schedule import SPACINGS, NoiseSchedule, Spacing
 
 SamplerName = Literal["ddpm", "ddim"]
 MAX_GUIDANCE = 50.0
@@ -41,6 +41,9 @@ class SampleOptions:
     # so each step moves towards the x_0 it kept. Without it, guidance w = 3 on digits gave
     # FID 527 and 30% recognised; with it, FID 74 and 100% (benchmarks/results/diffusion_*).
     clipped_eps: bool = True
+    # Which training steps the trajectory visits (NoiseSchedule.timesteps): "trailing" starts at
+    # the last training step, where x_T ~ N(0, I) is what the network was trained on.
+    spacing: Spacing = "trailing"
 
     def check(self, train_steps: int) -> None:
         """A clear error for values the samplers cannot take."""
@@ -54,6 +57,8 @@ class SampleOptions:
             raise ValueError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {self.guidance}")
         if self.threshold is not None and not 0.5 <= self.threshold <= 1:
             raise ValueError(f"--threshold is a percentile in [0.5, 1] (e.g. 0.995), got {self.threshold}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown --spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
         if self.threshold_max < 1:
             raise ValueError(f"--threshold-max must be at least 1 (the data range), got {self.threshold_max}")
 
@@ -82,8 +87,9 @@ def sample(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule:
     def limit(x0: torch.Tensor) -> torch.Tensor:
         return schedule.limit_x0(x0, opts.threshold, opts.threshold_max)
 
-    for t in schedule.timesteps(opts.steps):
-        t_prev = schedule.previous(t, opts.steps)
+    visits = schedule.timesteps(opts.steps, opts.spacing)
+    for i, t in enumerate(visits):
+        t_prev = visits[i + 1] if i + 1 < len(visits) else -1  # -1: the clean image
         out = call(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
         noisy = (opts.sampler == "ddpm" and t > 0) or (opts.sampler == "ddim" and opts.eta > 0)
         noise = torch.randn(shape, generator=generator, device=device) if noisy else None

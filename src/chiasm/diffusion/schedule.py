@@ -20,6 +20,8 @@ import torch
 
 BetaKind = Literal["linear", "cosine"]
 Prediction = Literal["epsilon", "v"]
+Spacing = Literal["leading", "trailing"]
+SPACINGS: tuple[str, ...] = ("leading", "trailing")
 
 
 @dataclass(frozen=True)
@@ -165,12 +167,24 @@ class NoiseSchedule:
         return prev, x0
 
     # --- which steps a sampler visits ----------------------------------------------
-    def timesteps(self, steps: int) -> list[int]:
-        """``steps`` evenly spaced training steps, high to low ("leading" spacing, as diffusers' default)."""
+    def timesteps(self, steps: int, spacing: Spacing = "leading") -> list[int]:
+        """``steps`` evenly spaced training steps, high to low.
+
+        ``leading`` (diffusers' default) starts at 0 and counts up by T // steps, so a 50-step
+        trajectory of 1,000 begins at t = 980 with pure noise; ``trailing`` (Lin et al. 2024,
+        "Common diffusion noise schedules and sample steps are flawed") counts down from
+        T - 1, so the first step sees the noise level it was trained on; the two are
+        diffusers' ``timestep_spacing`` of the same names.
+        """
         if not 1 <= steps <= self.train_steps:
             raise ValueError(f"steps must be in 1..{self.train_steps} (the training steps), got {steps}")
-        ratio = self.train_steps // steps
-        return [i * ratio for i in range(steps)][::-1]
+        if spacing == "leading":
+            ratio = self.train_steps // steps
+            return [i * ratio for i in range(steps)][::-1]
+        if spacing == "trailing":
+            ratio = self.train_steps / steps
+            return [round(self.train_steps - i * ratio) - 1 for i in range(steps)]
+        raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(SPACINGS)}")
 
     def previous(self, t: int, steps: int) -> int:
         """The step after ``t`` in a ``steps``-step trajectory (negative after the last: the clean image)."""
