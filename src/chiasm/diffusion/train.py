@@ -45,8 +45,8 @@ def training_inputs(model: DiffusionModel, data: ImageSet, run_dir: Path, is_mai
     x = data.images
     if model.vae is not None:
         if is_main:
-            vae_stage(model.vae, x, model.cfg.latent.vae, model.cfg.train.seed, run_dir)
-        barrier()  # the other ranks read the VAE that rank 0 trained
+            vae_stage(model.vae, x, model.cfg.latent.vae, model.cfg.train.seed, run_dir, model.cfg.latent.vae_from)
+        barrier()  # the other ranks read the VAE that rank 0 trained (or copied)
         x, model.latent_scale = vae_stage(model.vae, x, model.cfg.latent.vae, model.cfg.train.seed, run_dir)
     kind = model.cfg.net.conditioning
     if kind == "class":
