@@ -65,6 +65,25 @@ def test_modes_train_what_they_say(tmp_path: Path, clips: Path, mode: str) -> No
                        after["model.decoder.layers.0.fc1.weight"])
 
 
+def test_a_frozen_encoder_encodes_each_clip_once_and_trains_as_without_the_cache(
+        tmp_path: Path, clips: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import chiasm.speech.train as speech_train
+
+    def run(out: Path) -> tuple[list[float], int]:
+        w = _whisper()
+        encoded: list[int] = []
+        w.model.model.encoder.register_forward_hook(lambda _m, args, _o: encoded.append(args[0].shape[0]))
+        speech_train.SpeechTrainer(_cfg(out, clips, "frozen_encoder"), whisper=w, show_progress=False).run()
+        rows = (out / "stages/ft/metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in rows], sum(encoded)
+
+    kept_losses, kept_clips = run(tmp_path / "kept")
+    monkeypatch.setattr(speech_train, "TRAIN_CACHE_BYTES", 0)  # nothing kept: every step encodes its batch
+    fresh_losses, fresh_clips = run(tmp_path / "fresh")
+    assert kept_clips == 4 and fresh_clips == 6 * 2  # 4 clips once, against 6 steps of 2
+    assert kept_losses == pytest.approx(fresh_losses, rel=1e-6)
+
+
 def test_lora_targets_name_layers_by_their_last_parts() -> None:
     from chiasm.speech.policy import apply_mode
 

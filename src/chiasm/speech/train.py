@@ -27,9 +27,14 @@ from chiasm.speech.data_sets import load_set
 from chiasm.speech.loader import Whisper, load_whisper, save_whisper
 from chiasm.speech.manifest import SpeechSample
 from chiasm.speech.policy import apply_mode, encoder_trains, plain_model
+from chiasm.speech.transcribe import EncoderOutputs
 from chiasm.train import checkpoint as ckpt
 from chiasm.train.dist import all_reduce_mean, barrier, init_distributed
 from chiasm.train.trainer import StagePlan, _trim_metrics, lr_at, use_bf16
+
+# A frozen encoder's outputs kept for later epochs, as bf16: 1,500 frames x 512 (base) is 1.5 MB a
+# clip, so 4 GiB keeps about 2,700 clips; past that, clips are encoded again at every step.
+TRAIN_CACHE_BYTES = 4 << 30
 
 log = logging.getLogger(__name__)
 
@@ -113,28 +118,16 @@ class SpeechTrainer:
             audio = add_noise(audio, stage.noise_snr_db, rng)
         return audio
 
-    def _encoded(self, idx: list[int], cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Encoder outputs of a frozen encoder, computed once per clip and kept (as bf16) for later epochs."""
-        todo = [i for i in idx if i not in cache]
-        if todo:
-            feats = self.whisper.features([self.samples[i].load() for i in todo], sampling_rate=16000,
-                                          return_tensors="pt").input_features.to(self.dist.device)
-            encoder = (self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model).model.encoder
-            with torch.no_grad(), torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                hidden = encoder(feats).last_hidden_state
-            for i, h in zip(todo, hidden, strict=True):
-                cache[i] = h.to(torch.bfloat16)
-        return torch.stack([cache[i] for i in idx]).float()
-
-    def _loss(self, indices: list[int], stage: SpeechStage, step: int, cache: dict[int, torch.Tensor] | None,
+    def _loss(self, indices: list[int], stage: SpeechStage, step: int, cache: EncoderOutputs | None,
               gen: torch.Generator) -> tuple[torch.Tensor, int]:
         texts = [(self.samples[i].text, self.samples[i].language, str(self.samples[i].audio_path)) for i in indices]
         audios = [self._audio(i, stage, step) for i in indices]
         batch = collate(self.whisper, audios, texts, self.cfg.task, with_features=cache is None)
         kwargs = {"decoder_input_ids": batch.decoder_input_ids.to(self.dist.device),
                   "labels": batch.labels.to(self.dist.device)}
-        if cache is not None:
-            kwargs["encoder_outputs"] = (self._encoded(indices, cache),)
+        if cache is not None:  # a frozen encoder's outputs, computed once per clip (the audio is as loaded)
+            encoder = (self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model).model.encoder
+            kwargs["encoder_outputs"] = (cache(self.whisper, audios, encoder).float(),)
         else:
             feats = batch.features
             if stage.spec_augment:
@@ -148,7 +141,7 @@ class SpeechTrainer:
         seed = self.cfg.seed * 1000 + index
         plan = StagePlan(len(self.samples), stage, self.dist.world, seed)
         cacheable = not encoder_trains(self.model) and not stage.spec_augment and stage.noise_snr_db is None
-        cache: dict[int, torch.Tensor] | None = {} if cacheable else None
+        cache = EncoderOutputs(TRAIN_CACHE_BYTES, keep_dtype=torch.bfloat16, bf16=self.bf16) if cacheable else None
         self.model.train()
         self.wrapped = self.model
         if self.dist.world > 1:

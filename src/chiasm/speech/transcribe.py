@@ -22,17 +22,22 @@ def features(w: Whisper, audios: list[np.ndarray]) -> torch.Tensor:
 
 
 class EncoderOutputs:
-    """Whisper encoder outputs of clips already transcribed, reused while the encoder is unchanged.
+    """Whisper encoder outputs of clips already encoded, reused while the encoder is unchanged.
 
     The encoder reads a 30 s window whatever the clip's length, so it is most of a short clip's
-    cost; a fine-tuning run that leaves it frozen scores the same evaluation clips before and after
-    training, and their encoder outputs are the same tensors both times. Rows are keyed by a hash of
-    the window's samples and dropped whenever a hash of the encoder's weights changes, so a model
-    whose encoder trained never reads a stale row. Past ``max_bytes`` new rows are not kept.
+    cost. Two users share this one cache: a fine-tuning run that leaves the encoder frozen
+    encodes each training clip once for every epoch (kept as bf16 there, half the memory), and
+    the evaluations before and after training score the same clips with the same encoder. Rows
+    are keyed by a hash of the window's samples; :meth:`bind` drops them whenever a hash of the
+    encoder's weights changes, so a model whose encoder trained never reads a stale row. Past
+    ``max_bytes`` new rows are computed but not kept.
     """
 
-    def __init__(self, max_bytes: int = 2 << 30) -> None:
+    def __init__(self, max_bytes: int = 2 << 30, *, keep_dtype: torch.dtype | None = None,
+                 bf16: bool = False) -> None:
         self.max_bytes = max_bytes
+        self.keep_dtype = keep_dtype  # None: as the encoder gave them
+        self.bf16 = bf16  # encode under bf16 autocast (training's precision)
         self.rows: dict[str, torch.Tensor] = {}
         self.weights: str | None = None
 
@@ -46,14 +51,22 @@ class EncoderOutputs:
             self.rows.clear()
             self.weights = h.hexdigest()
 
-    def __call__(self, w: Whisper, windows: list[np.ndarray]) -> torch.Tensor:
-        """``(len(windows), frames, d_model)``: kept rows reused, the others encoded as one batch."""
+    def __call__(self, w: Whisper, windows: list[np.ndarray], encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """``(len(windows), frames, d_model)``: kept rows reused, the others encoded as one batch.
+
+        ``encoder``: the module to run (default ``w``'s own; a trainer passes the one under its
+        adapters' wrapper).
+        """
         keys = [hashlib.sha1(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest() for x in windows]
         todo = [i for i, k in enumerate(keys) if k not in self.rows]
         fresh: dict[str, torch.Tensor] = {}
         if todo:
-            with torch.no_grad():
-                out = w.model.model.encoder(features(w, [windows[i] for i in todo])).last_hidden_state
+            module = encoder if encoder is not None else w.model.model.encoder
+            feats = features(w, [windows[i] for i in todo])
+            with torch.no_grad(), torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = module(feats).last_hidden_state
+            if self.keep_dtype is not None:
+                out = out.to(self.keep_dtype)
             used = sum(t.numel() * t.element_size() for t in self.rows.values())
             for i, row in zip(todo, out, strict=True):
                 fresh[keys[i]] = row
