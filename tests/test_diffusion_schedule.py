@@ -39,6 +39,7 @@ def test_ddpm_steps_equal_diffusers(kind: str, prediction: str, clip: bool, step
     ref.set_timesteps(steps)
     ours = NoiseSchedule(_cfg(kind, prediction, clip))
     assert ref.timesteps.tolist() == ours.timesteps(steps)
+    prev = dict(ours.trajectory(steps))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 5, generator=gen)
     for t in [*ours.timesteps(steps)[::max(1, steps // 10)], 0]:  # ten spots on the trajectory and the last step
@@ -46,7 +47,7 @@ def test_ddpm_steps_equal_diffusers(kind: str, prediction: str, clip: bool, step
         noise_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
         want = ref.step(out, t, x, generator=torch.Generator().manual_seed(noise_seed)).prev_sample
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
-        got, _ = ours.ddpm_step(out, x, t, ours.previous(t, steps), noise)
+        got, _ = ours.ddpm_step(out, x, t, prev[t], noise)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -57,13 +58,14 @@ def test_ddim_steps_equal_diffusers(kind: str, prediction: str, eta: float, step
     ref.set_timesteps(steps)
     ours = NoiseSchedule(_cfg(kind, prediction, True))
     assert ref.timesteps.tolist() == ours.timesteps(steps)
+    prev = dict(ours.trajectory(steps))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, 4, 4, generator=gen)
     for t in ours.timesteps(steps):
         out = torch.randn(x.shape, generator=gen)
         noise = torch.randn(x.shape, generator=gen)
         want = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
-        got, _ = ours.ddim_step(out, x, t, ours.previous(t, steps), eta, noise)
+        got, _ = ours.ddim_step(out, x, t, prev[t], eta, noise)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         x = want  # walk the reference's trajectory
 
@@ -95,6 +97,8 @@ def test_trailing_timesteps_equal_diffusers(steps: int) -> None:
     visits = NoiseSchedule(ScheduleConfig()).timesteps(steps, "trailing")
     assert visits == ref.timesteps.tolist()
     assert visits[0] == 999 and len(set(visits)) == steps  # starts where x_T is pure noise
+    pairs = NoiseSchedule(ScheduleConfig()).trajectory(steps, "trailing")
+    assert [t for t, _ in pairs] == visits and [p for _, p in pairs] == [*visits[1:], -1]  # the next visited
 
 
 @pytest.mark.parametrize(("kind", "eta"), [("cosine", 0.0), ("linear", 1.0)])
@@ -124,6 +128,7 @@ def test_dynamic_thresholding_steps_equal_diffusers(sampler: str) -> None:
     ref = kind(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
     ref.set_timesteps(steps)
     ours = NoiseSchedule(_cfg("linear", "epsilon", True))
+    prev = dict(ours.trajectory(steps))
     opts = SampleOptions(sampler, steps, threshold=0.9, threshold_max=2.5)
     limit = lambda x0: ours.limit_x0(x0, opts.threshold, opts.threshold_max)  # noqa: E731
     gen = torch.Generator().manual_seed(3)
@@ -134,10 +139,10 @@ def test_dynamic_thresholding_steps_equal_diffusers(sampler: str) -> None:
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
         if sampler == "ddim":
             want = ref.step(out, t, x, use_clipped_model_output=True).prev_sample
-            got, _ = ours.ddim_step(out, x, t, ours.previous(t, steps), 0.0, None, limit, consistent_eps=True)
+            got, _ = ours.ddim_step(out, x, t, prev[t], 0.0, None, limit, consistent_eps=True)
         else:
             want = ref.step(out, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
-            got, _ = ours.ddpm_step(out, x, t, ours.previous(t, steps), noise, limit)
+            got, _ = ours.ddpm_step(out, x, t, prev[t], noise, limit)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert SampleOptions(sampler, steps).threshold is None  # off by default: the schedule's plain clamp
     with pytest.raises(ValueError, match="--threshold is a percentile"):

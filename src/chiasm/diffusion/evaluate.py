@@ -32,6 +32,11 @@ def balanced_labels(n: int, num_classes: int) -> list[int]:
     return [i % num_classes for i in range(n)]
 
 
+def class_labels(model: DiffusionModel, n: int) -> list[int] | None:
+    """``n`` balanced labels for a class-conditional model; None for any other."""
+    return balanced_labels(n, len(model.classes)) if model.cfg.net.conditioning == "class" else None
+
+
 def generate_batched(model: DiffusionModel, labels: list[int] | None, n: int, opts: SampleOptions, seed: int,
                      batch: int = 250, prompts: list[str] | None = None) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -68,7 +73,7 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
     out.mkdir(parents=True, exist_ok=True)
     fid_name = FID_NAMES.get(model.cfg.data.source, "FID")
     real_feats = judge.features(test.images)
-    labels = balanced_labels(n, len(model.classes)) if model.cfg.net.conditioning == "class" else None
+    labels = class_labels(model, n)
     prompts = scenes = None
     if model.cfg.net.conditioning == "text":  # the held-out captions, scored by the pixel checker too
         prompts = [test.captions[i % len(test)] for i in range(max(n, compare_n or n))]
@@ -90,7 +95,7 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
         log.info("w=%g %s=%.2f recognition=%s precision=%.3f recall=%.3f (%.0f s)", w, fid_name,
                  row[fid_name], row.get("recognition"), row["precision"], row["recall"], row["seconds"])
     if compare_ddpm:
-        result["samplers"] = compare_samplers(model, judge, real_feats, fid_name, labels, prompts, opts,
+        result["samplers"] = compare_samplers(model, judge, real_feats, fid_name, prompts, opts,
                                               n=compare_n or n, seed=seed, ddpm_steps=ddpm_steps,
                                               etas=compare_etas, seeds=compare_seeds)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -98,7 +103,7 @@ def run_eval(model: DiffusionModel, judge: Judge, test: ImageSet, out: Path, *, 
 
 
 def compare_samplers(model: DiffusionModel, judge: Judge, real_feats: torch.Tensor, fid_name: str,
-                     labels: list[int] | None, prompts: list[str] | None, opts: SampleOptions, *, n: int,
+                     prompts: list[str] | None, opts: SampleOptions, *, n: int,
                      seed: int, ddpm_steps: int, etas: tuple[float, ...], seeds: int = 1) -> dict[str, Any]:
     """DDIM (``opts.steps``, each eta) against ``ddpm_steps``-step DDPM, every sampler from the same seeds.
 
@@ -109,7 +114,7 @@ def compare_samplers(model: DiffusionModel, judge: Judge, real_feats: torch.Tens
     """
     if seeds < 1:
         raise ValueError(f"the comparison needs at least one seed, got {seeds}")
-    labels = balanced_labels(n, len(model.classes)) if labels else None  # n may exceed the sweep's count
+    labels = class_labels(model, n)
     if prompts and len(prompts) < n:
         raise ValueError(f"the comparison draws {n} samples but has {len(prompts)} prompts")
     prompts = prompts[:n] if prompts else None

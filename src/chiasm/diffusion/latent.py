@@ -64,10 +64,10 @@ def reused_vae(source: str | Path) -> Path:
     return found
 
 
-def vae_stage(vae: SmallVAE, images: torch.Tensor, cfg: VAEConfig, seed: int,
-              run_dir: Path, reuse: str | Path | None = None) -> tuple[torch.Tensor, float]:
-    """Train the VAE once per run (kept in RUN/vae.safetensors, so a resume skips it), or load ``reuse``;
-    the scaled latents and the scale."""
+def prepare_vae(vae: SmallVAE, images: torch.Tensor, cfg: VAEConfig, seed: int, run_dir: Path,
+                reuse: str | Path | None = None) -> None:
+    """Put the run's VAE in RUN/vae.safetensors (one process does this): copied from ``reuse``, kept
+    from an earlier attempt (so a resume skips training it), or trained now."""
     path = run_dir / "vae.safetensors"
     if reuse is not None:
         source = reused_vae(reuse)
@@ -75,17 +75,21 @@ def vae_stage(vae: SmallVAE, images: torch.Tensor, cfg: VAEConfig, seed: int,
             vae.load_state_dict(load_file(str(source)))
         except RuntimeError as e:
             raise ValueError(f"latent.vae_from: {source} does not fit [latent.vae] of this config: {e}") from None
-        vae.eval()
         log.info("vae: reused %s", source)
         if source.resolve() != path.resolve():
             save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
-    elif path.is_file():
-        vae.load_state_dict(load_file(str(path)))
-        vae.eval()
-        log.info("vae: loaded %s", path)
-    else:
+    elif not path.is_file():
         train_vae(vae, images, cfg, seed, run_dir / "metrics.jsonl")
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+
+
+def vae_stage(vae: SmallVAE, images: torch.Tensor, run_dir: Path) -> tuple[torch.Tensor, float]:
+    """Every process: the run's VAE (see :func:`prepare_vae`) loaded, and the data encoded with it;
+    the latents scaled to unit variance and the scale."""
+    path = run_dir / "vae.safetensors"
+    vae.load_state_dict(load_file(str(path)))
+    vae.eval()
+    log.info("vae: loaded %s", path)
     z = encode_all(vae, images)
     scale = latent_scale(z)
     return z * scale, scale

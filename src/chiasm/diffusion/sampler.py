@@ -87,9 +87,7 @@ def sample(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule:
     def limit(x0: torch.Tensor) -> torch.Tensor:
         return schedule.limit_x0(x0, opts.threshold, opts.threshold_max)
 
-    visits = schedule.timesteps(opts.steps, opts.spacing)
-    for i, t in enumerate(visits):
-        t_prev = visits[i + 1] if i + 1 < len(visits) else -1  # -1: the clean image
+    for t, t_prev in schedule.trajectory(opts.steps, opts.spacing):
         out = call(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
         noisy = (opts.sampler == "ddpm" and t > 0) or (opts.sampler == "ddim" and opts.eta > 0)
         noise = torch.randn(shape, generator=generator, device=device) if noisy else None

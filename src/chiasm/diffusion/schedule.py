@@ -186,6 +186,8 @@ class NoiseSchedule:
             return [round(self.train_steps - i * ratio) - 1 for i in range(steps)]
         raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(SPACINGS)}")
 
-    def previous(self, t: int, steps: int) -> int:
-        """The step after ``t`` in a ``steps``-step trajectory (negative after the last: the clean image)."""
-        return t - self.train_steps // steps
+    def trajectory(self, steps: int, spacing: Spacing = "leading") -> list[tuple[int, int]]:
+        """The visited steps as (t, t_prev) pairs: each step's next is the next visited one, -1 after
+        the last (the clean image). For an even split of T this is diffusers' t - T // steps."""
+        visits = self.timesteps(steps, spacing)
+        return list(zip(visits, [*visits[1:], -1], strict=True))

@@ -23,7 +23,7 @@ from chiasm.diffusion import checkpoint
 from chiasm.diffusion.config import DiffusionConfig
 from chiasm.diffusion.data import ImageSet, load_dataset
 from chiasm.diffusion.ema import EMA
-from chiasm.diffusion.latent import vae_stage
+from chiasm.diffusion.latent import prepare_vae, vae_stage
 from chiasm.diffusion.model import DiffusionModel
 from chiasm.diffusion.network import drop_conditions
 from chiasm.train.dist import all_reduce_mean, barrier, init_distributed
@@ -45,9 +45,9 @@ def training_inputs(model: DiffusionModel, data: ImageSet, run_dir: Path, is_mai
     x = data.images
     if model.vae is not None:
         if is_main:
-            vae_stage(model.vae, x, model.cfg.latent.vae, model.cfg.train.seed, run_dir, model.cfg.latent.vae_from)
+            prepare_vae(model.vae, x, model.cfg.latent.vae, model.cfg.train.seed, run_dir, model.cfg.latent.vae_from)
         barrier()  # the other ranks read the VAE that rank 0 trained (or copied)
-        x, model.latent_scale = vae_stage(model.vae, x, model.cfg.latent.vae, model.cfg.train.seed, run_dir)
+        x, model.latent_scale = vae_stage(model.vae, x, run_dir)
     kind = model.cfg.net.conditioning
     if kind == "class":
         return x, data.labels
