@@ -27,6 +27,7 @@ from chiasm.config import AudioConfig, ModelConfig, from_dict, to_dict
 from chiasm.encoders.base import VisionEncoder, build_encoder
 from chiasm.errors import ModelFolderError
 from chiasm.layout import token_order
+from chiasm.lm.layers import unwrap_peft
 from chiasm.lm.loader import check_attn_implementation, dtype_name, load_language_model, torch_dtype
 from chiasm.model_folder_checks import check_saved_config
 from chiasm.processor import PROCESSOR_FILE, Processor, load_tokenizer
@@ -105,8 +106,7 @@ class VisionLanguageModel(nn.Module):
     @property
     def base_lm(self) -> PreTrainedModel:
         """The transformers model underneath any LoRA wrapper."""
-        lm = self.lm
-        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        return unwrap_peft(self.lm)
 
     @property
     def tokens_per_image(self) -> int:

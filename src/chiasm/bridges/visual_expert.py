@@ -29,7 +29,7 @@ from torch import nn
 from chiasm.bridges.base import BRIDGES, Bridge
 from chiasm.bridges.layer_inputs import IMAGE_POSITIONS, accept_in_generate, call_positions
 from chiasm.bridges.projectors import MLPBridge
-from chiasm.lm.layers import decoder_layers
+from chiasm.lm.layers import decoder_layers, unwrap_peft
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -151,7 +151,7 @@ def _check_layout(lm: nn.Module, index: int, layer: nn.Module) -> None:
     if attn is not None and hasattr(layer, "mlp") and all(isinstance(getattr(attn, p, None), nn.Linear)
                                                            for p in PROJECTIONS):
         return
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = unwrap_peft(lm)
     linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and "mlp" not in n.split(".")]
     raise NotImplementedError(
         f"visual_expert copies separate self_attn.{'/'.join(PROJECTIONS)} projections and an mlp in every "

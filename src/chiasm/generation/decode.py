@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from chiasm.lm.layers import unwrap_peft
+
 
 class BatchDecoder:
     """Decoding state of one batch: ``logits()`` for the rows still active, ``advance`` to feed their tokens."""
@@ -36,7 +38,7 @@ class BatchDecoder:
         self.layer_inputs = dict(layer_inputs)
         self.active = list(range(embeds.shape[0]))  # the original row of each row still in the batch
         self.suppress = [i for i in (suppress or []) if i >= 0]
-        self.cache = DynamicCache(config=_base(lm).config) if use_cache else None
+        self.cache = DynamicCache(config=unwrap_peft(lm).config) if use_cache else None
         self.embeds = embeds  # the whole sequence, kept only without a cache
         self._last_only = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
         self._logits = self._forward(embeds, self.positions, last_only=True)
@@ -84,13 +86,9 @@ class BatchDecoder:
         return logits
 
 
-def _base(lm: nn.Module) -> nn.Module:
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
-
 def _keeps_logits(lm: nn.Module) -> bool:
     """Whether the LM's forward can compute the head for the last position only."""
-    return "logits_to_keep" in inspect.signature(_base(lm).forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap_peft(lm).forward).parameters
 
 
 @torch.no_grad()

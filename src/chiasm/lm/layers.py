@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def _unwrap(lm: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper."""
+def unwrap_peft(lm: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
@@ -26,7 +26,7 @@ def _layer_count(lm: nn.Module) -> int | None:
 
 
 def _find(lm: nn.Module) -> tuple[str, nn.ModuleList]:
-    base = _unwrap(lm)
+    base = unwrap_peft(lm)
     n = _layer_count(base)
     # With a layer count, blocks may differ in class (hybrid attention/state-space stacks);
     # without one, only a list of identical blocks is taken for the decoder.
@@ -56,7 +56,7 @@ def final_norm(lm: nn.Module) -> nn.Module | None:
     Embedding norms (BLOOM's ``word_embeddings_layernorm``) come before the list, the final
     norm (``norm``, ``final_layer_norm``, ``ln_f``) after it.
     """
-    base = _unwrap(lm)
+    base = unwrap_peft(lm)
     name, layers = _find(base)
     parent = base.get_submodule(name.rpartition(".")[0]) if "." in name else base
     children = list(parent.children())

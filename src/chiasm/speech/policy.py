@@ -9,6 +9,7 @@ import logging
 
 from torch import nn
 
+from chiasm.lm.layers import unwrap_peft
 from chiasm.speech.config import SpeechStage
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ def apply_mode(model: nn.Module, stage: SpeechStage) -> nn.Module:
         for n, p in model.named_parameters():
             p.requires_grad = "lora_" in n
     else:
-        base = model.get_base_model() if hasattr(model, "peft_config") else model
-        for n, p in base.named_parameters():  # full: everything; frozen_encoder: all but the encoder
+        for n, p in unwrap_peft(model).named_parameters():  # full: everything; frozen_encoder: all but the encoder
             p.requires_grad = stage.mode == "full" or not n.startswith("model.encoder.")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chiasm.config import save_config
+from chiasm.lm.layers import unwrap_peft
 from chiasm.speech.augment import add_noise, spec_augment
 from chiasm.speech.batches import collate
 from chiasm.speech.config import SpeechRunConfig, SpeechStage
@@ -126,8 +127,7 @@ class SpeechTrainer:
         kwargs = {"decoder_input_ids": batch.decoder_input_ids.to(self.dist.device),
                   "labels": batch.labels.to(self.dist.device)}
         if cache is not None:  # a frozen encoder's outputs, computed once per clip (the audio is as loaded)
-            encoder = (self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model).model.encoder
-            kwargs["encoder_outputs"] = (cache(self.whisper, audios, encoder).float(),)
+            kwargs["encoder_outputs"] = (cache(self.whisper, audios, unwrap_peft(self.model).model.encoder).float(),)
         else:
             feats = batch.features
             if stage.spec_augment:

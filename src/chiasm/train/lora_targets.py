@@ -13,9 +13,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
+from chiasm.lm.layers import unwrap_peft
 
 
 def linear_layer_names(module: nn.Module) -> set[str]:
@@ -38,7 +36,7 @@ def _head_name(module: nn.Module) -> str | None:
 
 def lora_targets(module: nn.Module, targets: list[str] | None, component: str) -> list[str]:
     """The ``target_modules`` for peft: ``targets`` checked, or all linear layers but the head."""
-    base = _unwrap(module)
+    base = unwrap_peft(module)
     linear = linear_layer_names(base)
     head = _head_name(base)
     if targets is None:
