@@ -36,22 +36,39 @@ LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 
 def run_config(train: Path, evaluation: Path, out: Path, *, tiling: dict | None, image_size: int, steps: int,
-               scorer: str, max_new_tokens: int, batch_size: int = 8, grid: int | None = None) -> RunConfig:
+               scorer: str, max_new_tokens: int, batch_size: int = 8, grid: int | None = None,
+               align: tuple[Path, int] | None = None, prealign: tuple[Path, float, int] | None = None,
+               upsample: int = 1, instruct_bridge: str = "full") -> RunConfig:
     """EfficientNet-Lite0 -> MLP bridge -> SmolLM2 (LoRA), one instruct stage of ``steps`` steps.
 
     ``grid``: the encoder's token grid per view (its last map average-pooled to grid x grid), so
-    a tiled image costs the LM views x grid^2 positions rather than views x 49.
+    a tiled image costs the LM views x grid^2 positions rather than views x 49. ``align`` (data,
+    steps): a first stage where only the bridge learns, on that data (LLaVA's stage 1).
+    ``prealign`` (data, epochs, batch size): before it, the ``words`` objective (each image's tokens regress
+    onto its caption's word embeddings; no LM pass). ``upsample``: tokens per feature cell, per side.
+    ``instruct_bridge``: the bridge's mode in the instruct stage; ``frozen`` keeps pre-aligned tokens
+    the words they became (Adam's steps of lr 5e-4 move them off within a few dozen steps).
     """
     encoder: dict = {"name": "efficientnet-lite0", "image_size": image_size}
     if grid:
         encoder["options"] = {"grid": grid}
     model = {"system_prompt": "You are a helpful assistant.", "encoder": encoder,
-             "bridge": {"name": "mlp", "options": {"norm": True, "pos_dim": 32}}, "lm": {"source": LM},
+             "bridge": {"name": "mlp", "options": {"norm": True, "pos_dim": 32, "upsample": upsample}},
+             "lm": {"source": LM},
              "tiling": tiling}
     stage = {"name": "instruct", "data": str(train), "max_steps": steps, "batch_size": batch_size, "lr": 5e-4,
-             "encoder": {"mode": "frozen"}, "bridge": {"mode": "full"},
+             "encoder": {"mode": "frozen"}, "bridge": {"mode": instruct_bridge},
              "lm": {"mode": "lora", "lora_r": 8, "lora_alpha": 16, "lr": 3e-4, "lora_targets": LORA}}
-    return from_dict(RunConfig, {"model": model, "stages": [stage], "output_dir": str(out), "precision": "fp32",
+    stages = [stage]
+    if align:
+        stages.insert(0, {"name": "align", "data": str(align[0]), "max_steps": align[1], "batch_size": batch_size,
+                          "lr": 1e-3, "encoder": {"mode": "frozen"}, "bridge": {"mode": "full"},
+                          "lm": {"mode": "frozen"}})
+    if prealign:
+        stages.insert(0, {"name": "prealign", "data": str(prealign[0]), "objective": "words",
+                          "epochs": prealign[1], "batch_size": prealign[2], "lr": 1e-3, "encoder": {"mode": "frozen"},
+                          "bridge": {"mode": "full"}, "lm": {"mode": "frozen"}})
+    return from_dict(RunConfig, {"model": model, "stages": stages, "output_dir": str(out), "precision": "fp32",
                                  "eval": {"data": str(evaluation), "batch_size": 16, "retention_prompts": 1,
                                           "retention_tokens": 256, "max_new_tokens": max_new_tokens,
                                           "scorer": scorer}})
@@ -71,8 +88,13 @@ def train_and_eval(cfg: RunConfig) -> dict:
 
 def world_target(kind: str, work: Path, quick: bool, *, steps: int = 300, grid: int | None = 3,
                  max_tiles: int = 9, separators: str = "row_end", batch_size: int = 8,
-                 n_train: int = 2000) -> dict:
-    """Train and evaluate on world ``kind``; small_objects twice (single view, tiled) on one budget."""
+                 n_train: int = 2000, align_steps: int = 0, prealign_epochs: float = 0.0,
+                 upsample: int = 1, instruct_bridge: str = "full") -> dict:
+    """Train and evaluate on world ``kind``; small_objects twice (single view, tiled) on one budget.
+
+    ``align_steps``: that many bridge-only steps on the world's ``captions.json`` first (which_image);
+    ``prealign_epochs``: before those, epochs of the ``words`` objective on the same captions.
+    """
     from chiasm.synthetic.gui import make_gui_world
     from chiasm.synthetic.seeing import make_seeing_world
 
@@ -90,12 +112,19 @@ def world_target(kind: str, work: Path, quick: bool, *, steps: int = 300, grid: 
         variants = {"tiled": tiled}
     else:
         variants = {"single_view": None}
+    if (align_steps or prealign_epochs) and "captions" not in files:
+        raise ValueError(f"--align-steps and --prealign-epochs need a world with captions.json (which_image), "
+                         f"not {kind!r}")
+    align = (files["captions"], 3 if quick else align_steps) if align_steps else None
+    prealign = (files["captions"], 1.0 if quick else prealign_epochs, 8 if quick else 64) if prealign_epochs else None
     for name, tiling in variants.items():
         cfg = run_config(files["train"], files["eval"], work / f"{kind}-{name}", tiling=tiling, image_size=224,
                          steps=steps, scorer="iou" if kind == "gui" else "exact",
-                         max_new_tokens=24 if kind == "gui" else 8, batch_size=batch_size, grid=grid)
+                         max_new_tokens=24 if kind == "gui" else 8, batch_size=batch_size, grid=grid, align=align,
+                         prealign=prealign, upsample=upsample, instruct_bridge=instruct_bridge)
         runs[name] = {**train_and_eval(cfg), "steps": steps, "batch_size": batch_size, "grid": grid,
-                      "tiling": tiling, "n_train": n_train}
+                      "upsample": upsample, "instruct_bridge": instruct_bridge, "tiling": tiling, "n_train": n_train,
+                      "align_steps": align[1] if align else 0, "prealign_epochs": prealign[1] if prealign else 0}
     return runs
 
 
@@ -173,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=int, default=3, help="visual tokens per view: grid x grid (0: the map's own 7 x 7)")
     p.add_argument("--max-tiles", type=int, default=9)
     p.add_argument("--n-train", type=int, default=2000, help="training images (GUI: screens, two questions each)")
+    p.add_argument("--align-steps", type=int, default=0,
+                   help="bridge-only steps on the world's captions.json before the instruct stage (which_image)")
+    p.add_argument("--prealign-epochs", type=float, default=0.0,
+                   help="epochs of the words pre-alignment on captions.json before everything (which_image)")
+    p.add_argument("--upsample", type=int, default=1, help="visual tokens per feature cell, per side (MLP bridge)")
+    p.add_argument("--instruct-bridge", choices=["full", "frozen"], default="full",
+                   help="the bridge in the instruct stage (frozen: pre-aligned tokens stay words)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="seeing-"))
@@ -185,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name] = world_target(name, work, args.quick, steps=args.steps, grid=args.grid or None,
                                          max_tiles=args.max_tiles, separators=args.separators,
-                                         batch_size=args.batch_size, n_train=args.n_train)
+                                         batch_size=args.batch_size, n_train=args.n_train,
+                                         align_steps=args.align_steps, prealign_epochs=args.prealign_epochs,
+                                         upsample=args.upsample, instruct_bridge=args.instruct_bridge)
         results[name]["wall_s"] = time.perf_counter() - t0
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]))

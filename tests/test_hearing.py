@@ -283,3 +283,48 @@ def test_ddp_two_ranks_with_and_without_audio_match_one_process(hearing_model, i
     ddp = load_file(str(tmp_path / "ddp" / "model" / "audio_bridge.safetensors"))
     for k, v in single.audio_bridge.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "chat"), [("qwen2", "chatml"), ("gemma2", "gemma"), ("phi3", "phi3"),
+                                              ("gpt_neox", "chatml")])
+def test_audio_reaches_lms_of_other_families(family: str, chat: str, tiny_model_config, whisper_dir: Path,
+                                             image: Path, tmp_path: Path) -> None:
+    """Not only Llama: Gemma scales its input embeddings, Phi-3 fuses qkv, GPT-NeoX names its layers its own way."""
+    from chiasm.chat_template import stop_token_ids
+    from chiasm.config import LMConfig
+    from chiasm.testing import make_tiny_lm
+
+    torch.manual_seed(0)
+    lm = make_tiny_lm(tmp_path / family, family=family, chat=chat)
+    cfg = replace(tiny_model_config, lm=LMConfig(source=str(lm)),
+                  audio=AudioConfig(source=str(whisper_dir), seconds=SECONDS,
+                                    bridge=BridgeConfig("pooling", {"kernel": [1, 10]})))
+    m = VisionLanguageModel.build(cfg).eval()
+    assert m.base_lm.config.model_type == family
+    low, high = _wav(tmp_path / "low.wav", 0.5, 200.0), _wav(tmp_path / "high.wav", 0.5, 3000.0)
+    batch = m.processor([_sample(image, low), _sample(image, high, "s2")])
+    ids = batch.input_ids
+    assert int((ids == m.audio_token_id).sum()) == 2 * m.tokens_per_audio
+    embeds = m.embed(ids, m.encode_images(batch.pixels), batch.audio)
+    assert torch.allclose(embeds[ids == m.audio_token_id], m.audio_tokens(batch.audio).flatten(0, 1))
+    with torch.no_grad():
+        split = m(ids, batch.attention_mask, batch.labels, pixels=batch.pixels, audio=batch.audio)
+        full = m(ids, batch.attention_mask, batch.labels, pixels=batch.pixels, audio=batch.audio, return_logits=True)
+    assert torch.isfinite(split.loss) and torch.allclose(split.loss, full.loss, atol=1e-5)
+    assert not torch.allclose(full.logits[0, -3], full.logits[1, -3])  # same image and text, other clip
+
+    # Greedy generation with the KV cache equals a full forward pass per token, with the clip in the prompt.
+    prompt = m.processor([_sample(image, high)], for_generation=True)
+    generated = m.generate(prompt.input_ids, prompt.attention_mask, pixels=prompt.pixels, audio=prompt.audio,
+                           max_new_tokens=3)
+    p_ids, p_mask, stop, reference = prompt.input_ids, prompt.attention_mask, stop_token_ids(m.base_lm, m.tokenizer), []
+    with torch.no_grad():
+        for _ in range(3):
+            token = int(m(p_ids, p_mask, pixels=prompt.pixels, audio=prompt.audio, return_logits=True).logits[0, -1]
+                        .argmax())
+            if token in stop:
+                break
+            reference.append(token)
+            p_ids = torch.cat([p_ids, p_ids.new_tensor([[token]])], 1)
+            p_mask = torch.cat([p_mask, p_mask.new_ones(1, 1)], 1)
+    assert generated == [reference]

@@ -72,6 +72,19 @@ def test_multi_image_and_clip_worlds_tokenise(tiny_model: VisionLanguageModel, t
     assert [len(p.sample.images) for p in kept] == [2, 2] and kept[0].sample.meta["dropped_frames"]
 
 
+def test_which_image_world_writes_each_training_image_with_its_caption(tmp_path: Path) -> None:
+    files = make_seeing_world("which_image", tmp_path / "w", n_train=5, n_eval=2, image_size=48)
+    train = load_llava(files["train"]).samples
+    captions = load_llava(files["captions"]).samples
+    assert [c.images[0] for c in captions] == [p for s in train for p in s.images]  # training images only
+    assert all(len(c.images) == 1 and c.conversations[0].text == "<image>\nWhat is in the image?" for c in captions)
+    for s in train:  # the image the answer names is the one whose caption the question asks about
+        pick = ("first", "second", "third").index(s.conversations[1].text)
+        caption = next(c for c in captions if c.images[0] == s.images[pick]).conversations[1].text
+        assert f"has the {caption[2:]}?" in s.conversations[0].text
+    assert "captions" not in make_seeing_world("what_changed", tmp_path / "c", n_train=1, n_eval=1, image_size=48)
+
+
 def test_frames_from_a_video_file_with_their_times(tmp_path: Path) -> None:
     av = pytest.importorskip("av")
     import numpy as np

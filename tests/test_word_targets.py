@@ -111,8 +111,25 @@ def test_words_stage_refuses_crowded_groups_raster_layouts_and_long_phrases(grou
     with pytest.raises(DataError, match=r"e-1.*phrase '(a )+' is 20 tokens; the top right group has only 16"):
         WordTargetObjective(model, [quiet], _stage(tiny_world.align, empty_phrase="a " * 20))
     raster = VisionLanguageModel.build(tiny_model_config)
-    with pytest.raises(ValueError, match=r"named groups of tokens.*'raster'"):
+    with pytest.raises(DataError, match=r"c-1.*2 regions; with the whole image as one group"):
         WordTargetObjective(raster, [crowded], _stage(tiny_world.align))
+
+
+def test_without_named_groups_the_whole_image_says_its_region_or_caption(tiny_model_config, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(tiny_model_config)  # raster layout: no named groups
+    n = model.tokens_per_image
+    img = tmp_path / "x.png"
+    grounded = Sample("g", [Turn("human", "<image>\nWhat is in the image?"), Turn("gpt", "a blue circle")], [img],
+                      meta={"regions": [{"phrase": "blue circle", "box": [0.1, 0.1, 0.4, 0.4]}]})
+    captioned = Sample("c", [Turn("human", "<image>\nDescribe."), Turn("gpt", "a red square")], [img])
+    objective = WordTargetObjective(model, [grounded, captioned], _stage(tmp_path / "d.json"))
+    words = lambda p: model.tokenizer(" " + p, add_special_tokens=False).input_ids  # noqa: E731
+    assert objective.groups == [("image", list(range(n)))]
+    assert objective.targets.tolist() == [stretch(words("blue circle"), n), stretch(words("a red square"), n)]
+    chat = Sample("m", [Turn("human", "<image>\nA?"), Turn("gpt", "a"), Turn("human", "B?"), Turn("gpt", "b")], [img])
+    with pytest.raises(DataError, match=r"'m'.*2 answers and no regions.*one non-empty answer"):
+        WordTargetObjective(model, [chat], _stage(tmp_path / "d.json"))
 
 
 def test_words_stage_learns_the_targets_and_logs_its_accuracy(grouped_config, tiny_world, tmp_path) -> None:

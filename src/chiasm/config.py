@@ -193,8 +193,9 @@ class StageConfig:
     # A name in chiasm.train.objectives. "lm": next-token loss on assistant turns through the LM.
     # "contrastive": pre-alignment of a prefix bridge to the LM's word embeddings, no LM forward
     # (chiasm.train.contrastive). "words": each named group of visual tokens regresses onto the
-    # words of the phrase grounded there (chiasm.synthetic.word_targets; needs image_layout
-    # "quadrants" and "regions"). "ctc": the audio bridge alone, its tokens scored against the
+    # words of the phrase grounded there (chiasm.synthetic.word_targets; image_layout
+    # "quadrants" and "regions"; with no named groups the whole image says its one region's
+    # phrase or its caption). "ctc": the audio bridge alone, its tokens scored against the
     # LM's word embeddings by CTC on speech -> transcript samples (chiasm.hearing.ctc).
     objective: str = "lm"
     temperature: float = 0.05  # of the contrastive and ctc objectives' cosine logits

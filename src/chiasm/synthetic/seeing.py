@@ -4,7 +4,10 @@
   image; "What shape is the small red object?". A single 224-pixel view leaves it a few
   pixels wide; tiles keep it whole.
 - ``which_image``: two or three images of one shape each; "Which image has the blue
-  circle? Answer first, second or third."
+  circle? Answer first, second or third." Its training images also go, one at a time with
+  their caption ("a blue circle"), into ``captions.json``: the alignment data of a first
+  stage (LLaVA's recipe), so that the bridge has learnt to say what each image holds before
+  the LM learns to match the question against several of them.
 - ``what_changed``: a four-frame clip (a folder of frames, read as a video with time
   markers, :mod:`chiasm.data.video`) where one thing happens between frame 1 and frame 4:
   an object moves, appears, disappears or changes colour.
@@ -52,14 +55,19 @@ def _small_objects(rng: random.Random, size: int) -> tuple[Image.Image, str, str
     return img, shape, colour
 
 
-def _one_shape(rng: random.Random, size: int, shape: str, colour: str) -> Image.Image:
+def _one_shape(rng: random.Random, size: int, shape: str, colour: str) -> tuple[Image.Image, list[float]]:
+    """An image of one shape and the shape's box as fractions of the side."""
     img = Image.new("RGB", (size, size), (250, 250, 250))
     r = size / 6
-    draw_shape(ImageDraw.Draw(img), shape, rng.uniform(r, size - r), rng.uniform(r, size - r), r, COLOURS[colour])
-    return img
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, COLOURS[colour])
+    return img, [round((cx - r) / size, 4), round((cy - r) / size, 4), round((cx + r) / size, 4),
+                 round((cy + r) / size, 4)]
 
 
-def _world_samples(kind: str, n: int, split: str, seed: int, root: Path, size: int) -> list[Sample]:
+def _world_samples(kind: str, n: int, split: str, seed: int, root: Path, size: int,
+                   captions: list[Sample] | None = None) -> list[Sample]:
+    """``n`` samples of world ``kind``; ``captions`` (which_image) receives each image alone with its caption."""
     folder = root / "images"
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -78,7 +86,13 @@ def _world_samples(kind: str, n: int, split: str, seed: int, root: Path, size: i
             paths = []
             for j, (shape, colour) in enumerate(pairs):
                 paths.append(folder / f"{sid}-{j}.png")
-                _one_shape(rng, size, shape, colour).save(paths[-1], compress_level=1)
+                img, box = _one_shape(rng, size, shape, colour)
+                img.save(paths[-1], compress_level=1)
+                if captions is not None:  # grounded: the phrase and its box, for region-level objectives
+                    captions.append(Sample(f"{sid}-{j}", [Turn("human", "<image>\nWhat is in the image?"),
+                                                           Turn("gpt", f"a {colour} {shape}")], [paths[-1]],
+                                           {"question_type": "caption",
+                                            "regions": [{"phrase": f"{colour} {shape}", "box": box}]}))
             pick = rng.randrange(k)
             shape, colour = pairs[pick]
             refs = " ".join(f"Image {j + 1}: <image>" for j in range(k))
@@ -122,13 +136,19 @@ def _clip_sample(rng: random.Random, sid: str, clip: Path, size: int) -> Sample:
 
 def make_seeing_world(kind: str, out_dir: Path, *, n_train: int, n_eval: int, seed: int = 0,
                       image_size: int | None = None) -> dict[str, Path]:
-    """Write ``train.json`` and held-out ``eval.json`` of world ``kind`` (see the module docstring)."""
+    """Write ``train.json`` and held-out ``eval.json`` of world ``kind`` (see the module docstring);
+    which_image also ``captions.json``, its training images one at a time with their captions."""
     if kind not in ("small_objects", "which_image", "what_changed"):
         raise ValueError(f"unknown world {kind!r}; known: small_objects, which_image, what_changed, gui")
     size = image_size or (672 if kind == "small_objects" else 128)
     root = Path(out_dir)
     files = {}
+    captions: list[Sample] | None = [] if kind == "which_image" else None
     for split, n in (("train", n_train), ("eval", n_eval)):
         files[split] = root / f"{split}.json"
-        save_llava(_world_samples(kind, n, split, seed, root, size), files[split], root)
+        save_llava(_world_samples(kind, n, split, seed, root, size, captions if split == "train" else None),
+                   files[split], root)
+    if captions is not None:
+        files["captions"] = root / "captions.json"
+        save_llava(captions, files["captions"], root)
     return files

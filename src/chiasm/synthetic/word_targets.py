@@ -9,14 +9,20 @@ lies in it) is tokenised and its word embeddings are the targets of the group's 
 order; a group with no region says ``empty_phrase``. After this stage the LM reads "top
 left: small small red circle in the top left" in its own input embeddings, as if the scene
 had been written out, and the *align* and *instruct* stages start from text it already
-understands. The objective lives with the synthetic world because it needs a layout with
-named groups and at most one grounded phrase per group, which that world guarantees.
+understands. The objective lives with the synthetic world because it needs short phrases,
+at most one per group, which that world guarantees.
 
 Why it can work at all: the bridge must emit several different words from what it sees of
 one object, so each group's tokens should come from features that see the whole object.
 The demo pools the encoder's map to one feature per quadrant and lets the MLP bridge emit a
 2 x 2 block of tokens from each (``upsample = 2``); with several features per quadrant, each
 covering part of it, the colour slot is often wrong (the README records the probe).
+
+With a layout that names no groups (``raster``, the default), the whole image is one group
+and says one phrase: the phrase of its only region, or without regions its caption (the
+sample's one answer). Several images of one conversation then reach the LM as their captions'
+own words, which its pretrained copy-and-match heads already compare (``chiasm world
+which_image``: "Which image has the blue circle?").
 
 A phrase shorter than its group is stretched over it (each word held for as many tokens as
 it takes, "small small red circle"), so every token has a word and none is left free; one
@@ -70,9 +76,9 @@ class WordTargetObjective:
         self.layout = get_layout(name)
         grid = model.bridge.token_grid(model.encoder.grid())
         self.groups = self.layout.token_groups(grid, model.tokens_per_image)
-        if not self.groups:
-            raise ValueError(f"stage {stage.name!r}: a words stage needs an image layout with named groups of "
-                             f"tokens (image_layout = 'quadrants'); this model's is {name!r}")
+        self.whole_image = not self.groups
+        if self.whole_image:
+            self.groups = [("image", list(range(model.tokens_per_image)))]
         self.model = model
         self.empty_phrase = stage.empty_phrase
         self._ids: dict[str, list[int]] = {}  # phrase -> token ids: a world repeats few phrases many times
@@ -95,7 +101,9 @@ class WordTargetObjective:
         if len(sample.images) != 1:
             raise DataError("a words stage reads one image per sample", source=sample.source, sample_id=sample.id)
         per_group: list[str | None] = [None] * len(self.groups)
-        for region in sample_regions(sample):
+        if self.whole_image:
+            per_group[0] = self._image_phrase(sample)
+        for region in [] if self.whole_image else sample_regions(sample):
             x0, y0, x1, y1 = region.box
             k = self.layout.group_at((x0 + x1) / 2, (y0 + y1) / 2)
             if per_group[k] is not None:
@@ -113,6 +121,22 @@ class WordTargetObjective:
             for index, word in zip(members, stretch(words, len(members)), strict=True):
                 row[index] = word
         return row
+
+    @staticmethod
+    def _image_phrase(sample: Sample) -> str:
+        """The one phrase of a whole image: its only region's, or its caption (one human and one gpt turn)."""
+        if sample.meta.get("regions") is not None:
+            regions = sample_regions(sample)
+            if len(regions) != 1:
+                raise DataError(f"{len(regions)} regions; with the whole image as one group a words stage "
+                                "needs exactly one", source=sample.source, sample_id=sample.id)
+            return regions[0].phrase
+        answers = [t.text for t in sample.conversations if t.role == "gpt"]
+        if len(answers) != 1 or not answers[0].strip():
+            raise DataError(f"{len(answers)} answers and no regions; with the whole image as one group a "
+                            "words stage reads the caption: one non-empty answer", source=sample.source,
+                            sample_id=sample.id)
+        return answers[0]
 
     def __len__(self) -> int:
         return len(self.samples)
