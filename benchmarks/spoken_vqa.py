@@ -59,18 +59,30 @@ def _qa_pairs(samples: list[Sample]) -> list[tuple[Path, str, str]]:
     return out
 
 
-def _speak(text: str, out: Path, rng: random.Random, voices: tuple[str, ...], variants: list[str]) -> Path:
+def _speak(text: str, out: Path, rng: random.Random, voices: tuple[str, ...], variants: list[str],
+           warp: float = 0.0) -> Path:
+    """One clip; ``warp`` > 0 plays it back at a rate drawn from [1 - warp, 1 + warp] (Kaldi's speed
+    perturbation: the header's sample rate is changed and the loader resamples, so the formants
+    shift with the tempo, the way a longer or shorter vocal tract, or another accent's vowels, move them)."""
     voice = rng.choice(voices) + rng.choice(variants)
-    return espeak(text, voice, out, speed=rng.randint(150, 190), pitch=rng.randint(35, 65))
+    clip = espeak(text, voice, out, speed=rng.randint(150, 190), pitch=rng.randint(35, 65))
+    if warp:
+        import soundfile as sf
+
+        samples, rate = sf.read(clip, dtype="float32")
+        factor = random.Random(f"warp:{out.name}").uniform(1 - warp, 1 + warp)  # own RNG: other clips unchanged
+        sf.write(clip, samples, round(rate * factor))
+    return clip
 
 
 def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_voice: str,
                typed_every: int = 0, seed: int = 0, voices: tuple[str, ...] = TRAIN_VOICES,
-               foreign: tuple[str, ...] = ()) -> dict[str, Path]:
+               foreign: tuple[str, ...] = (), warp: float = 0.0) -> dict[str, Path]:
     """Write the two stages' data files and the spoken eval set (LLaVA JSON, clips beside them).
 
     ``foreign`` voices (other languages' espeak-ng voices reading the English questions by their own
     letter-to-sound rules: foreign accents) speak training clips beside ``voices``, never eval clips.
+    ``warp``: training clips only are speed-perturbed by up to that fraction (see :func:`_speak`).
     """
     heard_by = voices + foreign
     rng = random.Random(seed)
@@ -79,11 +91,11 @@ def build_data(world: Path, work: Path, *, n_hear: int, n_answer: int, heldout_v
     train_variants = [v for v in VARIANTS if "klatt" not in v]  # the Klatt synthesiser is a different engine
     hear, answer_rows = [], []
     for i, (_, text, _) in enumerate(pairs[:n_hear]):
-        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, heard_by, train_variants)
+        clip = _speak(text, work / "clips" / f"hear-{i:05d}.wav", rng, heard_by, train_variants, warp)
         hear.append(Sample(f"hear-{i:05d}", [Turn("human", f"<audio>\n{TRANSCRIBE}"), Turn("gpt", text)],
                            audios=[clip]))
     for i, (image, text, ans) in enumerate(pairs[n_hear:n_hear + n_answer]):
-        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, heard_by, train_variants)
+        clip = _speak(text, work / "clips" / f"answer-{i:05d}.wav", rng, heard_by, train_variants, warp)
         answer_rows.append(Sample(f"answer-{i:05d}", [Turn("human", "<image>\n<audio>"), Turn("gpt", ans)],
                                   [image], audios=[clip]))
         if typed_every and i % typed_every == 0:  # typed questions too, so a LoRA-tuned LM keeps reading text
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreign-voices", default="",
                    help="comma-separated espeak-ng voices of other languages (e.g. de,nl,sv) that also speak the "
                         "training questions: more accents heard in training; never used in evaluation")
+    p.add_argument("--warp", type=float, default=0.0,
+                   help="speed-perturb training clips by up to this fraction (0.1: rates 0.9..1.1; formants move)")
     p.add_argument("--lora", action="store_true", help="answer stage: LoRA on the LM as well (typed rows mixed in)")
     p.add_argument("--typed-every", type=int, default=3, help="with --lora: one typed row per N spoken ones")
     p.add_argument("--work", default="runs/spoken-vqa")
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     files = build_data(Path(args.world), work, n_hear=n_hear, n_answer=n_answer, heldout_voice=args.heldout_voice,
                        typed_every=args.typed_every if args.lora else 0,
                        voices=TRAIN_VOICES + (MORE_VOICES if args.voices == 7 else ()),
-                       foreign=tuple(v for v in args.foreign_voices.split(",") if v))
+                       foreign=tuple(v for v in args.foreign_voices.split(",") if v), warp=args.warp)
     data_s = time.perf_counter() - tick
     model = VisionLanguageModel.load(args.vision)
     bridge = BridgeConfig("pooling", {"kernel": [1, args.kernel]}) if args.bridge == "pooling" \
