@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from chiasm.config import StageConfig, load_config
+from chiasm.config import load_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,10 +22,8 @@ def test_which_image_toml_matches_the_benchmark_recipe(tmp_path: Path) -> None:
     toml = load_config(ROOT / "configs" / "which_image.toml")
     assert toml.model == built.model
     assert [s.name for s in toml.stages] == [s.name for s in built.stages] == ["prealign", "instruct"]
-    for a, b in zip(toml.stages, built.stages, strict=True):
-        for field in dataclasses.fields(StageConfig):
-            if field.name != "data":
-                assert getattr(a, field.name) == getattr(b, field.name), (a.name, field.name)
-        assert Path(a.data).name == Path(b.data).name
+    # Every stage field equal; the data files by name (the config's world folder is not the test's).
+    assert [dataclasses.replace(s, data=Path(s.data).name) for s in toml.stages] == \
+        [dataclasses.replace(s, data=Path(s.data).name) for s in built.stages]
     assert toml.stages[0].objective == "words" and toml.stages[1].bridge.mode == "frozen"
     assert (toml.eval.scorer, toml.eval.max_new_tokens, toml.precision) == ("exact", 8, "fp32")

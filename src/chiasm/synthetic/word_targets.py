@@ -100,19 +100,8 @@ class WordTargetObjective:
     def _targets(self, sample: Sample) -> list[int]:
         if len(sample.images) != 1:
             raise DataError("a words stage reads one image per sample", source=sample.source, sample_id=sample.id)
-        per_group: list[str | None] = [None] * len(self.groups)
-        if self.whole_image:
-            per_group[0] = self._image_phrase(sample)
-        for region in [] if self.whole_image else sample_regions(sample):
-            x0, y0, x1, y1 = region.box
-            k = self.layout.group_at((x0 + x1) / 2, (y0 + y1) / 2)
-            if per_group[k] is not None:
-                raise DataError(f"regions {per_group[k]!r} and {region.phrase!r} both lie in the "
-                                f"{self.groups[k][0]} group; a words stage needs at most one per group",
-                                source=sample.source, sample_id=sample.id)
-            per_group[k] = region.phrase
         row = [0] * self.model.tokens_per_image
-        for (name, members), phrase in zip(self.groups, per_group, strict=True):
+        for (name, members), phrase in zip(self.groups, self._group_phrases(sample), strict=True):
             phrase = self.empty_phrase if phrase is None else phrase
             words = self._words(phrase)
             if len(words) > len(members):
@@ -121,6 +110,21 @@ class WordTargetObjective:
             for index, word in zip(members, stretch(words, len(members)), strict=True):
                 row[index] = word
         return row
+
+    def _group_phrases(self, sample: Sample) -> list[str | None]:
+        """Each group's phrase, in group order; None where no region lies."""
+        if self.whole_image:
+            return [self._image_phrase(sample)]
+        per_group: list[str | None] = [None] * len(self.groups)
+        for region in sample_regions(sample):
+            x0, y0, x1, y1 = region.box
+            k = self.layout.group_at((x0 + x1) / 2, (y0 + y1) / 2)
+            if per_group[k] is not None:
+                raise DataError(f"regions {per_group[k]!r} and {region.phrase!r} both lie in the "
+                                f"{self.groups[k][0]} group; a words stage needs at most one per group",
+                                source=sample.source, sample_id=sample.id)
+            per_group[k] = region.phrase
+        return per_group
 
     @staticmethod
     def _image_phrase(sample: Sample) -> str:
