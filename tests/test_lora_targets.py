@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chiasm.config import ModelConfig, PolicyConfig
+from chiasm.lm.layers import decoder_layers
 from chiasm.model import VisionLanguageModel
 from chiasm.testing import make_tiny_lm
 from chiasm.train.policy import apply_policy, parameter_counts
@@ -73,3 +74,32 @@ def test_default_on_the_encoder_skips_attention_that_never_calls_its_linear(tiny
     apply_policy(tiny_model, "encoder", PolicyConfig(mode="lora", lora_r=2))
     # nn.MultiheadAttention reads out_proj.weight directly, so an adapter there would do nothing.
     assert _adapted(tiny_model.encoder) == {"linear1", "linear2"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi3"])
+def test_lora_layers_adapts_only_the_last_blocks(tiny_model_config, family_dirs, family) -> None:
+    model = _model(tiny_model_config, family_dirs.get(family))
+    layers = list(decoder_layers(model.lm))
+    apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=2, lora_layers=1))
+    adapted = {id(m) for m in model.lm.modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    in_last = {id(m) for m in layers[-1].modules()}
+    assert adapted and adapted <= in_last
+    every = PolicyConfig(mode="lora", lora_r=2)
+    full = _model(tiny_model_config, family_dirs.get(family))
+    apply_policy(full, "lm", every)
+    # the last block's adapters are the same set as with every block adapted, the others have none
+    assert parameter_counts(model)["lm"]["trainable"] * len(layers) == parameter_counts(full)["lm"]["trainable"]
+
+
+def test_lora_layers_beyond_the_stack_is_an_error(tiny_model_config) -> None:
+    model = _model(tiny_model_config)
+    n = len(decoder_layers(model.lm))
+    with pytest.raises(ValueError, match=f"lora_layers = {n + 1} but the lm has {n} blocks"):
+        apply_policy(model, "lm", PolicyConfig(mode="lora", lora_layers=n + 1))
+
+
+def test_lora_layers_below_one_is_a_config_error() -> None:
+    from chiasm.config_checks import check_values
+
+    with pytest.raises(ValueError, match="lora_layers"):
+        check_values(PolicyConfig(mode="lora", lora_layers=0), "a stage's lm")

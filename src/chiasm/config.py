@@ -157,6 +157,9 @@ class PolicyConfig:
     # None: every linear layer but the output head (peft's "all-linear"), whatever the family
     # names them; a list: these module names (each must match a module).
     lora_targets: list[str] | None = None
+    # None: adapters in every block; N: only in the last N decoder layers (encoder blocks), so
+    # with the inputs frozen the backward pass stops below them (a cheaper step on a CPU).
+    lora_layers: int | None = None
 
 
 @dataclass

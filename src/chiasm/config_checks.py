@@ -59,6 +59,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("PolicyConfig", "lora_r"): at_least(1),
     ("PolicyConfig", "lora_alpha"): POSITIVE,
     ("PolicyConfig", "lora_dropout"): DROPOUT,
+    ("PolicyConfig", "lora_layers"): at_least(1),
     ("StageConfig", "epochs"): POSITIVE,
     ("StageConfig", "max_steps"): at_least(1),
     ("StageConfig", "batch_size"): at_least(1),

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 from chiasm.config import PolicyConfig
-from chiasm.lm.layers import decoder_layers, final_norm
+from chiasm.lm.layers import decoder_layers, final_norm, unwrap_peft
 from chiasm.model import VisionLanguageModel
 from chiasm.train.lora_targets import lora_targets
 
@@ -26,9 +26,31 @@ def _lm_blocks(model: VisionLanguageModel) -> list[nn.Module]:
     return list(decoder_layers(model.lm))
 
 
-def _lora_config(policy: PolicyConfig, module: nn.Module, component: str) -> LoraConfig:
+def _lora_config(policy: PolicyConfig, module: nn.Module, component: str,
+                 blocks: list[nn.Module] | None = None) -> LoraConfig:
+    targets = lora_targets(module, policy.lora_targets, component)
+    if policy.lora_layers is not None:
+        targets = _in_last_blocks(module, targets, blocks or [], policy.lora_layers, component)
     return LoraConfig(r=policy.lora_r, lora_alpha=policy.lora_alpha, lora_dropout=policy.lora_dropout,
-                      target_modules=lora_targets(module, policy.lora_targets, component), bias="none")
+                      target_modules=targets, bias="none")
+
+
+def _in_last_blocks(module: nn.Module, targets: list[str], blocks: list[nn.Module], n: int,
+                    component: str) -> list[str]:
+    """The full names of the ``targets`` modules inside the last ``n`` blocks (peft matches them exactly).
+
+    Named by the module objects rather than by a layer-name pattern, so any family's stack
+    (``model.layers``, ``gpt_neox.layers``, ``transformer.h``) works the same way.
+    """
+    if n > len(blocks):
+        raise ValueError(f"lora_layers = {n} but the {component} has {len(blocks)} blocks")
+    kept = {id(m) for block in blocks[-n:] for m in block.modules()}
+    wanted = set(targets)
+    names = [name for name, m in unwrap_peft(module).named_modules()
+             if id(m) in kept and name.rsplit(".", 1)[-1] in wanted]
+    if not names:
+        raise ValueError(f"no module named {sorted(wanted)} in the last {n} blocks of the {component}")
+    return names
 
 
 def _has_lora(module: nn.Module) -> bool:
@@ -64,9 +86,10 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
             raise ValueError(f"LoRA applies to the encoder or the LM; train the {component} with 'full'")
         if component == "lm":
             if not isinstance(model.lm, PeftModel):
-                model.lm = get_peft_model(model.lm, _lora_config(policy, model.lm, component))
+                model.lm = get_peft_model(model.lm, _lora_config(policy, model.lm, component, _lm_blocks(model)))
         elif not _has_lora(module):
-            inject_adapter_in_model(_lora_config(policy, module, component), module)
+            blocks = model.encoder.blocks() if policy.lora_layers is not None else None
+            inject_adapter_in_model(_lora_config(policy, module, component, blocks), module)
         for name, p in getattr(model, component).named_parameters():
             p.requires_grad_("lora_" in name)
         return
