@@ -244,3 +244,30 @@ checkpoint_every = 2
     assert two["ddim"]["spacing"] == "trailing" and len(two["fid_ratio_per_seed"]) == 2
     assert "mean over 2 seeds" in (again / "report.html").read_text()
     assert main(["diffusion", "eval", "--model", str(run / "model"), "--out", str(again), "--compare-seeds", "0"]) == 2
+
+
+def test_text_levels_choose_where_the_prompt_is_read() -> None:
+    """text_levels: cross-attention at the named levels (0 = the top); default every level below the top."""
+    from chiasm.diffusion.network import Denoiser, NetConfig
+
+    def kinds(**kw) -> list[str]:
+        net = Denoiser(NetConfig(channels=[8, 16, 16], conditioning="text", text_dim=16, **kw), 4, 8)
+        return [type(b).__name__ for b in net.unet.down_blocks]
+
+    assert kinds() == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert kinds(text_levels=[0, 1]) == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    torch.manual_seed(0)
+    net = Denoiser(NetConfig(channels=[8, 16], conditioning="text", text_dim=16, text_levels=[0]), 4, 8)
+    assert [type(b).__name__ for b in net.unet.up_blocks] == ["UpBlock2D", "CrossAttnUpBlock2D"]
+    torch.nn.init.normal_(net.unet.conv_out.weight)
+    emb, mask = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+    other = emb.clone()
+    other[0, 2] += 1.0
+    assert not torch.allclose(net(x, t, (emb, mask)), net(x, t, (other, mask)))
+    for net_cfg, match in (({"text_levels": [0, 3]}, "0..2"), ({"text_levels": [1, 1]}, "distinct"),
+                           ({"conditioning": "class", "text_levels": [0]}, "needs net.conditioning")):
+        cfg = DiffusionConfig()
+        cfg.net = NetConfig(channels=[8, 16, 16], **({"conditioning": "text"} | net_cfg))  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=match):
+            check(cfg, "x.toml")

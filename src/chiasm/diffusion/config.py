@@ -75,6 +75,14 @@ def check(cfg: DiffusionConfig, where: str) -> DiffusionConfig:
         problems.append("latent.vae_from: set latent.enabled = true to use a VAE")
     if cfg.net.text_pooled and cfg.net.conditioning != "text":
         problems.append("net.text_pooled: a pooled prompt embedding needs net.conditioning = 'text'")
+    levels = cfg.net.text_levels
+    if levels is not None:
+        if cfg.net.conditioning != "text":
+            problems.append("net.text_levels: cross-attention to a prompt needs net.conditioning = 'text'")
+        bad = [i for i in levels if not 0 <= i < len(cfg.net.channels)]
+        if bad or len(set(levels)) != len(levels):
+            problems.append(f"net.text_levels: {levels} must be distinct levels in 0..{len(cfg.net.channels) - 1} "
+                            f"(one per entry of net.channels, 0 = the top)")
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(cfg.train, name) < 1:
             problems.append(f"train.{name}: must be at least 1")

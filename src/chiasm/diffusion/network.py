@@ -33,13 +33,20 @@ class NetConfig:
     # projected and added to the time embedding, besides cross-attention (as Imagen adds its pooled
     # text embedding): every ResNet block at every resolution then sees the whole prompt.
     text_pooled: bool = False
+    # Text models: the levels (0 = the top, full resolution) whose blocks read the prompt through
+    # cross-attention. None: every level below the top (a pixel model, where the top level is
+    # large). Stable Diffusion reads text at its high-resolution levels; on 8 x 8 latents the top
+    # is cheap, and it is where each position decides its colour.
+    text_levels: list[int] | None = None
     norm_groups: int = 8
 
 
-def _blocks(n: int, attention: bool, text: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _blocks(n: int, attention: bool, text: bool,
+            text_levels: list[int] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     down_attn = "CrossAttnDownBlock2D" if text else "AttnDownBlock2D"
-    if text:  # text is read at every resolution below the top, so that position and colour both see it
-        down = tuple("DownBlock2D" if i == 0 else down_attn for i in range(n))
+    if text:  # by default text is read at every resolution below the top, so that position and colour both see it
+        levels = set(range(1, n) if text_levels is None else text_levels)
+        down = tuple(down_attn if i in levels else "DownBlock2D" for i in range(n))
     else:
         down = tuple(down_attn if attention and i == n - 1 else "DownBlock2D" for i in range(n))
     up = tuple(b.replace("Down", "Up") for b in reversed(down))
@@ -55,7 +62,7 @@ class Denoiser(nn.Module):
 
         self.cfg, self.num_classes = cfg, num_classes
         text = cfg.conditioning == "text"
-        down, up = _blocks(len(cfg.channels), cfg.attention, text)
+        down, up = _blocks(len(cfg.channels), cfg.attention, text, cfg.text_levels)
         common: dict[str, Any] = dict(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
                                       block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
                                       down_block_types=down, up_block_types=up, norm_num_groups=cfg.norm_groups)
