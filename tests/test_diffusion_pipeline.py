@@ -271,3 +271,15 @@ def test_text_levels_choose_where_the_prompt_is_read() -> None:
         cfg.net = NetConfig(channels=[8, 16, 16], **({"conditioning": "text"} | net_cfg))  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match=match):
             check(cfg, "x.toml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("diffusion_*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_diffusion_configs_load(path: Path) -> None:
+    """Every diffusion config the README points to passes the config checks as shipped."""
+    from chiasm.diffusion.config import load_diffusion_config
+
+    cfg = load_diffusion_config(path)
+    assert cfg.output_dir.startswith("runs/")
+    if path.name == "diffusion_t2i_latent.toml":
+        assert cfg.net.text_levels == [0, 1, 2] and cfg.latent.enabled
