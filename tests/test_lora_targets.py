@@ -91,6 +91,20 @@ def test_lora_layers_adapts_only_the_last_blocks(tiny_model_config, family_dirs,
     assert parameter_counts(model)["lm"]["trainable"] * len(layers) == parameter_counts(full)["lm"]["trainable"]
 
 
+def test_lora_layers_after_a_stage_with_every_block_adapted_trains_only_the_last(tiny_model_config) -> None:
+    model = _model(tiny_model_config)
+    layers = list(decoder_layers(model.lm))
+    apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=2))
+    every = parameter_counts(model)["lm"]["trainable"]
+    apply_policy(model, "lm", PolicyConfig(mode="lora", lora_r=2, lora_layers=1))
+    in_last = {id(p) for p in layers[-1].parameters()}
+    trainable = [p for p in model.lm.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in in_last for p in trainable)
+    assert parameter_counts(model)["lm"]["trainable"] * len(layers) == every
+    with pytest.raises(ValueError, match=f"lora_layers = {len(layers) + 1} but the lm has"):
+        apply_policy(model, "lm", PolicyConfig(mode="lora", lora_layers=len(layers) + 1))
+
+
 def test_lora_layers_beyond_the_stack_is_an_error(tiny_model_config) -> None:
     model = _model(tiny_model_config)
     n = len(decoder_layers(model.lm))

@@ -90,8 +90,15 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
         elif not _has_lora(module):
             blocks = model.encoder.blocks() if policy.lora_layers is not None else None
             inject_adapter_in_model(_lora_config(policy, module, component, blocks), module)
+        # Adapters an earlier stage put in every block stay, but only the last N train here.
+        allowed = None
+        if policy.lora_layers is not None:
+            blocks = _lm_blocks(model) if component == "lm" else model.encoder.blocks()
+            if policy.lora_layers > len(blocks):
+                raise ValueError(f"lora_layers = {policy.lora_layers} but the {component} has {len(blocks)} blocks")
+            allowed = {id(p) for block in blocks[-policy.lora_layers:] for p in block.parameters()}
         for name, p in getattr(model, component).named_parameters():
-            p.requires_grad_("lora_" in name)
+            p.requires_grad_("lora_" in name and (allowed is None or id(p) in allowed))
         return
     raise ValueError(f"unknown policy mode {policy.mode!r}")
 
