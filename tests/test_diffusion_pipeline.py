@@ -283,3 +283,10 @@ def test_shipped_diffusion_configs_load(path: Path) -> None:
     assert cfg.output_dir.startswith("runs/")
     if path.name == "diffusion_t2i_latent.toml":
         assert cfg.net.text_levels == [0, 1, 2] and cfg.latent.enabled
+
+
+def test_min_snr_gamma_must_be_positive() -> None:
+    cfg = DiffusionConfig()
+    cfg.train.min_snr_gamma = 0.0
+    with pytest.raises(ConfigError, match="train.min_snr_gamma: must be positive"):
+        check(cfg, "x.toml")

@@ -161,3 +161,33 @@ def test_bad_sampling_options() -> None:
         sched.timesteps(50, "linspace")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown sampler"):
         SampleOptions(sampler="euler").check(sched.train_steps)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_min_snr_weights_against_diffusers_compute_snr(kind: str, prediction: str) -> None:
+    """SNR from diffusers' training utility; the weights as its training scripts form them (gamma 5)."""
+    from diffusers.training_utils import compute_snr
+
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=KINDS[kind])
+    ours = NoiseSchedule(_cfg(kind, prediction, True))
+    t = torch.tensor([0, 1, 10, 200, 500, 900, 999])
+    snr = compute_snr(ref, t)
+    torch.testing.assert_close(ours.snr(t), snr, rtol=1e-4, atol=1e-6)
+    clipped = torch.stack([snr, 5 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    want = clipped / snr if prediction == "epsilon" else clipped / (snr + 1)
+    got = ours.loss_weights(t, 5.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if prediction == "epsilon":  # noisy steps (SNR < gamma) keep weight 1, clean ones are scaled down
+        assert got[-1] == 1 and got[0] < 1e-3
+
+
+def test_min_snr_loss_weights_each_sample() -> None:
+    from chiasm.diffusion.train import diffusion_loss
+
+    sched = NoiseSchedule(_cfg("linear", "epsilon", True))
+    out, target = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([5, 400, 999])
+    torch.testing.assert_close(diffusion_loss(out, target, sched, t, None), torch.nn.functional.mse_loss(out, target))
+    per = (out - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(diffusion_loss(out, target, sched, t, 5.0), (sched.loss_weights(t, 5.0) * per).mean())

@@ -32,6 +32,8 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.999
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper): None is the plain MSE.
+    min_snr_gamma: float | None = None
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0
@@ -86,6 +88,8 @@ def check(cfg: DiffusionConfig, where: str) -> DiffusionConfig:
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(cfg.train, name) < 1:
             problems.append(f"train.{name}: must be at least 1")
+    if cfg.train.min_snr_gamma is not None and cfg.train.min_snr_gamma <= 0:
+        problems.append(f"train.min_snr_gamma: must be positive, got {cfg.train.min_snr_gamma}")
     if cfg.train.lr <= 0:
         problems.append("train.lr: must be positive")
     if cfg.schedule.train_steps < 2:

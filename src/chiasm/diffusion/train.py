@@ -26,6 +26,7 @@ from chiasm.diffusion.ema import EMA
 from chiasm.diffusion.latent import prepare_vae, vae_stage
 from chiasm.diffusion.model import DiffusionModel
 from chiasm.diffusion.network import drop_conditions
+from chiasm.diffusion.schedule import NoiseSchedule
 from chiasm.train.dist import all_reduce_mean, barrier, init_distributed
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ def train(cfg: DiffusionConfig, *, resume: bool = False, stop_after: int | None 
         tick = time.perf_counter()
         out = wrapped(schedule.add_noise(x0, noise, t).to(info.device), t.to(info.device),
                       _to(cond, info.device))
-        loss = F.mse_loss(out, schedule.target(x0, noise, t).to(info.device))
+        loss = diffusion_loss(out, schedule.target(x0, noise, t).to(info.device), schedule, t,
+                              cfg.train.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -155,6 +157,15 @@ def train(cfg: DiffusionConfig, *, resume: bool = False, stop_after: int | None 
     if info.is_main:
         model.save(run_dir / "model")
     return model
+
+
+def diffusion_loss(out: torch.Tensor, target: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
+                   min_snr_gamma: float | None) -> torch.Tensor:
+    """The batch's MSE to the target, each sample weighted by min-SNR-gamma when it is set."""
+    if min_snr_gamma is None:
+        return F.mse_loss(out, target)
+    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (schedule.loss_weights(t, min_snr_gamma).to(per_sample.device) * per_sample).mean()
 
 
 def _to(cond: Any, device: torch.device) -> Any:
