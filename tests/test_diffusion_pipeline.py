@@ -288,5 +288,5 @@ def test_shipped_diffusion_configs_load(path: Path) -> None:
 def test_min_snr_gamma_must_be_positive() -> None:
     cfg = DiffusionConfig()
     cfg.train.min_snr_gamma = 0.0
-    with pytest.raises(ConfigError, match="train.min_snr_gamma: must be positive"):
+    with pytest.raises(ConfigError, match=r"train\.min_snr_gamma: must be positive"):
         check(cfg, "x.toml")
