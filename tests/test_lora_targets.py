@@ -117,3 +117,12 @@ def test_lora_layers_below_one_is_a_config_error() -> None:
 
     with pytest.raises(ValueError, match="lora_layers"):
         check_values(PolicyConfig(mode="lora", lora_layers=0), "a stage's lm")
+
+
+def test_lora_layers_on_the_encoder_adapts_its_last_blocks(tiny_model) -> None:
+    blocks = tiny_model.encoder.blocks()
+    assert len(blocks) > 1
+    apply_policy(tiny_model, "encoder", PolicyConfig(mode="lora", lora_r=2, lora_layers=1))
+    adapted = {id(p) for n, p in tiny_model.encoder.named_parameters() if "lora_" in n}
+    assert adapted and adapted <= {id(p) for p in blocks[-1].parameters()}
+    assert all(p.requires_grad == (id(p) in adapted) for p in tiny_model.encoder.parameters())
