@@ -40,7 +40,7 @@ def test_one_lookup_finds_each_familys_layers(tiny_model, tiny_model_config, fam
     apply_policy(phi, "lm", PolicyConfig(mode="lora", lora_r=2))  # through the peft wrapper too
     assert decoder_layers(phi.lm) is phi.base_lm.model.layers and len(decoder_layers(phi.lm)) == 3
     assert final_norm(phi.lm) is phi.base_lm.model.norm
-    assert policy._lm_blocks(phi) == list(phi.base_lm.model.layers)
+    assert policy._blocks(phi, "lm") == list(phi.base_lm.model.layers)
 
 
 @pytest.mark.parametrize(("family", "prefix", "norm"), [("gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm"),

@@ -22,34 +22,42 @@ COMPONENTS = ("encoder", "bridge", "lm", "audio_bridge")
 BRIDGES = ("bridge", "audio_bridge")
 
 
-def _lm_blocks(model: VisionLanguageModel) -> list[nn.Module]:
-    return list(decoder_layers(model.lm))
+def _blocks(model: VisionLanguageModel, component: str) -> list[nn.Module]:
+    """The LM's decoder layers or the encoder's trunk blocks, in order."""
+    return list(decoder_layers(model.lm)) if component == "lm" else model.encoder.blocks()
+
+
+def _last_blocks(model: VisionLanguageModel, component: str, n: int | None) -> list[nn.Module] | None:
+    """The last ``n`` blocks of ``component`` (None for None: every block); more than it has is an error."""
+    if n is None:
+        return None
+    blocks = _blocks(model, component)
+    if n > len(blocks):
+        raise ValueError(f"lora_layers = {n} but the {component} has {len(blocks)} blocks")
+    return blocks[-n:]
 
 
 def _lora_config(policy: PolicyConfig, module: nn.Module, component: str,
-                 blocks: list[nn.Module] | None = None) -> LoraConfig:
+                 last: list[nn.Module] | None) -> LoraConfig:
     targets = lora_targets(module, policy.lora_targets, component)
-    if policy.lora_layers is not None:
-        targets = _in_last_blocks(module, targets, blocks or [], policy.lora_layers, component)
+    if last is not None:
+        targets = _in_blocks(module, targets, last, component)
     return LoraConfig(r=policy.lora_r, lora_alpha=policy.lora_alpha, lora_dropout=policy.lora_dropout,
                       target_modules=targets, bias="none")
 
 
-def _in_last_blocks(module: nn.Module, targets: list[str], blocks: list[nn.Module], n: int,
-                    component: str) -> list[str]:
-    """The full names of the ``targets`` modules inside the last ``n`` blocks (peft matches them exactly).
+def _in_blocks(module: nn.Module, targets: list[str], blocks: list[nn.Module], component: str) -> list[str]:
+    """The full names of the ``targets`` modules inside ``blocks`` (peft matches them exactly).
 
     Named by the module objects rather than by a layer-name pattern, so any family's stack
     (``model.layers``, ``gpt_neox.layers``, ``transformer.h``) works the same way.
     """
-    if n > len(blocks):
-        raise ValueError(f"lora_layers = {n} but the {component} has {len(blocks)} blocks")
-    kept = {id(m) for block in blocks[-n:] for m in block.modules()}
+    kept = {id(m) for block in blocks for m in block.modules()}
     wanted = set(targets)
     names = [name for name, m in unwrap_peft(module).named_modules()
              if id(m) in kept and name.rsplit(".", 1)[-1] in wanted]
     if not names:
-        raise ValueError(f"no module named {sorted(wanted)} in the last {n} blocks of the {component}")
+        raise ValueError(f"no module named {sorted(wanted)} in the last {len(blocks)} blocks of the {component}")
     return names
 
 
@@ -71,8 +79,7 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
     if policy.mode == "last_n":
         if component in BRIDGES:
             raise ValueError(f"the last_n policy applies to the encoder or the LM, not the {component}")
-        blocks = _lm_blocks(model) if component == "lm" else model.encoder.blocks()
-        for block in blocks[-policy.last_n:]:
+        for block in _blocks(model, component)[-policy.last_n:]:
             for p in block.parameters():
                 p.requires_grad_(True)
         if component == "lm":
@@ -84,19 +91,15 @@ def apply_policy(model: VisionLanguageModel, component: str, policy: PolicyConfi
     if policy.mode == "lora":
         if component in BRIDGES:
             raise ValueError(f"LoRA applies to the encoder or the LM; train the {component} with 'full'")
+        last = _last_blocks(model, component, policy.lora_layers)
         if component == "lm":
             if not isinstance(model.lm, PeftModel):
-                model.lm = get_peft_model(model.lm, _lora_config(policy, model.lm, component, _lm_blocks(model)))
+                model.lm = get_peft_model(model.lm, _lora_config(policy, model.lm, component, last))
         elif not _has_lora(module):
-            blocks = model.encoder.blocks() if policy.lora_layers is not None else None
-            inject_adapter_in_model(_lora_config(policy, module, component, blocks), module)
-        # Adapters an earlier stage put in every block stay, but only the last N train here.
-        allowed = None
-        if policy.lora_layers is not None:
-            blocks = _lm_blocks(model) if component == "lm" else model.encoder.blocks()
-            if policy.lora_layers > len(blocks):
-                raise ValueError(f"lora_layers = {policy.lora_layers} but the {component} has {len(blocks)} blocks")
-            allowed = {id(p) for block in blocks[-policy.lora_layers:] for p in block.parameters()}
+            inject_adapter_in_model(_lora_config(policy, module, component, last), module)
+        # Adapters an earlier stage put in every block stay, but only the last N train here
+        # (the blocks are the same modules after injection, now holding their adapters).
+        allowed = None if last is None else {id(p) for block in last for p in block.parameters()}
         for name, p in getattr(model, component).named_parameters():
             p.requires_grad_("lora_" in name and (allowed is None or id(p) in allowed))
         return
@@ -118,7 +121,7 @@ def set_train_modes(model: VisionLanguageModel, policies: dict[str, PolicyConfig
         if policy.mode in ("full", "lora"):
             module.train()
         elif policy.mode == "last_n":
-            blocks = _lm_blocks(model) if comp == "lm" else model.encoder.blocks()
+            blocks = _blocks(model, comp)
             norm = final_norm(model.lm) if comp == "lm" else None
             for part in [*blocks[-policy.last_n:], *([norm] if norm is not None else [])]:
                 part.train()
